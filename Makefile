@@ -1,0 +1,32 @@
+# Set-up and everyday commands. Each target does all the set-up it needs, so on a fresh
+# machine `make demo` and `make test` work as the first command.
+
+LOUPE := target/release/loupe
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: setup build demo test bench-cpu fixtures
+
+# The project-local venv with libtorch and torchvision (see tools/setup-venv.sh).
+setup:
+	tools/setup-venv.sh
+
+build: setup
+	cargo build --release --bin loupe
+
+# Renders the demo model's complete atlas (every layer, every unit) on the CPU.
+demo: build
+	$(LOUPE) render --model models/demo/demo.pt --out atlas/demo --size 64 --device cpu
+	@echo "demo atlas: $(CURDIR)/atlas/demo (atlas.json, layers/<layer>/layer.json, layers/<layer>/units/<unit>/<technique>.png)"
+
+# Everything the README's test command runs.
+test: build
+	cargo test --release --workspace
+	.venv/bin/python -m pytest -q tests/python
+
+bench-cpu: build
+	bench/cpu.sh
+
+# Regenerates the committed models (demo and test fixtures).
+fixtures: setup
+	.venv/bin/python tools/make_demo_model.py
+	.venv/bin/python tools/make_test_models.py

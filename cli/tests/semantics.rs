@@ -1,0 +1,106 @@
+//! Semantics end to end: the demo model (tools/make_demo_model.py) is trained on generated
+//! colours and stripes, so the right picture for each class logit is known. Each check
+//! must pass on the rendered image and fail on the unoptimised initial image.
+
+mod common;
+use common::*;
+
+use loupe_core::spec::{RenderSettings, Technique};
+use loupe_worker::render::{initial_images, RenderRequest};
+use tch::{Device, Kind, Tensor};
+
+/// Logit order of the demo model (models/demo/demo.json "classes").
+const COLOURS: [(&str, u32); 4] = [("red", 0), ("green", 1), ("blue", 2), ("yellow", 3)];
+/// stripes_θ: lines along (cos θ, sin θ), y up.
+const STRIPES: [(f64, u32); 4] = [(0.0, 4), (45.0, 5), (90.0, 6), (135.0, 7)];
+const SIZE: u32 = 64;
+const ARGS: &[&str] = &["--layers", "logits", "--units", "0..8", "--techniques", "channel", "--steps", "256", "--size", "64", "--batch", "8", "--device", "cpu"];
+
+fn channel_means(rgb: &[u8]) -> [f64; 3] {
+    let mut m = [0.0; 3];
+    for px in rgb.chunks(3) {
+        for c in 0..3 {
+            m[c] += px[c] as f64 / 255.0;
+        }
+    }
+    m.map(|v| v / (rgb.len() / 3) as f64)
+}
+
+/// The image shows the colour: its defining channels' means exceed the others' by 0.1.
+fn shows_colour(rgb: &[u8], colour: &str) -> bool {
+    let [r, g, b] = channel_means(rgb);
+    let m = 0.1;
+    match colour {
+        "red" => r > g + m && r > b + m,
+        "green" => g > r + m && g > b + m,
+        "blue" => b > r + m && b > g + m,
+        "yellow" => r > b + m && g > b + m,
+        _ => unreachable!(),
+    }
+}
+
+/// Share of the spectral energy (grey levels, lowest frequencies left out) whose
+/// wave vector lies within 22.5 degrees of the normal to lines at `degrees`.
+fn orientation_share(rgb: &[u8], degrees: f64) -> f64 {
+    let n = SIZE as i64;
+    let grey: Vec<f32> = rgb.chunks(3).map(|p| (p[0] as f32 + p[1] as f32 + p[2] as f32) / 765.0).collect();
+    let img = Tensor::from_slice(&grey).reshape([n, n]);
+    let img = &img - img.mean(Kind::Float);
+    let power = img.fft_fft2(None::<&[i64]>, [0i64, 1].as_slice(), "backward").abs().square();
+    let power = Vec::<f32>::try_from(power.flatten(0, -1)).unwrap();
+    let normal = (degrees + 90.0) % 180.0;
+    let (mut inside, mut total) = (0.0, 0.0);
+    for kr in 0..n {
+        for kc in 0..n {
+            // Signed frequencies; a wave along columns kc and rows kr points at (kc, -kr) with y up.
+            let fr = if kr > n / 2 { kr - n } else { kr } as f64;
+            let fc = if kc > n / 2 { kc - n } else { kc } as f64;
+            if fr.hypot(fc) < 3.0 {
+                continue;
+            }
+            let angle = (-fr).atan2(fc).to_degrees().rem_euclid(180.0);
+            let diff = (angle - normal).abs();
+            let e = power[(kr * n + kc) as usize] as f64;
+            total += e;
+            if diff.min(180.0 - diff) <= 22.5 {
+                inside += e;
+            }
+        }
+    }
+    inside / total
+}
+
+fn shows_stripes(rgb: &[u8], degrees: f64) -> bool {
+    orientation_share(rgb, degrees) > 0.45
+}
+
+fn initial(unit: u32) -> Vec<u8> {
+    let settings = RenderSettings { steps: 256, size: SIZE, input_size: SIZE, seed: 0, learning_rate: 0.05 };
+    let req = RenderRequest { layer: "logits", technique: Technique::Channel, units: &[unit], settings: &settings };
+    initial_images(&req, Device::Cpu).remove(0).rgb
+}
+
+#[test]
+fn class_logits_show_their_colour_and_stripe_orientation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("atlas");
+    assert_ok(&render(&demo_model(), &out, ARGS));
+    let image = |unit: u32| {
+        let (w, h, rgb) = read_png(&out.join(format!("layers/logits/units/{unit}/channel.png")));
+        assert_eq!((w, h), (SIZE, SIZE));
+        rgb
+    };
+    for (colour, unit) in COLOURS {
+        let rgb = image(unit);
+        assert!(shows_colour(&rgb, colour), "logit {unit} ({colour}): channel means {:?}", channel_means(&rgb));
+        let start = initial(unit);
+        assert!(!shows_colour(&start, colour), "the check must fail on the initial image: {:?}", channel_means(&start));
+    }
+    for (degrees, unit) in STRIPES {
+        let rgb = image(unit);
+        let shares: Vec<f64> = STRIPES.iter().map(|(d, _)| orientation_share(&rgb, *d)).collect();
+        assert!(shows_stripes(&rgb, degrees), "logit {unit} (stripes at {degrees}°): energy shares by orientation {shares:?}");
+        let start = initial(unit);
+        assert!(!shows_stripes(&start, degrees), "the check must fail on the initial image: {}", orientation_share(&start, degrees));
+    }
+}

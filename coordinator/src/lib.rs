@@ -1,0 +1,264 @@
+//! The coordinator: it takes a job, shards it into tasks, leases them to workers, counts
+//! retries and writes the atlas index when the last task is done.
+//!
+//! - [`state`]: the [`state::StateStore`] trait and its backends (one atomic transition
+//!   per method).
+//! - [`shard`]: job -> tasks.
+//! - [`Coordinator`]: submit, progress, cancel, and the [`WorkerApi`] that workers call.
+//!
+//! It never links libtorch: layer shapes arrive in the job spec, found by the submitter.
+
+pub mod shard;
+pub mod state;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tracing::{info, warn};
+
+use loupe_core::api::{ApiResult, WorkerApi};
+use loupe_core::atlas::{self, AtlasManifest, ImageEntry, LayerEntry, LayerIndex, ModelSummary, UnitEntry, UnitRecord};
+use loupe_core::spec::{JobSpec, Technique};
+use loupe_core::store::{self, ArtifactStore};
+use loupe_core::task::{Failure, Lease, LeaseState};
+
+use state::{JobState, JobStatus, LeasePolicy, StateError, StateStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Invalid(#[from] loupe_core::Error),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// A lease not renewed within this time is given to another worker.
+    pub lease_ttl: Duration,
+    /// Attempts per task, counting expired leases and retryable failures.
+    pub max_attempts: u32,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig { lease_ttl: Duration::from_secs(60), max_attempts: 3 }
+    }
+}
+
+pub struct Coordinator {
+    state: Arc<dyn StateStore>,
+    policy: LeasePolicy,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
+}
+
+fn rfc3339_now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Coordinator {
+    pub fn new(state: Arc<dyn StateStore>, config: CoordinatorConfig) -> Self {
+        let policy = LeasePolicy { ttl_ms: config.lease_ttl.as_millis() as u64, max_attempts: config.max_attempts.max(1) };
+        Coordinator { state, policy }
+    }
+
+    /// Validates the job, reconciles it with what the atlas already holds, writes
+    /// `atlas.json` and queues the tasks for images not yet complete. Returns the job id.
+    pub async fn submit(&self, spec: JobSpec) -> Result<String> {
+        spec.validate()?;
+        let store = store::open(&spec.out)?;
+        let manifest = merged_manifest(store.as_ref(), &spec).await?;
+        let done = complete_images(store.as_ref(), &spec).await?;
+        store.put(atlas::ATLAS_KEY, to_json(&manifest)).await?;
+        let tasks = shard::shard(&spec, &done);
+        let skipped = done.len() as u64;
+        let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
+        info!(job_id, images_skipped = skipped, "job submitted");
+        self.index_if_done(&job_id).await?;
+        Ok(job_id)
+    }
+
+    pub async fn status(&self, job_id: &str) -> Result<JobStatus> {
+        Ok(self.state.job(job_id).await?)
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobStatus>> {
+        Ok(self.state.jobs().await?)
+    }
+
+    pub async fn cancel(&self, job_id: &str) -> Result<bool> {
+        Ok(self.state.cancel(job_id).await?)
+    }
+
+    /// Writes each layer's `layer.json` from the unit records in the atlas, once the job's
+    /// tasks are all done, and ends the job.
+    async fn index_if_done(&self, job_id: &str) -> Result<()> {
+        let status = self.state.job(job_id).await?;
+        if status.state != JobState::Indexing {
+            return Ok(());
+        }
+        let outcome = match write_layer_indices(&status.spec).await {
+            Ok(()) => JobState::Succeeded,
+            Err(e) => {
+                warn!(job_id, error = %e, "writing the atlas index failed");
+                JobState::Failed { message: format!("writing the atlas index: {e}") }
+            }
+        };
+        info!(job_id, ?outcome, "job ended");
+        self.state.finish(job_id, outcome).await?;
+        Ok(())
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(v).expect("plain data serialises");
+    bytes.push(b'\n');
+    bytes
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ArtifactStore, key: &str) -> loupe_core::Result<Option<T>> {
+    match store.get(key).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| loupe_core::Error::Json { key: format!("{}/{key}", store.location()), source }),
+    }
+}
+
+/// The manifest for this job: new, or the existing one with this job's layers and
+/// techniques added. An atlas holds one model at one set of render settings, so a job
+/// that differs in either is refused rather than mixed in.
+async fn merged_manifest(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<AtlasManifest> {
+    let layers = spec.layers.iter().map(|p| LayerEntry::new(&p.layer)).collect::<loupe_core::Result<Vec<_>>>()?;
+    let Some(mut existing) = read_json::<AtlasManifest>(store, atlas::ATLAS_KEY).await? else {
+        return Ok(AtlasManifest {
+            format_version: atlas::FORMAT_VERSION,
+            loupe_version: loupe_core::LOUPE_VERSION.to_string(),
+            model: ModelSummary { name: spec.model.name.clone(), sha256: spec.model.sha256.clone() },
+            settings: spec.settings.clone(),
+            layers,
+            techniques: spec.techniques.clone(),
+            created: rfc3339_now(),
+        });
+    };
+    let place = store.location();
+    if existing.model.sha256 != spec.model.sha256 {
+        return Err(Error::Conflict(format!(
+            "{place} already holds an atlas of another model ({} with sha256 {}); choose another output",
+            existing.model.name, existing.model.sha256
+        )));
+    }
+    if existing.settings != spec.settings {
+        return Err(Error::Conflict(format!(
+            "{place} already holds an atlas rendered with other settings ({}), not ({}); choose another output",
+            describe(&existing.settings),
+            describe(&spec.settings)
+        )));
+    }
+    for entry in layers {
+        match existing.layers.iter_mut().find(|l| l.name == entry.name) {
+            Some(l) => *l = entry,
+            None => existing.layers.push(entry),
+        }
+    }
+    for t in &spec.techniques {
+        if !existing.techniques.contains(t) {
+            existing.techniques.push(*t);
+        }
+    }
+    existing.loupe_version = loupe_core::LOUPE_VERSION.to_string();
+    Ok(existing)
+}
+
+fn describe(s: &loupe_core::spec::RenderSettings) -> String {
+    format!("steps {}, size {}, input size {}, seed {}, learning rate {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate)
+}
+
+/// The (layer, unit, technique) images of the job that the atlas already holds whole: a
+/// unit record for this model and settings, with its PNG beside it.
+async fn complete_images(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<HashSet<(String, u32, Technique)>> {
+    let mut done = HashSet::new();
+    for plan in &spec.layers {
+        let segment = atlas::layer_segment(&plan.layer.name)?;
+        let keys: HashSet<String> = store.list(&format!("layers/{segment}/units/")).await?.into_iter().collect();
+        for &unit in &plan.units {
+            for &technique in &spec.techniques {
+                let record_key = atlas::record_key(&segment, unit, technique);
+                if !keys.contains(&record_key) || !keys.contains(&atlas::image_key(&segment, unit, technique)) {
+                    continue;
+                }
+                // An unreadable record means an unfinished image: render it again.
+                if let Ok(Some(r)) = read_json::<UnitRecord>(store, &record_key).await {
+                    if r.model_sha256 == spec.model.sha256 && r.settings == spec.settings {
+                        done.insert((plan.layer.name.clone(), unit, technique));
+                    }
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Writes `layer.json` for each layer of the job, listing every complete unit record in
+/// the layer, including those of earlier jobs on the same atlas.
+async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
+    let store = store::open(&spec.out)?;
+    for plan in &spec.layers {
+        let segment = atlas::layer_segment(&plan.layer.name)?;
+        let prefix = format!("layers/{segment}/units/");
+        let keys = store.list(&prefix).await?;
+        let mut units: BTreeMap<u32, BTreeMap<Technique, ImageEntry>> = BTreeMap::new();
+        for key in &keys {
+            let Some((_, unit, technique)) = atlas::parse_record_key(key) else { continue };
+            let Some(record) = read_json::<UnitRecord>(store.as_ref(), key).await? else { continue };
+            let image = format!("units/{unit}/{}", record.image);
+            units.entry(unit).or_default().insert(technique, ImageEntry { image, objective: record.objective });
+        }
+        let index = LayerIndex {
+            format_version: atlas::FORMAT_VERSION,
+            name: plan.layer.name.clone(),
+            shape: plan.layer.shape.clone(),
+            units: units.into_iter().map(|(unit, techniques)| UnitEntry { unit, techniques }).collect(),
+        };
+        store.put(&atlas::layer_key(&segment), to_json(&index)).await?;
+    }
+    Ok(())
+}
+
+fn api_err(e: impl std::error::Error + Send + Sync + 'static) -> loupe_core::api::ApiError {
+    Box::new(e)
+}
+
+#[async_trait]
+impl WorkerApi for Coordinator {
+    async fn lease(&self, worker: &str) -> ApiResult<Option<Lease>> {
+        self.state.lease(worker, now_ms(), self.policy).await.map_err(api_err)
+    }
+
+    async fn renew(&self, lease_id: &str) -> ApiResult<LeaseState> {
+        self.state.renew(lease_id, now_ms(), self.policy).await.map_err(api_err)
+    }
+
+    async fn complete(&self, lease_id: &str) -> ApiResult<LeaseState> {
+        let c = self.state.complete(lease_id, now_ms()).await.map_err(api_err)?;
+        if c.job_done {
+            let job_id = lease_id.rsplit_once('/').map(|(j, _)| j).unwrap_or(lease_id);
+            self.index_if_done(job_id).await.map_err(api_err)?;
+        }
+        Ok(c.lease)
+    }
+
+    async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState> {
+        warn!(lease_id, retryable = failure.retryable, message = %failure.message, "task failed");
+        self.state.fail(lease_id, failure, now_ms(), self.policy).await.map_err(api_err)
+    }
+}

@@ -1,0 +1,247 @@
+//! State in process memory, for `loupe render`. A mutex makes each method one atomic
+//! transition; it is a std mutex because no method awaits while holding it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use loupe_core::spec::JobSpec;
+use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec};
+
+use super::{Completion, JobState, JobStatus, LeasePolicy, StateError, StateResult, StateStore};
+
+#[derive(Default)]
+pub struct MemoryStateStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStateStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    next_job: u64,
+    jobs: HashMap<String, Job>,
+    /// Job ids in submission order, for listing.
+    order: Vec<String>,
+    /// Runnable tasks, oldest first.
+    pending: VecDeque<(String, u32)>,
+    /// Lease id -> the leased task.
+    leases: HashMap<String, Held>,
+}
+
+struct Job {
+    status: JobStatus,
+    tasks: Vec<Task>,
+}
+
+struct Task {
+    spec: TaskSpec,
+    attempts: u32,
+}
+
+struct Held {
+    job_id: String,
+    index: u32,
+    attempt: u32,
+    deadline_ms: u64,
+    worker: String,
+}
+
+fn lease_id(job_id: &str, index: u32, attempt: u32) -> String {
+    format!("{job_id}/{index}#{attempt}")
+}
+
+impl Inner {
+    fn fail_job(&mut self, job_id: &str, message: String) {
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            if !job.status.state.is_terminal() {
+                job.status.state = JobState::Failed { message };
+            }
+        }
+        self.leases.retain(|_, h| h.job_id != job_id);
+    }
+
+    /// Puts tasks whose lease ran out back in line, or fails their job when they have
+    /// used every attempt.
+    fn reclaim_expired(&mut self, now_ms: u64, policy: LeasePolicy) {
+        let expired: Vec<String> = self.leases.iter().filter(|(_, h)| h.deadline_ms <= now_ms).map(|(id, _)| id.clone()).collect();
+        for id in expired {
+            let held = self.leases.remove(&id).expect("listed above");
+            let spec_id = format!("{}/{}", held.job_id, held.index);
+            if held.attempt >= policy.max_attempts {
+                let msg = format!(
+                    "task {spec_id} lost its lease {} times (last worker {}): the worker died or stalled",
+                    held.attempt, held.worker
+                );
+                self.fail_job(&held.job_id, msg);
+            } else {
+                self.pending.push_front((held.job_id, held.index));
+            }
+        }
+    }
+
+    fn running(&self, job_id: &str) -> bool {
+        self.jobs.get(job_id).is_some_and(|j| j.status.state == JobState::Running)
+    }
+
+    /// The state of a lease as its holder sees it.
+    fn lease_state(&self, lease_id: &str) -> LeaseState {
+        match self.leases.get(lease_id) {
+            None => {
+                let job_id = lease_id.rsplit_once('/').map(|(j, _)| j).unwrap_or("");
+                match self.jobs.get(job_id).map(|j| &j.status.state) {
+                    Some(JobState::Cancelled) => LeaseState::Cancelled,
+                    _ => LeaseState::Lost,
+                }
+            }
+            Some(_) => LeaseState::Held,
+        }
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStateStore {
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<TaskSpec>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.next_job += 1;
+        let id = format!("job-{}", inner.next_job);
+        let tasks: Vec<Task> = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut spec)| {
+                spec.job_id = id.clone();
+                spec.index = i as u32;
+                Task { spec, attempts: 0 }
+            })
+            .collect();
+        let state = if tasks.is_empty() { JobState::Indexing } else { JobState::Running };
+        let status = JobStatus {
+            id: id.clone(),
+            images_total: spec.total_images(),
+            spec,
+            state,
+            created_ms: now_ms,
+            tasks_total: tasks.len() as u32,
+            tasks_done: 0,
+            images_skipped,
+            images_done: 0,
+        };
+        for i in 0..tasks.len() as u32 {
+            inner.pending.push_back((id.clone(), i));
+        }
+        inner.order.push(id.clone());
+        inner.jobs.insert(id.clone(), Job { status, tasks });
+        Ok(id)
+    }
+
+    async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.reclaim_expired(now_ms, policy);
+        while let Some((job_id, index)) = inner.pending.pop_front() {
+            if !inner.running(&job_id) {
+                continue; // cancelled or failed since it was queued
+            }
+            let job = inner.jobs.get_mut(&job_id).expect("running job exists");
+            let task = &mut job.tasks[index as usize];
+            task.attempts += 1;
+            let lease = Lease {
+                lease_id: lease_id(&job_id, index, task.attempts),
+                task: task.spec.clone(),
+                attempt: task.attempts,
+                deadline_ms: now_ms + policy.ttl_ms,
+                job: JobContext { model: job.status.spec.model.clone(), settings: job.status.spec.settings.clone(), out: job.status.spec.out.clone() },
+            };
+            let held = Held { job_id, index, attempt: lease.attempt, deadline_ms: lease.deadline_ms, worker: worker.to_string() };
+            inner.leases.insert(lease.lease_id.clone(), held);
+            return Ok(Some(lease));
+        }
+        Ok(None)
+    }
+
+    async fn renew(&self, lease_id: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.reclaim_expired(now_ms, policy);
+        let state = inner.lease_state(lease_id);
+        if let Some(h) = inner.leases.get_mut(lease_id) {
+            h.deadline_ms = now_ms + policy.ttl_ms;
+        }
+        Ok(state)
+    }
+
+    async fn complete(&self, lease_id: &str, _now_ms: u64) -> StateResult<Completion> {
+        let mut inner = self.inner.lock().unwrap();
+        let state = inner.lease_state(lease_id);
+        let Some(held) = inner.leases.remove(lease_id) else {
+            return Ok(Completion { lease: state, job_done: false });
+        };
+        let job = inner.jobs.get_mut(&held.job_id).expect("leased task's job exists");
+        job.status.tasks_done += 1;
+        job.status.images_done += job.tasks[held.index as usize].spec.units.len() as u64;
+        let job_done = job.status.tasks_done == job.status.tasks_total;
+        if job_done {
+            job.status.state = JobState::Indexing;
+        }
+        Ok(Completion { lease: LeaseState::Held, job_done })
+    }
+
+    async fn fail(&self, lease_id: &str, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+        let mut inner = self.inner.lock().unwrap();
+        let state = inner.lease_state(lease_id);
+        let Some(held) = inner.leases.remove(lease_id) else {
+            return Ok(state);
+        };
+        let task_id = format!("{}/{}", held.job_id, held.index);
+        if failure.retryable && held.attempt < policy.max_attempts {
+            inner.pending.push_back((held.job_id, held.index));
+        } else {
+            let why = if failure.retryable { format!(" (after {} attempts)", held.attempt) } else { String::new() };
+            inner.fail_job(&held.job_id, format!("task {task_id} failed{why}: {}", failure.message));
+        }
+        Ok(LeaseState::Held)
+    }
+
+    async fn finish(&self, job_id: &str, outcome: JobState) -> StateResult<()> {
+        let mut inner = self.inner.lock().unwrap();
+        let job = inner.jobs.get_mut(job_id).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))?;
+        if job.status.state == JobState::Indexing {
+            job.status.state = outcome;
+        }
+        Ok(())
+    }
+
+    async fn cancel(&self, job_id: &str) -> StateResult<bool> {
+        let mut inner = self.inner.lock().unwrap();
+        let job = inner.jobs.get_mut(job_id).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))?;
+        if job.status.state.is_terminal() {
+            return Ok(false);
+        }
+        job.status.state = JobState::Cancelled;
+        inner.leases.retain(|_, h| h.job_id != job_id);
+        Ok(true)
+    }
+
+    async fn job(&self, job_id: &str) -> StateResult<JobStatus> {
+        let inner = self.inner.lock().unwrap();
+        inner.jobs.get(job_id).map(|j| j.status.clone()).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))
+    }
+
+    async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
+        let inner = self.inner.lock().unwrap();
+        Ok(inner.order.iter().map(|id| inner.jobs[id].status.clone()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_conforms() {
+        super::super::conformance::run_all(|| Box::new(MemoryStateStore::new()) as Box<dyn StateStore>).await;
+    }
+}

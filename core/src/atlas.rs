@@ -1,0 +1,182 @@
+//! The atlas layout: a public format, documented in docs/atlas-format.md.
+//!
+//! ```text
+//! atlas.json
+//! layers/<layer>/layer.json
+//! layers/<layer>/units/<unit>/<technique>.png
+//! layers/<layer>/units/<unit>/<technique>.json   (the unit record; written last)
+//! ```
+//!
+//! Keys are relative, `/`-separated, and identical on a local disk and in S3.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{LayerInfo, RenderSettings, Technique};
+use crate::{Error, Result};
+
+/// Version of the layout and of the JSON documents in it.
+pub const FORMAT_VERSION: u32 = 1;
+pub const ATLAS_KEY: &str = "atlas.json";
+const MAX_LAYER_NAME: usize = 200;
+
+/// The path segment that stands for a layer name. Layer names come from a model file that
+/// may not be trusted, so a name can never escape the atlas:
+/// - bytes other than `A-Z a-z 0-9 _ - .` are written `%XX` (uppercase hex);
+/// - a name made only of dots (`.`, `..`) has every dot written `%2E`;
+/// - `%` itself is escaped, so the mapping is one-to-one and reversible;
+/// - an empty name, or one longer than 200 bytes, is refused.
+pub fn layer_segment(name: &str) -> Result<String> {
+    if name.is_empty() {
+        return Err(Error::invalid("layer name", "a layer name is empty"));
+    }
+    if name.len() > MAX_LAYER_NAME {
+        return Err(Error::invalid("layer name", format!("layer name {name:?} is longer than {MAX_LAYER_NAME} bytes")));
+    }
+    let only_dots = name.bytes().all(|b| b == b'.');
+    let mut seg = String::with_capacity(name.len());
+    for b in name.bytes() {
+        let keep = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && !only_dots);
+        if keep {
+            seg.push(b as char);
+        } else {
+            seg.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(seg)
+}
+
+pub fn layer_key(segment: &str) -> String {
+    format!("layers/{segment}/layer.json")
+}
+
+pub fn image_key(segment: &str, unit: u32, technique: Technique) -> String {
+    format!("layers/{segment}/units/{unit}/{technique}.png")
+}
+
+pub fn record_key(segment: &str, unit: u32, technique: Technique) -> String {
+    format!("layers/{segment}/units/{unit}/{technique}.json")
+}
+
+/// Reads `layers/<segment>/units/<unit>/<technique>.json` back into its parts.
+pub fn parse_record_key(key: &str) -> Option<(&str, u32, Technique)> {
+    let rest = key.strip_prefix("layers/")?;
+    let mut parts = rest.split('/');
+    let (segment, units, unit, file) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if units != "units" || parts.next().is_some() {
+        return None;
+    }
+    let technique = file.strip_suffix(".json")?.parse().ok()?;
+    Some((segment, unit.parse().ok()?, technique))
+}
+
+/// The model an atlas shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub name: String,
+    pub sha256: String,
+}
+
+/// One layer in `atlas.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerEntry {
+    pub name: String,
+    /// The path segment under `layers/` (see [`layer_segment`]).
+    pub path: String,
+    pub units: u32,
+    pub shape: Vec<i64>,
+}
+
+impl LayerEntry {
+    pub fn new(info: &LayerInfo) -> Result<Self> {
+        Ok(LayerEntry { name: info.name.clone(), path: layer_segment(&info.name)?, units: info.units(), shape: info.shape.clone() })
+    }
+}
+
+/// `atlas.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AtlasManifest {
+    pub format_version: u32,
+    pub loupe_version: String,
+    pub model: ModelSummary,
+    pub settings: RenderSettings,
+    pub layers: Vec<LayerEntry>,
+    pub techniques: Vec<Technique>,
+    /// RFC 3339, UTC; the time the atlas was first created.
+    pub created: String,
+}
+
+/// A unit record: written after the unit's PNG, so its presence means the image is whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitRecord {
+    pub format_version: u32,
+    pub layer: String,
+    pub unit: u32,
+    pub technique: Technique,
+    /// File name of the image, beside the record.
+    pub image: String,
+    /// The technique's objective on the final image, untransformed (see docs/techniques.md).
+    pub objective: f64,
+    pub model_sha256: String,
+    pub settings: RenderSettings,
+}
+
+/// What one technique produced for one unit, as listed in `layer.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageEntry {
+    /// Path of the PNG relative to the layer directory.
+    pub image: String,
+    pub objective: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitEntry {
+    pub unit: u32,
+    pub techniques: BTreeMap<Technique, ImageEntry>,
+}
+
+/// `layers/<layer>/layer.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerIndex {
+    pub format_version: u32,
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub units: Vec<UnitEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_layer_names_stay_readable() {
+        assert_eq!(layer_segment("inception4a").unwrap(), "inception4a");
+        assert_eq!(layer_segment("layer4.2.relu").unwrap(), "layer4.2.relu");
+        assert_eq!(layer_segment("encoder_layer-11").unwrap(), "encoder_layer-11");
+    }
+
+    #[test]
+    fn names_that_could_escape_are_escaped() {
+        assert_eq!(layer_segment("..").unwrap(), "%2E%2E");
+        assert_eq!(layer_segment(".").unwrap(), "%2E");
+        assert_eq!(layer_segment("../../etc").unwrap(), "..%2F..%2Fetc");
+        assert_eq!(layer_segment("/abs").unwrap(), "%2Fabs");
+        assert_eq!(layer_segment("a\\b").unwrap(), "a%5Cb");
+        assert_eq!(layer_segment("50%").unwrap(), "50%25");
+        assert!(layer_segment("").is_err());
+        assert!(layer_segment(&"x".repeat(201)).is_err());
+        for name in ["..", "../../etc", "/abs", "a/b/../c"] {
+            let seg = layer_segment(name).unwrap();
+            assert!(!seg.contains('/') && seg != ".." && seg != ".", "{name} -> {seg}");
+        }
+    }
+
+    #[test]
+    fn record_keys_round_trip() {
+        let k = record_key("conv%2F1", 12, Technique::Negative);
+        assert_eq!(parse_record_key(&k), Some(("conv%2F1", 12, Technique::Negative)));
+        assert_eq!(parse_record_key("layers/a/units/1/channel.png"), None);
+        assert_eq!(parse_record_key("layers/a/layer.json"), None);
+    }
+}

@@ -1,0 +1,19 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("invalid {what}: {message}")]
+    Invalid { what: &'static str, message: String },
+    #[error("artifact {key}: {source}")]
+    Io { key: String, source: std::io::Error },
+    #[error("artifact {key} is not valid JSON: {source}")]
+    Json { key: String, source: serde_json::Error },
+}
+
+impl Error {
+    pub fn invalid(what: &'static str, message: impl Into<String>) -> Self {
+        Error::Invalid { what, message: message.into() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,219 @@
+//! Where atlas artifacts go. Every backend writes each key atomically (a reader sees the
+//! old bytes or the new, never a part) and overwrites rather than duplicates, so a
+//! retried task's outputs replace its earlier attempt's.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+
+use crate::{Error, Result};
+
+#[async_trait]
+pub trait ArtifactStore: Send + Sync {
+    /// Writes `bytes` at `key`, atomically, replacing what was there.
+    async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()>;
+    /// The bytes at `key`, or `None` if there are none.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Every key that starts with `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Where the store points, for messages.
+    fn location(&self) -> String;
+}
+
+/// Refuses keys that could leave the store's root: empty, absolute, `.`/`..` segments,
+/// empty segments, backslashes or NUL bytes.
+pub fn validate_key(key: &str) -> Result<()> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key.contains('\\')
+        || key.contains('\0')
+        || key.split('/').any(|s| s.is_empty() || s == "." || s == "..");
+    if bad {
+        return Err(Error::invalid("artifact key", format!("{key:?} is not a relative path of plain segments")));
+    }
+    Ok(())
+}
+
+/// Opens the store an atlas URI names: a local directory path, or `file://PATH`.
+pub fn open(uri: &str) -> Result<std::sync::Arc<dyn ArtifactStore>> {
+    if uri.is_empty() {
+        return Err(Error::invalid("output", "the output location is empty"));
+    }
+    if let Some((scheme, _)) = uri.split_once("://") {
+        if scheme != "file" {
+            return Err(Error::invalid("output", format!("{uri:?}: unsupported scheme {scheme:?}; use a directory path")));
+        }
+    }
+    let path = uri.strip_prefix("file://").unwrap_or(uri);
+    Ok(std::sync::Arc::new(LocalStore::new(path)))
+}
+
+/// An atlas in a local directory.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+/// Temporary files carry this marker; `list` skips them and a crash leaves at most one of
+/// them behind, never a partial file under a real key.
+const TMP_MARKER: &str = ".loupe-tmp-";
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { key: key.to_string(), source }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("store paths have a parent");
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().expect("store paths have a file name").to_string_lossy();
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!("{name}{TMP_MARKER}{}-{n}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        // The data must be on disk before the rename makes it visible under its key.
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            walk(root, &path, out)?;
+        } else if !entry.file_name().to_string_lossy().contains(TMP_MARKER) {
+            let rel = path.strip_prefix(root).expect("walk stays under root");
+            out.push(rel.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/"));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ArtifactStore for LocalStore {
+    async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let path = self.path(key)?;
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+            .await
+            .expect("write task panicked")
+            .map_err(io_err(&k))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key)?;
+        match tokio::fs::read(&path).await {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(key)(e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        // Walk only the deepest directory the prefix names, not the whole atlas.
+        let dir_part = prefix.rfind('/').map(|i| &prefix[..i]).unwrap_or("");
+        if !dir_part.is_empty() {
+            validate_key(dir_part)?;
+        }
+        let root = self.root.clone();
+        let start = root.join(dir_part);
+        let mut keys = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            walk(&root, &start, &mut out).map(|_| out)
+        })
+        .await
+        .expect("list task panicked")
+        .map_err(io_err(prefix))?;
+        keys.retain(|k| k.starts_with(prefix));
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+/// The behaviour every [`ArtifactStore`] must show; each backend's tests call these.
+pub mod conformance {
+    use super::*;
+
+    pub async fn put_get_overwrite(store: &dyn ArtifactStore) {
+        store.put("a/b/c.json", b"one".to_vec()).await.unwrap();
+        assert_eq!(store.get("a/b/c.json").await.unwrap().as_deref(), Some(&b"one"[..]));
+        store.put("a/b/c.json", b"two".to_vec()).await.unwrap();
+        assert_eq!(store.get("a/b/c.json").await.unwrap().as_deref(), Some(&b"two"[..]));
+        assert_eq!(store.list("a/").await.unwrap(), vec!["a/b/c.json".to_string()], "an overwrite must not duplicate");
+        assert_eq!(store.get("a/b/missing").await.unwrap(), None);
+    }
+
+    pub async fn list_by_prefix(store: &dyn ArtifactStore) {
+        for k in ["layers/x/units/0/channel.png", "layers/x/units/10/channel.png", "layers/xy/layer.json", "atlas.json"] {
+            store.put(k, vec![1, 2, 3]).await.unwrap();
+        }
+        assert_eq!(
+            store.list("layers/x/").await.unwrap(),
+            vec!["layers/x/units/0/channel.png".to_string(), "layers/x/units/10/channel.png".to_string()]
+        );
+        assert_eq!(store.list("layers/x").await.unwrap().len(), 3);
+        assert_eq!(store.list("nothing/").await.unwrap(), Vec::<String>::new());
+    }
+
+    pub async fn refuses_escaping_keys(store: &dyn ArtifactStore) {
+        for k in ["../x", "/etc/passwd", "a/../../b", "a//b", "", "a\\b"] {
+            assert!(store.put(k, vec![0]).await.is_err(), "{k:?} must be refused");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_store_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        conformance::put_get_overwrite(&store).await;
+        conformance::list_by_prefix(&store).await;
+        conformance::refuses_escaping_keys(&store).await;
+    }
+
+    #[tokio::test]
+    async fn local_store_leaves_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store.put("x/y.png", vec![9; 1000]).await.unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("x")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("y.png")]);
+    }
+}

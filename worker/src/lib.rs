@@ -1,0 +1,46 @@
+//! The worker: it leases tasks from a coordinator and renders them with libtorch. This is
+//! the only crate that links tch.
+//!
+//! - [`model`]: loading a TorchScript model that follows docs/models.md, and its layers.
+//! - [`param`], [`transform`], [`objective`], [`render`]: the feature-visualisation recipe.
+//! - [`png`]: deterministic PNG encoding.
+//! - [`runner`]: the worker loop, with the render thread and lease renewal beside it.
+//! - [`device`]: `auto`, `cpu`, `cuda:N`, checked at start-up.
+
+pub mod device;
+pub mod model;
+pub mod objective;
+pub mod param;
+pub mod png;
+pub mod render;
+pub mod runner;
+pub mod transform;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model file is missing, not TorchScript, or breaks the contract.
+    #[error("{0}")]
+    Model(String),
+    #[error("unknown layer {0}")]
+    UnknownLayer(String),
+    #[error("{0}")]
+    Device(String),
+    /// A libtorch error while rendering (out of memory, a kernel failure).
+    #[error("libtorch: {0}")]
+    Torch(String),
+    #[error(transparent)]
+    Store(#[from] loupe_core::Error),
+    /// The task was stopped before it finished: cancelled, lease lost or shutdown.
+    #[error("stopped before finishing")]
+    Cancelled,
+}
+
+impl Error {
+    /// Whether running the task again could succeed. A bad model or layer fails the
+    /// same way every time.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Error::Torch(_) | Error::Store(_) | Error::Cancelled)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,176 @@
+//! Loading a model that follows the contract in docs/models.md: a TorchScript file whose
+//! `forward(x)` takes RGB in [0, 1], `[N, 3, H, W]`, and returns `Dict[str, Tensor]` of
+//! named activations, each `[N, C, H, W]` or `[N, C]`; plus an optional sidecar JSON.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use loupe_core::spec::LayerInfo;
+
+use crate::{Error, Result};
+
+/// `<model>.json` beside `<model>.pt`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Sidecar {
+    pub name: Option<String>,
+    pub input_size: Option<u32>,
+}
+
+impl Sidecar {
+    pub fn path_for(model: &Path) -> PathBuf {
+        model.with_extension("json")
+    }
+
+    /// The sidecar, or the default when there is none.
+    pub fn read(model: &Path) -> Result<Sidecar> {
+        let path = Self::path_for(model);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Model(format!("sidecar {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Sidecar::default()),
+            Err(e) => Err(Error::Model(format!("sidecar {}: {e}", path.display()))),
+        }
+    }
+}
+
+/// A loaded model, in eval mode with its weights frozen: nothing ever needs their
+/// gradients, so backward computes only the input's.
+pub struct Model {
+    module: CModule,
+    path: PathBuf,
+    device: Device,
+    /// True when the module exports `tap(x, layer) -> Tensor`, which runs the network only
+    /// up to that layer (see tools/export.py).
+    has_tap: bool,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("path", &self.path).field("device", &self.device).finish()
+    }
+}
+
+fn first_line(e: &tch::TchError) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+impl Model {
+    pub fn load(path: &Path, device: Device) -> Result<Model> {
+        if !path.is_file() {
+            return Err(Error::Model(format!("model file {} does not exist", path.display())));
+        }
+        let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            Error::Model(format!("{} is not a TorchScript model ({})", path.display(), first_line(&e)))
+        })?;
+        module.set_eval();
+        let params = module.named_parameters().map_err(|e| Error::Model(format!("{}: {}", path.display(), first_line(&e))))?;
+        for (_, p) in params {
+            let _ = p.set_requires_grad(false);
+        }
+        Ok(Model { module, path: path.to_path_buf(), device, has_tap: false })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `forward` and returns its dict, or an error that says what came back instead.
+    fn forward_dict(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let out = self
+            .module
+            .forward_is(&[IValue::Tensor(x.shallow_clone())])
+            .map_err(|e| Error::Model(format!("{}: forward failed: {}", self.path.display(), first_line(&e))))?;
+        let IValue::GenericDict(entries) = out else {
+            return Err(Error::Model(format!(
+                "{}: forward must return Dict[str, Tensor] of named activations, but it returned {}",
+                self.path.display(),
+                ivalue_kind(&out)
+            )));
+        };
+        entries
+            .into_iter()
+            .map(|(k, v)| match (k, v) {
+                (IValue::String(name), IValue::Tensor(t)) => Ok((name, t)),
+                (k, v) => Err(Error::Model(format!(
+                    "{}: forward's dict must map str to Tensor, found {} -> {}",
+                    self.path.display(),
+                    ivalue_kind(&k),
+                    ivalue_kind(&v)
+                ))),
+            })
+            .collect()
+    }
+
+    /// The activation of one layer for a batch of inputs, `[N, C, H, W]` or `[N, C]`.
+    pub fn activation(&self, x: &Tensor, layer: &str) -> Result<Tensor> {
+        if self.has_tap {
+            return self
+                .module
+                .method_is("tap", &[IValue::Tensor(x.shallow_clone()), IValue::String(layer.to_string())])
+                .map_err(|e| Error::Model(format!("{}: tap({layer:?}) failed: {}", self.path.display(), first_line(&e))))
+                .and_then(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(Error::Model(format!("tap returned {}", ivalue_kind(&other)))),
+                });
+        }
+        self.forward_dict(x)?
+            .into_iter()
+            .find(|(name, _)| name == layer)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::UnknownLayer(layer.to_string()))
+    }
+
+    /// Each layer's name and per-example shape, from one forward pass on a blank image.
+    /// It also notes whether the model's `tap` method agrees with `forward`, and uses it
+    /// from then on.
+    pub fn layers(&mut self, input_size: u32) -> Result<Vec<LayerInfo>> {
+        let _guard = tch::no_grad_guard();
+        let s = input_size as i64;
+        let x = Tensor::full([1, 3, s, s], 0.5, (Kind::Float, self.device));
+        let mut layers = Vec::new();
+        for (name, t) in self.forward_dict(&x)? {
+            let shape = t.size();
+            if !(shape.len() == 2 || shape.len() == 4) || shape[0] != 1 {
+                return Err(Error::Model(format!(
+                    "{}: layer {name:?} has shape {shape:?} for one image; expected [N, C, H, W] or [N, C]",
+                    self.path.display()
+                )));
+            }
+            layers.push(LayerInfo { name, shape: shape[1..].to_vec() });
+        }
+        if layers.is_empty() {
+            return Err(Error::Model(format!("{}: forward returned an empty dict", self.path.display())));
+        }
+        let first = &layers[0];
+        // A model without `tap` makes this call fail, which is all we want to know.
+        self.has_tap = self
+            .module
+            .method_is("tap", &[IValue::Tensor(x), IValue::String(first.name.clone())])
+            .is_ok_and(|v| matches!(v, IValue::Tensor(t) if t.size()[1..] == first.shape[..]));
+        Ok(layers)
+    }
+}
+
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::None => "None",
+        IValue::Tensor(_) => "a Tensor",
+        IValue::Double(_) => "a float",
+        IValue::Int(_) => "an int",
+        IValue::Bool(_) => "a bool",
+        IValue::Tuple(_) => "a tuple",
+        IValue::IntList(_) | IValue::DoubleList(_) | IValue::BoolList(_) | IValue::TensorList(_) | IValue::GenericList(_) => "a list",
+        IValue::String(_) => "a str",
+        IValue::StringList(_) => "a list of str",
+        IValue::GenericDict(_) => "a dict",
+        IValue::Object(_) => "an object",
+        IValue::Device(_) => "a device",
+        _ => "an unsupported value",
+    }
+}

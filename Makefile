@@ -4,7 +4,7 @@
 LOUPE := target/release/loupe
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build demo test bench-cpu fixtures
+.PHONY: setup build services demo test bench-cpu fixtures
 
 # The project-local venv with libtorch and torchvision (see tools/setup-venv.sh).
 setup:
@@ -13,13 +13,18 @@ setup:
 build: setup
 	cargo build --release --bin loupe
 
+# Redis and the S3 server, which the cluster tests start on loopback ports.
+services:
+	tools/setup-services.sh
+
 # Renders the demo model's complete atlas (every layer, every unit) on the CPU.
 demo: build
 	$(LOUPE) render --model models/demo/demo.pt --out atlas/demo --size 64 --device cpu
 	@echo "demo atlas: $(CURDIR)/atlas/demo (atlas.json, layers/<layer>/layer.json, layers/<layer>/units/<unit>/<technique>.png)"
 
-# Everything the README's test command runs.
-test: build
+# Everything the README's test command runs. The end-to-end tests run the binaries.
+test: setup services
+	cargo build --release --bins
 	cargo test --release --workspace
 	.venv/bin/python -m pytest -q tests/python
 

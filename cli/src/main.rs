@@ -2,6 +2,8 @@
 //! exposes (`loupe inspect`). `render` runs the same coordinator and worker loop as the
 //! cluster, in one process: an in-memory state store and a local-directory atlas.
 
+mod cluster;
+mod job;
 mod render;
 
 use std::path::PathBuf;
@@ -10,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use job::JobArgs;
 use loupe_worker::device::parse_device;
 use loupe_worker::model::{Model, Sidecar};
 
@@ -26,43 +29,28 @@ enum Command {
     Render(RenderArgs),
     /// Print each layer of a model: name, unit count and activation shape.
     Inspect(InspectArgs),
+    /// Submit a job to a cluster's coordinator; prints the job id.
+    Submit(cluster::SubmitArgs),
+    /// Follow a job's progress; exits non-zero if it fails or is cancelled.
+    Watch(cluster::JobRef),
+    /// Show a job's state and progress.
+    Status(cluster::JobRef),
+    /// List the coordinator's jobs.
+    Jobs(cluster::Connection),
+    /// Cancel a job; its workers stop at their next heartbeat.
+    Cancel(cluster::JobRef),
 }
 
 #[derive(Args)]
 pub struct RenderArgs {
-    /// TorchScript model following docs/models.md.
-    #[arg(long, env = "LOUPE_MODEL")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub job: JobArgs,
     /// Output directory of the atlas.
     #[arg(long)]
     pub out: PathBuf,
-    /// Layers to render: `all` or a comma-separated list of names.
-    #[arg(long, default_value = "all")]
-    pub layers: String,
-    /// Units of each layer: `all`, a half-open range `0..16`, or a list `0,3,7`.
-    #[arg(long, default_value = "all")]
-    pub units: String,
-    /// Techniques: any of channel, neuron, negative.
-    #[arg(long, default_value = "channel,neuron,negative")]
-    pub techniques: String,
-    /// Optimisation steps.
-    #[arg(long, default_value_t = 512)]
-    pub steps: u32,
-    /// Side of the rendered image in pixels.
-    #[arg(long, default_value_t = 128)]
-    pub size: u32,
-    /// Side of the model input; default: the sidecar's input_size, else --size.
-    #[arg(long)]
-    pub input_size: Option<u32>,
-    /// Units per optimisation.
-    #[arg(long, default_value_t = 64)]
-    pub batch: u32,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "LOUPE_DEVICE", default_value = "auto")]
     pub device: String,
-    /// Job seed; the same seed gives the same images.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Worker loops in this process.
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
@@ -94,6 +82,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+fn block_on(f: impl std::future::Future<Output = Result<ExitCode>>) -> Result<ExitCode> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")?.block_on(f)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOUPE_LOG").unwrap_or_else(|_| "warn".into()))
@@ -102,9 +94,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect(args).map(|_| ExitCode::SUCCESS),
-        Command::Render(args) => tokio::runtime::Runtime::new()
-            .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(render::render(args))),
+        Command::Render(args) => block_on(render::render(args)),
+        Command::Submit(args) => block_on(cluster::submit(args)),
+        Command::Watch(args) => block_on(cluster::watch(args)),
+        Command::Status(args) => block_on(cluster::status(args)),
+        Command::Jobs(args) => block_on(cluster::jobs(args)),
+        Command::Cancel(args) => block_on(cluster::cancel(args)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

@@ -8,6 +8,7 @@
 //!
 //! It never links libtorch: layer shapes arrive in the job spec, found by the submitter.
 
+pub mod server;
 pub mod shard;
 pub mod state;
 
@@ -18,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use tracing::{info, warn};
 
-use loupe_core::api::{ApiResult, WorkerApi};
+use loupe_core::api::{ApiError, ApiResult, WorkerApi};
 use loupe_core::atlas::{self, AtlasManifest, ImageEntry, LayerEntry, LayerIndex, ModelSummary, UnitEntry, UnitRecord};
 use loupe_core::spec::{JobSpec, Technique};
 use loupe_core::store::{self, ArtifactStore};
@@ -32,6 +33,9 @@ pub enum Error {
     Invalid(#[from] loupe_core::Error),
     #[error("{0}")]
     Conflict(String),
+    /// The job's model cannot be read, or is not the file the submitter described.
+    #[error("{0}")]
+    Model(String),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -73,9 +77,10 @@ impl Coordinator {
 
     /// Validates the job, reconciles it with what the atlas already holds, writes
     /// `atlas.json` and queues the tasks for images not yet complete. Returns the job id.
-    pub async fn submit(&self, spec: JobSpec) -> Result<String> {
+    pub async fn submit(&self, mut spec: JobSpec) -> Result<String> {
         spec.validate()?;
-        let store = store::open(&spec.out)?;
+        spec.model.sha256 = model_digest(&spec.model).await?;
+        let store = store::open(&spec.out).await?;
         let manifest = merged_manifest(store.as_ref(), &spec).await?;
         let done = complete_images(store.as_ref(), &spec).await?;
         store.put(atlas::ATLAS_KEY, to_json(&manifest)).await?;
@@ -85,6 +90,18 @@ impl Coordinator {
         info!(job_id, images_skipped = skipped, "job submitted");
         self.index_if_done(&job_id).await?;
         Ok(job_id)
+    }
+
+    /// Finishes what a previous coordinator left half done: jobs whose tasks all completed
+    /// but whose atlas index was not yet written. Call it at start-up.
+    pub async fn recover(&self) -> Result<()> {
+        for job in self.state.jobs().await? {
+            if job.state == JobState::Indexing {
+                info!(job_id = job.id, "writing the atlas index of a job finished before a restart");
+                self.index_if_done(&job.id).await?;
+            }
+        }
+        Ok(())
     }
 
     pub async fn status(&self, job_id: &str) -> Result<JobStatus> {
@@ -117,6 +134,20 @@ impl Coordinator {
         self.state.finish(job_id, outcome).await?;
         Ok(())
     }
+}
+
+/// The model's sha256, read from its URI. A digest given at submit must match: the
+/// workers check the same digest before rendering.
+async fn model_digest(model: &loupe_core::spec::ModelRef) -> Result<String> {
+    let bytes = store::fetch(&model.uri)
+        .await
+        .map_err(|e| Error::Model(format!("model {} cannot be read: {e}", model.uri)))?
+        .ok_or_else(|| Error::Model(format!("model {} does not exist", model.uri)))?;
+    let digest = loupe_core::sha256_bytes(&bytes);
+    if !model.sha256.is_empty() && model.sha256 != digest {
+        return Err(Error::Model(format!("model {} has sha256 {digest}, not the {} given at submit", model.uri, model.sha256)));
+    }
+    Ok(digest)
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -211,7 +242,7 @@ async fn complete_images(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Ha
 /// Writes `layer.json` for each layer of the job, listing every complete unit record in
 /// the layer, including those of earlier jobs on the same atlas.
 async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
-    let store = store::open(&spec.out)?;
+    let store = store::open(&spec.out).await?;
     for plan in &spec.layers {
         let segment = atlas::layer_segment(&plan.layer.name)?;
         let prefix = format!("layers/{segment}/units/");
@@ -234,31 +265,52 @@ async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
     Ok(())
 }
 
-fn api_err(e: impl std::error::Error + Send + Sync + 'static) -> loupe_core::api::ApiError {
-    Box::new(e)
+fn api_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+/// The worker-facing operations, with the coordinator's own errors; the gRPC service and
+/// the in-process [`WorkerApi`] both call these.
+impl Coordinator {
+    pub async fn lease_for(&self, worker: &str) -> std::result::Result<Option<Lease>, StateError> {
+        self.state.lease(worker, now_ms(), self.policy).await
+    }
+
+    pub async fn renew_lease(&self, lease_id: &str) -> std::result::Result<LeaseState, StateError> {
+        self.state.renew(lease_id, now_ms(), self.policy).await
+    }
+
+    /// Records the task done; the last task of a job triggers its atlas index.
+    pub async fn complete_lease(&self, lease_id: &str) -> Result<LeaseState> {
+        let c = self.state.complete(lease_id, now_ms()).await?;
+        if c.job_done {
+            let job_id = lease_id.rsplit_once('/').map(|(j, _)| j).unwrap_or(lease_id);
+            self.index_if_done(job_id).await?;
+        }
+        Ok(c.lease)
+    }
+
+    pub async fn fail_lease(&self, lease_id: &str, failure: Failure) -> std::result::Result<LeaseState, StateError> {
+        warn!(lease_id, retryable = failure.retryable, message = %failure.message, "task failed");
+        self.state.fail(lease_id, failure, now_ms(), self.policy).await
+    }
 }
 
 #[async_trait]
 impl WorkerApi for Coordinator {
     async fn lease(&self, worker: &str) -> ApiResult<Option<Lease>> {
-        self.state.lease(worker, now_ms(), self.policy).await.map_err(api_err)
+        self.lease_for(worker).await.map_err(api_err)
     }
 
     async fn renew(&self, lease_id: &str) -> ApiResult<LeaseState> {
-        self.state.renew(lease_id, now_ms(), self.policy).await.map_err(api_err)
+        self.renew_lease(lease_id).await.map_err(api_err)
     }
 
     async fn complete(&self, lease_id: &str) -> ApiResult<LeaseState> {
-        let c = self.state.complete(lease_id, now_ms()).await.map_err(api_err)?;
-        if c.job_done {
-            let job_id = lease_id.rsplit_once('/').map(|(j, _)| j).unwrap_or(lease_id);
-            self.index_if_done(job_id).await.map_err(api_err)?;
-        }
-        Ok(c.lease)
+        self.complete_lease(lease_id).await.map_err(api_err)
     }
 
     async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState> {
-        warn!(lease_id, retryable = failure.retryable, message = %failure.message, "task failed");
-        self.state.fail(lease_id, failure, now_ms(), self.policy).await.map_err(api_err)
+        self.fail_lease(lease_id, failure).await.map_err(api_err)
     }
 }

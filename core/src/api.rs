@@ -18,7 +18,18 @@ pub trait WorkerApi: Send + Sync {
     async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState>;
 }
 
-/// Errors of the API itself (the coordinator unreachable, its state store down), as
-/// opposed to outcomes such as a lost lease, which are [`LeaseState`] values.
-pub type ApiError = Box<dyn std::error::Error + Send + Sync>;
+/// Errors of the API itself, as opposed to outcomes such as a lost lease, which are
+/// [`LeaseState`] values.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The coordinator could not be reached or failed (a restart, its state store down):
+    /// asking again later may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The coordinator refused this worker (another protocol version, a wrong token):
+    /// asking again will not help.
+    #[error("{0}")]
+    Refused(String),
+}
+
 pub type ApiResult<T> = std::result::Result<T, ApiError>;

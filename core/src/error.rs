@@ -8,6 +8,9 @@ pub enum Error {
     Io { key: String, source: std::io::Error },
     #[error("artifact {key} is not valid JSON: {source}")]
     Json { key: String, source: serde_json::Error },
+    /// A remote store (S3) refused or failed a request; `key` names the bucket and object.
+    #[error("artifact {key}: {message}")]
+    Remote { key: String, message: String },
 }
 
 impl Error {

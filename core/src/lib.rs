@@ -5,12 +5,15 @@
 //! - [`atlas`]: the public on-disk/S3 layout (keys, manifests, per-unit records).
 //! - [`store`]: the [`store::ArtifactStore`] trait and its local-directory backend.
 //! - [`seed`]: how per-unit seeds derive from the job seed, so any worker gives the same image.
+//! - [`job`]: a job's state and progress.
 //! - [`api`]: the [`api::WorkerApi`] trait, the coordinator as a worker sees it.
 
 pub mod api;
 pub mod atlas;
 pub mod error;
+pub mod job;
 pub mod seed;
+pub mod s3;
 pub mod spec;
 pub mod store;
 pub mod task;
@@ -20,6 +23,12 @@ pub use error::{Error, Result};
 /// The loupe version written into every atlas.
 pub const LOUPE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The lowercase hex sha256 of bytes.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// The lowercase hex sha256 of a file, which names a model in atlases and leases.
 pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
@@ -27,4 +36,15 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Reads a bearer token from a file (surrounding whitespace dropped). The error names the
+/// file, never the token.
+pub fn read_token_file(path: &std::path::Path) -> std::result::Result<String, Error> {
+    let token = std::fs::read_to_string(path).map_err(|source| Error::Io { key: path.display().to_string(), source })?;
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err(Error::invalid("token file", format!("{} is empty", path.display())));
+    }
+    Ok(token)
 }

@@ -35,18 +35,42 @@ pub fn validate_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-/// Opens the store an atlas URI names: a local directory path, or `file://PATH`.
-pub fn open(uri: &str) -> Result<std::sync::Arc<dyn ArtifactStore>> {
+/// Opens the store an atlas URI names: `s3://bucket/prefix` (configured the standard AWS
+/// way, see [`crate::s3`]), `file://PATH` or a plain directory path.
+pub async fn open(uri: &str) -> Result<std::sync::Arc<dyn ArtifactStore>> {
     if uri.is_empty() {
         return Err(Error::invalid("output", "the output location is empty"));
     }
+    if uri.starts_with("s3://") {
+        let (bucket, prefix) = crate::s3::parse_s3_uri(uri)?;
+        return Ok(std::sync::Arc::new(crate::s3::S3Store::from_env(&bucket, &prefix).await?));
+    }
     if let Some((scheme, _)) = uri.split_once("://") {
         if scheme != "file" {
-            return Err(Error::invalid("output", format!("{uri:?}: unsupported scheme {scheme:?}; use a directory path")));
+            return Err(Error::invalid("output", format!("{uri:?}: unsupported scheme {scheme:?}; use s3://bucket/prefix or a directory")));
         }
     }
     let path = uri.strip_prefix("file://").unwrap_or(uri);
     Ok(std::sync::Arc::new(LocalStore::new(path)))
+}
+
+/// Reads a whole object named by URI: `s3://bucket/key` or a local file path. Models are
+/// fetched this way by the coordinator (to record their digest) and the workers.
+pub async fn fetch(uri: &str) -> Result<Option<Vec<u8>>> {
+    if uri.starts_with("s3://") {
+        let (bucket, key) = crate::s3::parse_s3_uri(uri)?;
+        if key.is_empty() {
+            return Err(Error::invalid("object", format!("{uri:?} names a bucket, not an object")));
+        }
+        let store = crate::s3::S3Store::from_env(&bucket, "").await?;
+        return store.get(&key).await;
+    }
+    let path = uri.strip_prefix("file://").unwrap_or(uri);
+    match tokio::fs::read(path).await {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io { key: path.to_string(), source: e }),
+    }
 }
 
 /// An atlas in a local directory.

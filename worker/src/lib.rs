@@ -7,6 +7,7 @@
 //! - [`runner`]: the worker loop, with the render thread and lease renewal beside it.
 //! - [`device`]: `auto`, `cpu`, `cuda:N`, checked at start-up.
 
+pub mod client;
 pub mod device;
 pub mod model;
 pub mod objective;

@@ -3,6 +3,7 @@
 //! `loupe render` (against the in-process coordinator) and in the cluster's workers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +11,7 @@ use tch::Device;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
-use loupe_core::api::WorkerApi;
+use loupe_core::api::{ApiError, WorkerApi};
 use loupe_core::atlas::{self, UnitRecord};
 use loupe_core::spec::LayerInfo;
 use loupe_core::store;
@@ -27,6 +28,11 @@ pub struct WorkerConfig {
     pub device: Device,
     /// How long to wait before asking again when no task is runnable.
     pub idle_poll: Duration,
+    /// Where models fetched from object storage are kept, by digest.
+    pub model_cache: PathBuf,
+    /// False for the benchmark aid that measures the coordinator: each task writes one
+    /// tiny artifact instead of rendering (`loupe-worker --no-render`).
+    pub render: bool,
 }
 
 /// What a worker did, for the caller's summary.
@@ -38,6 +44,7 @@ pub struct WorkerStats {
 
 struct RenderCall {
     lease: Lease,
+    model_path: PathBuf,
     cancel: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Vec<RenderedUnit>>>,
 }
@@ -67,7 +74,7 @@ impl RenderThread {
                     // tch panics on some libtorch errors; one bad task must not take the
                     // worker down with it.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_render(&mut loaded, device, &call.lease, &call.cancel)
+                        run_render(&mut loaded, device, &call.model_path, &call.lease, &call.cancel)
                     }))
                     .unwrap_or_else(|panic| {
                         loaded = None;
@@ -81,10 +88,10 @@ impl RenderThread {
         RenderThread { calls }
     }
 
-    async fn render(&self, lease: Lease, cancel: Arc<AtomicBool>) -> Result<Vec<RenderedUnit>> {
+    async fn render(&self, lease: Lease, model_path: PathBuf, cancel: Arc<AtomicBool>) -> Result<Vec<RenderedUnit>> {
         let (reply, rx) = oneshot::channel();
         let calls = self.calls.clone();
-        tokio::task::spawn_blocking(move || calls.send(RenderCall { lease, cancel, reply }))
+        tokio::task::spawn_blocking(move || calls.send(RenderCall { lease, model_path, cancel, reply }))
             .await
             .expect("send task panicked")
             .map_err(|_| Error::Torch("the render thread has stopped".into()))?;
@@ -92,16 +99,15 @@ impl RenderThread {
     }
 }
 
-fn run_render(loaded: &mut Option<Loaded>, device: Device, lease: &Lease, cancel: &AtomicBool) -> Result<Vec<RenderedUnit>> {
+fn run_render(loaded: &mut Option<Loaded>, device: Device, path: &Path, lease: &Lease, cancel: &AtomicBool) -> Result<Vec<RenderedUnit>> {
     let want = &lease.job.model;
     if loaded.as_ref().map(|l| l.sha256.as_str()) != Some(want.sha256.as_str()) {
         *loaded = None;
-        let path = std::path::Path::new(&want.uri);
         let digest = loupe_core::sha256_file(path).map_err(|e| Error::Model(format!("model {}: {e}", path.display())))?;
         if digest != want.sha256 {
             return Err(Error::Model(format!(
                 "model {} has sha256 {digest}, but the job was submitted with {}; it changed after submission",
-                path.display(),
+                want.uri,
                 want.sha256
             )));
         }
@@ -122,6 +128,32 @@ fn run_render(loaded: &mut Option<Loaded>, device: Device, lease: &Lease, cancel
     render(&l.model, &req, cancel)
 }
 
+/// A local path to the lease's model: the path itself for a local model, or the cached
+/// copy `<cache>/<sha256>.pt` of an object-store model, fetched once and checked.
+async fn local_model(lease: &Lease, cache: &Path) -> Result<PathBuf> {
+    let model = &lease.job.model;
+    if !model.uri.starts_with("s3://") {
+        return Ok(PathBuf::from(model.uri.strip_prefix("file://").unwrap_or(&model.uri)));
+    }
+    let path = cache.join(format!("{}.pt", model.sha256));
+    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+        return Ok(path);
+    }
+    let bytes = store::fetch(&model.uri).await?.ok_or_else(|| Error::Model(format!("model {} does not exist", model.uri)))?;
+    let digest = loupe_core::sha256_bytes(&bytes);
+    if digest != model.sha256 {
+        return Err(Error::Model(format!("model {} has sha256 {digest}, but the job was submitted with {}", model.uri, model.sha256)));
+    }
+    // Written under a temporary name and renamed, so a crash never leaves a partial model
+    // under its digest.
+    let io = |e: std::io::Error| Error::Model(format!("caching model {} in {}: {e}", model.uri, cache.display()));
+    tokio::fs::create_dir_all(cache).await.map_err(io)?;
+    let tmp = cache.join(format!(".{}.{}.tmp", model.sha256, std::process::id()));
+    tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
+    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    Ok(path)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
 }
@@ -131,9 +163,10 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Runs the worker loop until `shutdown` turns true.
-pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> WorkerStats {
-    let renderer = RenderThread::spawn(config.device);
+/// Runs the worker loop until `shutdown` turns true. It ends early only when the
+/// coordinator refuses this worker (another protocol version, a wrong token).
+pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> std::result::Result<WorkerStats, ApiError> {
+    let renderer = config.render.then(|| RenderThread::spawn(config.device));
     let mut stats = WorkerStats::default();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -145,6 +178,7 @@ pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutd
                 backoff = Duration::from_millis(100);
                 lease
             }
+            Err(e @ ApiError::Refused(_)) => return Err(e),
             Err(e) => {
                 // The coordinator may be restarting: back off and ask again.
                 warn!(worker = %config.name, error = %e, "leasing failed; retrying");
@@ -157,24 +191,34 @@ pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutd
             tokio::select! { _ = tokio::time::sleep(config.idle_poll) => {}, _ = stopped(&mut shutdown) => break }
             continue;
         };
-        if let Some(images) = run_task(api.as_ref(), &renderer, lease, &mut shutdown).await {
+        if let Some(images) = run_task(api.as_ref(), renderer.as_ref(), &config, lease, &mut shutdown).await {
             stats.tasks_done += 1;
             stats.images_written += images;
         }
     }
-    stats
+    Ok(stats)
 }
 
 /// Renders one leased task and reports it. Returns the number of images written when the
 /// task completed.
-async fn run_task(api: &dyn WorkerApi, renderer: &RenderThread, lease: Lease, shutdown: &mut watch::Receiver<bool>) -> Option<u64> {
+async fn run_task(
+    api: &dyn WorkerApi,
+    renderer: Option<&RenderThread>,
+    config: &WorkerConfig,
+    lease: Lease,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<u64> {
     let task_id = lease.task.id();
     info!(task_id, attempt = lease.attempt, layer = %lease.task.layer, technique = %lease.task.technique, units = lease.task.units.len(), "task leased");
     let cancel = Arc::new(AtomicBool::new(false));
     let renew_every = Duration::from_millis(lease.deadline_ms.saturating_sub(now_ms()) / 3).max(Duration::from_millis(50));
     let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
     let mut shutting_down = false;
-    let render = renderer.render(lease.clone(), cancel.clone());
+    let render = async {
+        let Some(renderer) = renderer else { return write_placeholder(&lease).await.map(|_| Vec::new()) };
+        let model_path = local_model(&lease, &config.model_cache).await?;
+        renderer.render(lease.clone(), model_path, cancel.clone()).await
+    };
     tokio::pin!(render);
     let result = loop {
         tokio::select! {
@@ -196,11 +240,7 @@ async fn run_task(api: &dyn WorkerApi, renderer: &RenderThread, lease: Lease, sh
     let failure = match result {
         Ok(units) => match write_units(&lease, &units).await {
             Ok(()) => {
-                match api.complete(&lease.lease_id).await {
-                    Ok(LeaseState::Held) => debug!(task_id, "task complete"),
-                    Ok(state) => info!(task_id, ?state, "completion not accepted; the outputs stand, overwritten by any retry"),
-                    Err(e) => warn!(task_id, error = %e, "reporting completion failed; the lease will expire and the task rerun"),
-                }
+                report_complete(api, &lease, shutdown).await;
                 return Some(units.len() as u64);
             }
             Err(e) => Failure { retryable: true, message: e.to_string() },
@@ -216,10 +256,35 @@ async fn run_task(api: &dyn WorkerApi, renderer: &RenderThread, lease: Lease, sh
     None
 }
 
+/// Reports a finished task. The outputs are already stored, so a coordinator that is
+/// restarting is asked again with backoff rather than the work being thrown away; if the
+/// lease expired meanwhile, the task runs again and overwrites the same keys.
+async fn report_complete(api: &dyn WorkerApi, lease: &Lease, shutdown: &mut watch::Receiver<bool>) {
+    let task_id = lease.task.id();
+    let mut backoff = Duration::from_millis(100);
+    for _ in 0..20 {
+        match api.complete(&lease.lease_id).await {
+            Ok(LeaseState::Held) => return debug!(task_id, "task complete"),
+            Ok(state) => return info!(task_id, ?state, "completion not accepted; the outputs stand, overwritten by any retry"),
+            Err(e) => warn!(task_id, error = %e, "reporting completion failed; retrying"),
+        }
+        tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stopped(shutdown) => return }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    warn!(task_id, "giving up reporting completion; the lease will expire and the task run again");
+}
+
+/// The `--no-render` benchmark aid's whole task: one tiny object per task.
+async fn write_placeholder(lease: &Lease) -> Result<()> {
+    let store = store::open(&lease.job.out).await?;
+    store.put(&format!("no-render/{}/{}", lease.task.job_id, lease.task.index), b"ok".to_vec()).await?;
+    Ok(())
+}
+
 /// Each unit's PNG, then its record: the record is written last, so its presence means
 /// the image is whole.
 async fn write_units(lease: &Lease, units: &[RenderedUnit]) -> Result<()> {
-    let store = store::open(&lease.job.out)?;
+    let store = store::open(&lease.job.out).await?;
     let segment = atlas::layer_segment(&lease.task.layer)?;
     let size = lease.job.settings.size;
     for u in units {

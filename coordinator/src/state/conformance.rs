@@ -26,13 +26,19 @@ fn tasks(n: u32) -> Vec<TaskSpec> {
 }
 
 pub async fn run_all(make: impl Fn() -> Box<dyn StateStore>) {
-    each_task_is_leased_once_and_the_last_completion_ends_the_job(make().as_ref()).await;
-    an_expired_lease_is_granted_again_and_the_stale_holder_is_refused(make().as_ref()).await;
-    a_task_that_keeps_losing_its_lease_fails_the_job(make().as_ref()).await;
-    retryable_failures_are_retried_up_to_the_limit(make().as_ref()).await;
-    a_permanent_failure_fails_the_job_at_once(make().as_ref()).await;
-    a_cancelled_job_stops_its_workers_and_leases_nothing(make().as_ref()).await;
-    a_job_with_nothing_to_render_goes_straight_to_indexing(make().as_ref()).await;
+    run_all_async(|| std::future::ready(make())).await;
+}
+
+/// [`run_all`] for backends whose stores are made asynchronously (each case gets a fresh,
+/// empty store).
+pub async fn run_all_async<F: std::future::Future<Output = Box<dyn StateStore>>>(make: impl Fn() -> F) {
+    each_task_is_leased_once_and_the_last_completion_ends_the_job(make().await.as_ref()).await;
+    an_expired_lease_is_granted_again_and_the_stale_holder_is_refused(make().await.as_ref()).await;
+    a_task_that_keeps_losing_its_lease_fails_the_job(make().await.as_ref()).await;
+    retryable_failures_are_retried_up_to_the_limit(make().await.as_ref()).await;
+    a_permanent_failure_fails_the_job_at_once(make().await.as_ref()).await;
+    a_cancelled_job_stops_its_workers_and_leases_nothing(make().await.as_ref()).await;
+    a_job_with_nothing_to_render_goes_straight_to_indexing(make().await.as_ref()).await;
 }
 
 async fn each_task_is_leased_once_and_the_last_completion_ends_the_job(s: &dyn StateStore) {

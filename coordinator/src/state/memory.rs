@@ -71,7 +71,8 @@ impl Inner {
     fn reclaim_expired(&mut self, now_ms: u64, policy: LeasePolicy) {
         let expired: Vec<String> = self.leases.iter().filter(|(_, h)| h.deadline_ms <= now_ms).map(|(id, _)| id.clone()).collect();
         for id in expired {
-            let held = self.leases.remove(&id).expect("listed above");
+            // Failing a job above drops its other leases, which may be in this list too.
+            let Some(held) = self.leases.remove(&id) else { continue };
             let spec_id = format!("{}/{}", held.job_id, held.index);
             if held.attempt >= policy.max_attempts {
                 let msg = format!(

@@ -3,13 +3,14 @@
 //! twice. The in-memory backend serves `loupe render`; the cluster adds Redis.
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
-
 use loupe_core::spec::JobSpec;
+pub use loupe_core::job::{JobState, JobStatus};
 use loupe_core::task::{Failure, Lease, LeaseState, TaskSpec};
 
 mod memory;
 pub use memory::MemoryStateStore;
+mod redis;
+pub use redis::RedisStateStore;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -30,41 +31,6 @@ pub struct LeasePolicy {
     pub ttl_ms: u64,
     /// Attempts a task may use, counting expired leases and retryable failures.
     pub max_attempts: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum JobState {
-    /// Tasks are pending or leased.
-    Running,
-    /// Every task is done; the coordinator is writing the atlas index.
-    Indexing,
-    Succeeded,
-    Failed { message: String },
-    Cancelled,
-}
-
-impl JobState {
-    pub fn is_terminal(&self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed { .. } | JobState::Cancelled)
-    }
-}
-
-/// A job as the state store knows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobStatus {
-    pub id: String,
-    pub spec: JobSpec,
-    pub state: JobState,
-    pub created_ms: u64,
-    pub tasks_total: u32,
-    pub tasks_done: u32,
-    /// Images (unit x technique) the job covers, including those already in the atlas.
-    pub images_total: u64,
-    /// Images already complete in the atlas when the job was submitted (a resume).
-    pub images_skipped: u64,
-    /// Images rendered by this job's finished tasks.
-    pub images_done: u64,
 }
 
 /// What `complete` did.

@@ -1,0 +1,797 @@
+//! State in Redis, shared by the coordinators of a cluster. Every transition is one Lua
+//! script (EVALSHA, loaded again by itself after a Redis restart), so it is atomic: two
+//! coordinators never grant one task twice, and a coordinator killed mid-request leaves
+//! either the whole transition or none of it. Time and the lease policy come in as
+//! arguments, exactly as in [`super::MemoryStateStore`], whose behaviour this matches;
+//! the Redis clock is never read.
+//!
+//! Keys, under a prefix (`loupe:` by default):
+//!
+//! - `jobseq`: counter behind job ids (`job-<n>`), unique across coordinators.
+//! - `jobs`: LIST of job ids in submission order.
+//! - `job:<id>`: HASH of the job's status: `spec` and `ctx` (the [`JobContext`] a lease
+//!   carries) as JSON, `state` (`running`, `indexing`, `succeeded`, `failed`,
+//!   `cancelled`), `message`, and the counters.
+//! - `tasks:<id>`: HASH of the job's tasks: `<index>` -> [`TaskSpec`] JSON, `n<index>` ->
+//!   its number of units, `a<index>` -> attempts used.
+//! - `pending`: LIST of runnable tasks, oldest first. An entry is one task,
+//!   `<job>/<index>`, or a half-open run of a new job's tasks, `<job>/<lo>:<hi>`, so
+//!   submitting a job of any size queues it in O(1) and leasing from it stays O(1).
+//!   Expired leases go back at the front, retries at the back.
+//! - `leases`: HASH lease id -> worker; `deadlines`: ZSET lease id -> deadline (ms), so
+//!   reclaiming reads only expired entries; `jobleases:<id>`: SET of a job's lease ids,
+//!   dropped when the job fails or is cancelled.
+//!
+//! Once a job has ended its tasks are never read again, so `tasks:<id>` is dropped then;
+//! the job hash stays, for listing.
+//!
+//! A job's tasks are written in pipelined chunks before the job exists (under a one-day
+//! expiry, so a coordinator that dies mid-submit leaves nothing for long); one script
+//! then records the job and queues its tasks, so the job appears all at once.
+//!
+//! The scripts touch keys they derive from the prefix, so this needs a standalone Redis
+//! (or a cluster with the whole prefix in one hash slot, e.g. `{loupe}:`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script, ScriptInvocation};
+
+use loupe_core::spec::JobSpec;
+use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec};
+
+use super::{Completion, JobState, JobStatus, LeasePolicy, StateError, StateResult, StateStore};
+
+/// Tasks written per pipelined round trip when a job is submitted.
+const TASKS_PER_ROUND_TRIP: usize = 2_000;
+/// Tasks per HSET within a round trip.
+const TASKS_PER_HSET: usize = 250;
+/// How long the tasks of a job whose submission never finished are kept.
+const UNFINISHED_SUBMIT_TTL_S: u64 = 86_400;
+
+/// Helpers every script starts with. ARGV[1] is always the key prefix.
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local PENDING = P .. 'pending'
+local DEADLINES = P .. 'deadlines'
+local LEASES = P .. 'leases'
+local function job_key(job) return P .. 'job:' .. job end
+local function tasks_key(job) return P .. 'tasks:' .. job end
+local function job_leases_key(job) return P .. 'jobleases:' .. job end
+
+-- A lease id is '<job>/<index>#<attempt>'.
+local function parse_lease(id)
+  return string.match(id, '^(.*)/(%d+)#(%d+)$')
+end
+
+local function is_terminal(state)
+  return state == 'succeeded' or state == 'failed' or state == 'cancelled'
+end
+
+local function drop_lease(id, job)
+  redis.call('HDEL', LEASES, id)
+  redis.call('ZREM', DEADLINES, id)
+  redis.call('SREM', job_leases_key(job), id)
+end
+
+local function drop_job_leases(job)
+  local set = job_leases_key(job)
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    redis.call('HDEL', LEASES, id)
+    redis.call('ZREM', DEADLINES, id)
+  end
+  redis.call('DEL', set)
+end
+
+local function fail_job(job, message)
+  local key = job_key(job)
+  local state = redis.call('HGET', key, 'state')
+  if state and not is_terminal(state) then
+    redis.call('HSET', key, 'state', 'failed', 'message', message)
+  end
+  drop_job_leases(job)
+  redis.call('UNLINK', tasks_key(job))
+end
+
+-- 0: held, 1: cancelled, 2: lost.
+local function lease_state(id)
+  if redis.call('HEXISTS', LEASES, id) == 1 then return 0 end
+  local job = string.match(id, '^(.*)/') or ''
+  if redis.call('HGET', job_key(job), 'state') == 'cancelled' then return 1 end
+  return 2
+end
+
+-- Puts tasks whose lease ran out back at the front of the line (the one that expired
+-- first ends up first), or fails their job when they have used every attempt.
+local function reclaim_expired(now, max_attempts)
+  while true do
+    local ids = redis.call('ZREVRANGEBYSCORE', DEADLINES, now, '-inf', 'LIMIT', 0, 256)
+    if #ids == 0 then return end
+    for _, id in ipairs(ids) do
+      redis.call('ZREM', DEADLINES, id)
+      local worker = redis.call('HGET', LEASES, id)
+      local job, index, attempt = parse_lease(id)
+      if worker and job then
+        redis.call('HDEL', LEASES, id)
+        redis.call('SREM', job_leases_key(job), id)
+        if tonumber(attempt) >= max_attempts then
+          fail_job(job, 'task ' .. job .. '/' .. index .. ' lost its lease ' .. attempt
+            .. ' times (last worker ' .. worker .. '): the worker died or stalled')
+        else
+          redis.call('LPUSH', PENDING, job .. '/' .. index)
+        end
+      end
+    end
+  end
+end
+"#;
+
+/// ARGV: prefix, job id, spec, ctx, state, created_ms, tasks_total, images_total, images_skipped.
+const CREATE: &str = r#"
+local job = ARGV[2]
+redis.call('HSET', job_key(job), 'id', job, 'spec', ARGV[3], 'ctx', ARGV[4], 'state', ARGV[5],
+  'message', '', 'created_ms', ARGV[6], 'tasks_total', ARGV[7], 'tasks_done', '0',
+  'images_total', ARGV[8], 'images_skipped', ARGV[9], 'images_done', '0')
+redis.call('RPUSH', P .. 'jobs', job)
+if tonumber(ARGV[7]) > 0 then
+  redis.call('PERSIST', tasks_key(job))
+  redis.call('RPUSH', PENDING, job .. '/0:' .. ARGV[7])
+end
+return 1
+"#;
+
+/// ARGV: prefix, worker, now, deadline, max_attempts.
+/// Returns nil, or {lease id, task JSON, attempt, job context JSON}.
+const LEASE: &str = r#"
+reclaim_expired(ARGV[3], tonumber(ARGV[5]))
+while true do
+  local entry = redis.call('LINDEX', PENDING, 0)
+  if not entry then return false end
+  local job, rest = string.match(entry, '^(.*)/([^/]*)$')
+  local index = nil
+  if job and redis.call('HGET', job_key(job), 'state') == 'running' then
+    local lo, hi = string.match(rest, '^(%d+):(%d+)$')
+    if lo then
+      local next_lo = tonumber(lo) + 1
+      if next_lo < tonumber(hi) then
+        redis.call('LSET', PENDING, 0, job .. '/' .. string.format('%d', next_lo) .. ':' .. hi)
+      else
+        redis.call('LPOP', PENDING)
+      end
+      index = lo
+    else
+      redis.call('LPOP', PENDING)
+      index = rest
+    end
+  else
+    -- cancelled or failed since it was queued
+    redis.call('LPOP', PENDING)
+  end
+  if index then
+    local tasks = tasks_key(job)
+    local attempt = redis.call('HINCRBY', tasks, 'a' .. index, 1)
+    local id = job .. '/' .. index .. '#' .. attempt
+    redis.call('HSET', LEASES, id, ARGV[2])
+    redis.call('ZADD', DEADLINES, ARGV[4], id)
+    redis.call('SADD', job_leases_key(job), id)
+    return {id, redis.call('HGET', tasks, index), attempt, redis.call('HGET', job_key(job), 'ctx')}
+  end
+end
+"#;
+
+/// ARGV: prefix, lease id, now, deadline, max_attempts. Returns the lease state code.
+const RENEW: &str = r#"
+reclaim_expired(ARGV[3], tonumber(ARGV[5]))
+local state = lease_state(ARGV[2])
+if state == 0 then
+  redis.call('ZADD', DEADLINES, 'XX', ARGV[4], ARGV[2])
+end
+return state
+"#;
+
+/// ARGV: prefix, lease id. Returns {lease state code, 1 if the job is now indexing}.
+const COMPLETE: &str = r#"
+local id = ARGV[2]
+local state = lease_state(id)
+if state ~= 0 then return {state, 0} end
+local job, index = parse_lease(id)
+drop_lease(id, job)
+local key = job_key(job)
+local done = redis.call('HINCRBY', key, 'tasks_done', 1)
+local units = redis.call('HGET', tasks_key(job), 'n' .. index) or '0'
+redis.call('HINCRBY', key, 'images_done', units)
+if done == tonumber(redis.call('HGET', key, 'tasks_total')) then
+  redis.call('HSET', key, 'state', 'indexing')
+  return {0, 1}
+end
+return {0, 0}
+"#;
+
+/// ARGV: prefix, lease id, retryable (1/0), message, max_attempts. Returns the lease state code.
+const FAIL: &str = r#"
+local id = ARGV[2]
+local state = lease_state(id)
+if state ~= 0 then return state end
+local job, index, attempt = parse_lease(id)
+drop_lease(id, job)
+local retryable = ARGV[3] == '1'
+if retryable and tonumber(attempt) < tonumber(ARGV[5]) then
+  redis.call('RPUSH', PENDING, job .. '/' .. index)
+else
+  local why = ''
+  if retryable then why = ' (after ' .. attempt .. ' attempts)' end
+  fail_job(job, 'task ' .. job .. '/' .. index .. ' failed' .. why .. ': ' .. ARGV[4])
+end
+return 0
+"#;
+
+/// ARGV: prefix, job id, state, message. Returns -1 when there is no such job.
+const FINISH: &str = r#"
+local key = job_key(ARGV[2])
+local state = redis.call('HGET', key, 'state')
+if not state then return -1 end
+if state == 'indexing' then
+  redis.call('HSET', key, 'state', ARGV[3], 'message', ARGV[4])
+  if is_terminal(ARGV[3]) then redis.call('UNLINK', tasks_key(ARGV[2])) end
+end
+return 0
+"#;
+
+/// ARGV: prefix, job id. Returns 1 if cancelled, 0 if it had ended, -1 if no such job.
+const CANCEL: &str = r#"
+local job = ARGV[2]
+local key = job_key(job)
+local state = redis.call('HGET', key, 'state')
+if not state then return -1 end
+if is_terminal(state) then return 0 end
+redis.call('HSET', key, 'state', 'cancelled')
+drop_job_leases(job)
+redis.call('UNLINK', tasks_key(job))
+return 1
+"#;
+
+/// The job hash fields [`RedisStateStore::job`] reads, in this order.
+const STATUS_FIELDS: [&str; 10] =
+    ["id", "spec", "state", "message", "created_ms", "tasks_total", "tasks_done", "images_total", "images_skipped", "images_done"];
+
+struct Scripts {
+    create: Script,
+    lease: Script,
+    renew: Script,
+    complete: Script,
+    fail: Script,
+    finish: Script,
+    cancel: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Scripts {
+            create: s(CREATE),
+            lease: s(LEASE),
+            renew: s(RENEW),
+            complete: s(COMPLETE),
+            fail: s(FAIL),
+            finish: s(FINISH),
+            cancel: s(CANCEL),
+        }
+    }
+}
+
+/// The Redis backend. Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct RedisStateStore {
+    conn: ConnectionManager,
+    prefix: String,
+    scripts: Arc<Scripts>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StateError {
+    StateError::Backend(format!("redis: {e}"))
+}
+
+fn lease_state(code: i64) -> StateResult<LeaseState> {
+    match code {
+        0 => Ok(LeaseState::Held),
+        1 => Ok(LeaseState::Cancelled),
+        2 => Ok(LeaseState::Lost),
+        other => Err(backend(format!("unexpected lease state {other}"))),
+    }
+}
+
+fn encode_state(state: &JobState) -> (&'static str, &str) {
+    match state {
+        JobState::Running => ("running", ""),
+        JobState::Indexing => ("indexing", ""),
+        JobState::Succeeded => ("succeeded", ""),
+        JobState::Failed { message } => ("failed", message),
+        JobState::Cancelled => ("cancelled", ""),
+    }
+}
+
+fn decode_state(state: &str, message: String) -> StateResult<JobState> {
+    Ok(match state {
+        "running" => JobState::Running,
+        "indexing" => JobState::Indexing,
+        "succeeded" => JobState::Succeeded,
+        "failed" => JobState::Failed { message },
+        "cancelled" => JobState::Cancelled,
+        other => return Err(backend(format!("unknown job state {other:?}"))),
+    })
+}
+
+impl RedisStateStore {
+    /// Connects to `url` (`redis://host:port/db`) with keys under `loupe:`.
+    pub async fn connect(url: &str) -> StateResult<RedisStateStore> {
+        Self::connect_with_prefix(url, "loupe:").await
+    }
+
+    /// Connects with keys under `prefix`, so several stores can share one Redis.
+    pub async fn connect_with_prefix(url: &str, prefix: &str) -> StateResult<RedisStateStore> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            // A transition is not idempotent, so give a slow one time rather than report
+            // a failure that may in fact have happened; submitting a big job takes a while.
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_number_of_retries(4)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client, config).await.map_err(backend)?;
+        Ok(RedisStateStore { conn, prefix: prefix.to_string(), scripts: Arc::new(Scripts::new()) })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// A script invocation with the prefix as ARGV[1].
+    fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(&self.prefix);
+        inv
+    }
+
+    async fn invoke<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> StateResult<T> {
+        let mut conn = self.conn.clone();
+        inv.invoke_async(&mut conn).await.map_err(backend)
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StateResult<T> {
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn).await.map_err(backend)
+    }
+
+    fn status_cmd(&self, job_id: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.key(&format!("job:{job_id}"))).arg(&STATUS_FIELDS[..]);
+        cmd
+    }
+
+    fn parse_status(job_id: &str, fields: Vec<Option<String>>) -> StateResult<JobStatus> {
+        let mut fields = fields.into_iter();
+        let mut next = || fields.next().flatten();
+        let id = next();
+        let spec = next();
+        let state = next();
+        let (Some(id), Some(spec), Some(state)) = (id, spec, state) else {
+            return Err(StateError::NoSuchJob(job_id.to_string()));
+        };
+        let message = next().unwrap_or_default();
+        let mut num = |name: &str| -> StateResult<u64> {
+            next().and_then(|v| v.parse().ok()).ok_or_else(|| backend(format!("job {job_id} has no valid {name}")))
+        };
+        let created_ms = num("created_ms")?;
+        let tasks_total = num("tasks_total")?;
+        let tasks_done = num("tasks_done")?;
+        let images_total = num("images_total")?;
+        let images_skipped = num("images_skipped")?;
+        let images_done = num("images_done")?;
+        Ok(JobStatus {
+            id,
+            spec: serde_json::from_str(&spec).map_err(|e| backend(format!("job {job_id} spec: {e}")))?,
+            state: decode_state(&state, message)?,
+            created_ms,
+            tasks_total: tasks_total as u32,
+            tasks_done: tasks_done as u32,
+            images_total,
+            images_skipped,
+            images_done,
+        })
+    }
+
+    async fn job_once(&self, job_id: &str) -> StateResult<JobStatus> {
+        let fields: Vec<Option<String>> = self.query(&self.status_cmd(job_id)).await?;
+        Self::parse_status(job_id, fields)
+    }
+
+    async fn jobs_once(&self) -> StateResult<Vec<JobStatus>> {
+        let ids: Vec<String> = self.query(redis::cmd("LRANGE").arg(self.key("jobs")).arg(0).arg(-1)).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.add_command(self.status_cmd(id));
+        }
+        let mut conn = self.conn.clone();
+        let all: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        ids.iter().zip(all).map(|(id, fields)| Self::parse_status(id, fields)).collect()
+    }
+}
+
+/// Runs a read again once if it failed for want of a connection (the manager reconnects
+/// in the meantime). Only reads: a transition that failed may have happened.
+async fn read_twice<T, F, Fut>(f: F) -> StateResult<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = StateResult<T>>,
+{
+    match f().await {
+        Err(StateError::Backend(_)) => f().await,
+        other => other,
+    }
+}
+
+#[async_trait]
+impl StateStore for RedisStateStore {
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<TaskSpec>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+        let n: u64 = self.query(redis::cmd("INCR").arg(self.key("jobseq"))).await?;
+        let id = format!("job-{n}");
+        let tasks_total = u32::try_from(tasks.len()).map_err(|_| backend("too many tasks in one job"))?;
+        let tasks_key = self.key(&format!("tasks:{id}"));
+        let mut conn = self.conn.clone();
+        for (r, round) in tasks.chunks(TASKS_PER_ROUND_TRIP).enumerate() {
+            let mut pipe = redis::pipe();
+            for (c, chunk) in round.chunks(TASKS_PER_HSET).enumerate() {
+                let first = r * TASKS_PER_ROUND_TRIP + c * TASKS_PER_HSET;
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&tasks_key);
+                for (i, task) in chunk.iter().enumerate() {
+                    let index = (first + i) as u32;
+                    let task = TaskSpec { job_id: id.clone(), index, ..task.clone() };
+                    let json = serde_json::to_string(&task).map_err(backend)?;
+                    hset.arg(index).arg(json).arg(format!("n{index}")).arg(task.units.len());
+                }
+                pipe.add_command(hset).ignore();
+            }
+            if r == 0 {
+                pipe.cmd("EXPIRE").arg(&tasks_key).arg(UNFINISHED_SUBMIT_TTL_S).ignore();
+            }
+            pipe.exec_async(&mut conn).await.map_err(backend)?;
+        }
+        let ctx = JobContext { model: spec.model.clone(), settings: spec.settings.clone(), out: spec.out.clone() };
+        let state = if tasks_total == 0 { JobState::Indexing } else { JobState::Running };
+        let mut inv = self.invocation(&self.scripts.create);
+        inv.arg(&id)
+            .arg(serde_json::to_string(&spec).map_err(backend)?)
+            .arg(serde_json::to_string(&ctx).map_err(backend)?)
+            .arg(encode_state(&state).0)
+            .arg(now_ms)
+            .arg(tasks_total)
+            .arg(spec.total_images())
+            .arg(images_skipped);
+        let _: i64 = self.invoke(&inv).await?;
+        Ok(id)
+    }
+
+    async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>> {
+        let deadline_ms = now_ms.saturating_add(policy.ttl_ms);
+        let mut inv = self.invocation(&self.scripts.lease);
+        inv.arg(worker).arg(now_ms).arg(deadline_ms).arg(policy.max_attempts);
+        let granted: Option<(String, String, u32, String)> = self.invoke(&inv).await?;
+        let Some((lease_id, task, attempt, ctx)) = granted else {
+            return Ok(None);
+        };
+        Ok(Some(Lease {
+            task: serde_json::from_str(&task).map_err(|e| backend(format!("task of {lease_id}: {e}")))?,
+            job: serde_json::from_str(&ctx).map_err(|e| backend(format!("job context of {lease_id}: {e}")))?,
+            lease_id,
+            attempt,
+            deadline_ms,
+        }))
+    }
+
+    async fn renew(&self, lease_id: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+        let mut inv = self.invocation(&self.scripts.renew);
+        inv.arg(lease_id).arg(now_ms).arg(now_ms.saturating_add(policy.ttl_ms)).arg(policy.max_attempts);
+        lease_state(self.invoke(&inv).await?)
+    }
+
+    async fn complete(&self, lease_id: &str, _now_ms: u64) -> StateResult<Completion> {
+        let mut inv = self.invocation(&self.scripts.complete);
+        inv.arg(lease_id);
+        let (code, job_done): (i64, i64) = self.invoke(&inv).await?;
+        Ok(Completion { lease: lease_state(code)?, job_done: job_done == 1 })
+    }
+
+    async fn fail(&self, lease_id: &str, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+        let mut inv = self.invocation(&self.scripts.fail);
+        inv.arg(lease_id).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts);
+        lease_state(self.invoke(&inv).await?)
+    }
+
+    async fn finish(&self, job_id: &str, outcome: JobState) -> StateResult<()> {
+        let (state, message) = encode_state(&outcome);
+        let mut inv = self.invocation(&self.scripts.finish);
+        inv.arg(job_id).arg(state).arg(message);
+        match self.invoke::<i64>(&inv).await? {
+            -1 => Err(StateError::NoSuchJob(job_id.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    async fn cancel(&self, job_id: &str) -> StateResult<bool> {
+        let mut inv = self.invocation(&self.scripts.cancel);
+        inv.arg(job_id);
+        match self.invoke::<i64>(&inv).await? {
+            -1 => Err(StateError::NoSuchJob(job_id.to_string())),
+            done => Ok(done == 1),
+        }
+    }
+
+    async fn job(&self, job_id: &str) -> StateResult<JobStatus> {
+        read_twice(|| self.job_once(job_id)).await
+    }
+
+    async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
+        read_twice(|| self.jobs_once()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use loupe_core::spec::Technique;
+    use loupe_testsupport::RedisServer;
+
+    use super::*;
+
+    const POLICY: LeasePolicy = LeasePolicy { ttl_ms: 60_000, max_attempts: 3 };
+
+    fn fresh_prefix() -> String {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        format!("test{}:", N.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn spec() -> JobSpec {
+        use loupe_core::spec::{LayerInfo, LayerPlan, ModelRef, RenderSettings};
+        JobSpec {
+            model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3] }],
+            techniques: vec![Technique::Channel],
+            settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 7, learning_rate: 0.05 },
+            batch: 2,
+            out: "out".into(),
+        }
+    }
+
+    fn tasks(n: u32, units: u32) -> Vec<TaskSpec> {
+        (0..n)
+            .map(|i| TaskSpec {
+                job_id: String::new(),
+                index: 0,
+                layer: "conv".into(),
+                technique: Technique::Channel,
+                units: (0..units).map(|u| i * units + u).collect(),
+            })
+            .collect()
+    }
+
+    /// Retries `f` until it succeeds, for calls made while Redis comes back.
+    async fn eventually<T, Fut: std::future::Future<Output = StateResult<T>>>(what: &str, f: impl Fn() -> Fut) -> T {
+        let start = Instant::now();
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                    eprintln!("{what}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{what}: still failing after 30s: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_store_conforms() {
+        let server = RedisServer::start();
+        let url = server.url();
+        super::super::conformance::run_all_async(|| {
+            let url = url.clone();
+            async move {
+                Box::new(RedisStateStore::connect_with_prefix(&url, &fresh_prefix()).await.unwrap()) as Box<dyn StateStore>
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_coordinators_never_grant_a_task_twice() {
+        const TASKS: u32 = 600;
+        let server = RedisServer::start();
+        let prefix = fresh_prefix();
+        let a = Arc::new(RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap());
+        let b = Arc::new(RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap());
+        let id = a.create_job(spec(), tasks(TASKS, 2), 0, 0).await.unwrap();
+        let mut handles = Vec::new();
+        for (n, store) in [a.clone(), b.clone()].into_iter().cycle().take(8).enumerate() {
+            handles.push(tokio::spawn(async move {
+                let worker = format!("w{n}");
+                let mut got = Vec::new();
+                let mut finished_job = 0;
+                while let Some(lease) = store.lease(&worker, 0, POLICY).await.unwrap() {
+                    got.push(lease.task.index);
+                    assert_eq!(lease.attempt, 1);
+                    let done = store.complete(&lease.lease_id, 1).await.unwrap();
+                    assert_eq!(done.lease, LeaseState::Held);
+                    finished_job += done.job_done as u32;
+                }
+                (got, finished_job)
+            }));
+        }
+        let mut all = Vec::new();
+        let mut finished = 0;
+        for h in handles {
+            let (got, f) = h.await.unwrap();
+            all.extend(got);
+            finished += f;
+        }
+        assert_eq!(all.len(), TASKS as usize, "every task granted exactly once");
+        assert_eq!(all.iter().copied().collect::<HashSet<_>>(), (0..TASKS).collect::<HashSet<_>>());
+        assert_eq!(finished, 1, "exactly one completion ends the job");
+        let st = b.job(&id).await.unwrap();
+        assert_eq!((st.state, st.tasks_done, st.images_done), (JobState::Indexing, TASKS, 2 * TASKS as u64));
+    }
+
+    #[tokio::test]
+    async fn job_ids_are_unique_across_coordinators_and_listed_in_order() {
+        let server = RedisServer::start();
+        let prefix = fresh_prefix();
+        let a = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let b = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            let s = if i % 2 == 0 { &a } else { &b };
+            ids.push(s.create_job(spec(), tasks(1, 1), 0, i).await.unwrap());
+        }
+        assert_eq!(ids, (1..=6).map(|n| format!("job-{n}")).collect::<Vec<_>>());
+        let listed: Vec<String> = a.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(listed, ids);
+        assert!(matches!(a.job("job-99").await, Err(StateError::NoSuchJob(_))));
+        assert!(matches!(a.cancel("job-99").await, Err(StateError::NoSuchJob(_))));
+        assert!(matches!(a.finish("job-99", JobState::Succeeded).await, Err(StateError::NoSuchJob(_))));
+        assert_eq!(a.renew("nonsense", 0, POLICY).await.unwrap(), LeaseState::Lost);
+        assert_eq!(a.complete("job-1/0#7", 0).await.unwrap().lease, LeaseState::Lost);
+    }
+
+    #[tokio::test]
+    async fn a_lease_carries_its_task_and_job_context() {
+        let server = RedisServer::start();
+        let s = RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap();
+        let id = s.create_job(spec(), tasks(3, 2), 5, 42).await.unwrap();
+        let l = s.lease("w", 100, POLICY).await.unwrap().unwrap();
+        assert_eq!(l.lease_id, format!("{id}/0#1"));
+        assert_eq!(l.task, TaskSpec { job_id: id.clone(), index: 0, layer: "conv".into(), technique: Technique::Channel, units: vec![0, 1] });
+        assert_eq!(l.deadline_ms, 100 + POLICY.ttl_ms);
+        assert_eq!(l.job, JobContext { model: spec().model, settings: spec().settings, out: "out".into() });
+        let st = s.job(&id).await.unwrap();
+        assert_eq!((st.spec, st.created_ms, st.tasks_total, st.images_skipped, st.images_total), (spec(), 42, 3, 5, 4));
+        // Expired leases go back to the front of the line; retries to the back.
+        let l1 = s.lease("w", 100, POLICY).await.unwrap().unwrap();
+        assert_eq!(l1.task.index, 1);
+        s.fail(&l1.lease_id, Failure { retryable: true, message: "x".into() }, 100, POLICY).await.unwrap();
+        let later = 100 + POLICY.ttl_ms;
+        let again = s.lease("w", later, POLICY).await.unwrap().unwrap();
+        assert_eq!((again.task.index, again.attempt), (0, 2), "the expired task comes first");
+        let next = s.lease("w", later, POLICY).await.unwrap().unwrap();
+        assert_eq!((next.task.index, next.attempt), (2, 1));
+        let last = s.lease("w", later, POLICY).await.unwrap().unwrap();
+        assert_eq!((last.task.index, last.attempt), (1, 2), "the retried task went to the back");
+    }
+
+    #[tokio::test]
+    async fn state_survives_a_restarted_coordinator() {
+        let server = RedisServer::start();
+        let prefix = fresh_prefix();
+        let first = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let id = first.create_job(spec(), tasks(3, 2), 0, 0).await.unwrap();
+        let a = first.lease("w1", 0, POLICY).await.unwrap().unwrap();
+        let b = first.lease("w2", 0, POLICY).await.unwrap().unwrap();
+        drop(first);
+
+        let second = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let st = second.job(&id).await.unwrap();
+        assert_eq!((st.state, st.tasks_total, st.tasks_done), (JobState::Running, 3, 0));
+        assert_eq!(second.jobs().await.unwrap().len(), 1);
+        assert_eq!(second.renew(&a.lease_id, 10, POLICY).await.unwrap(), LeaseState::Held);
+        assert!(!second.complete(&a.lease_id, 11).await.unwrap().job_done);
+        assert!(!second.complete(&b.lease_id, 11).await.unwrap().job_done);
+        let c = second.lease("w3", 12, POLICY).await.unwrap().unwrap();
+        assert_eq!(c.task.index, 2);
+        assert!(second.lease("w4", 12, POLICY).await.unwrap().is_none());
+        assert!(second.complete(&c.lease_id, 13).await.unwrap().job_done);
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(second.key(&format!("tasks:{id}")));
+        let tasks_exist = || second.query::<bool>(&exists);
+        assert!(tasks_exist().await.unwrap());
+        second.finish(&id, JobState::Succeeded).await.unwrap();
+        assert_eq!(second.job(&id).await.unwrap().state, JobState::Succeeded);
+        assert!(!tasks_exist().await.unwrap(), "an ended job's tasks are dropped");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_redis_loses_nothing_and_the_store_reconnects() {
+        let mut server = RedisServer::start_with(true);
+        let s = RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap();
+        let id = s.create_job(spec(), tasks(4, 2), 0, 0).await.unwrap();
+        let a = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
+        let b = s.lease("w2", 0, POLICY).await.unwrap().unwrap();
+        assert!(!s.complete(&a.lease_id, 1).await.unwrap().job_done);
+
+        server.kill();
+        match s.job(&id).await {
+            Err(StateError::Backend(msg)) => eprintln!("with redis down: {msg}"),
+            other => panic!("expected a backend error with redis down, got {other:?}"),
+        }
+        assert!(matches!(s.lease("w3", 2, POLICY).await, Err(StateError::Backend(_))));
+        server.restart();
+
+        let st = eventually("reading the job", || s.job(&id)).await;
+        assert_eq!((st.state, st.tasks_done, st.images_done), (JobState::Running, 1, 2));
+        // The held lease is still held; the remaining tasks are still queued.
+        assert_eq!(s.renew(&b.lease_id, 3, POLICY).await.unwrap(), LeaseState::Held);
+        assert_eq!(s.complete(&a.lease_id, 3).await.unwrap().lease, LeaseState::Lost, "a done task stays done");
+        let c = s.lease("w3", 3, POLICY).await.unwrap().unwrap();
+        let d = s.lease("w4", 3, POLICY).await.unwrap().unwrap();
+        assert_eq!((c.task.index, d.task.index, c.attempt, d.attempt), (2, 3, 1, 1));
+        assert!(s.lease("w5", 3, POLICY).await.unwrap().is_none());
+        for l in [&b, &c] {
+            assert!(!s.complete(&l.lease_id, 4).await.unwrap().job_done);
+        }
+        assert!(s.complete(&d.lease_id, 4).await.unwrap().job_done);
+        assert_eq!(s.job(&id).await.unwrap().images_done, 8);
+    }
+
+    /// A job of a million units in batches of 64 (15,625 tasks) is submitted in one go and
+    /// leased and completed by concurrent workers; prints the rate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_big_job_is_submitted_and_drained_quickly() {
+        const TASKS: u32 = 15_625;
+        let server = RedisServer::start();
+        let s = Arc::new(RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap());
+        let start = Instant::now();
+        let id = s.create_job(spec(), tasks(TASKS, 64), 0, 0).await.unwrap();
+        let submitted = start.elapsed();
+        let start = Instant::now();
+        let mut handles = Vec::new();
+        for w in 0..32 {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                let mut n = 0u32;
+                while let Some(l) = s.lease(&format!("w{w}"), 0, POLICY).await.unwrap() {
+                    assert_eq!(s.complete(&l.lease_id, 0).await.unwrap().lease, LeaseState::Held);
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for h in handles {
+            total += h.await.unwrap();
+        }
+        let drained = start.elapsed();
+        eprintln!(
+            "submitted {TASKS} tasks in {submitted:?}; leased and completed them in {drained:?} ({:.0} tasks/s)",
+            TASKS as f64 / drained.as_secs_f64()
+        );
+        assert_eq!(total, TASKS);
+        let st = s.job(&id).await.unwrap();
+        assert_eq!((st.state, st.tasks_done, st.images_done), (JobState::Indexing, TASKS, 64 * TASKS as u64));
+    }
+}

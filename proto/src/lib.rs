@@ -1,0 +1,283 @@
+//! The loupe.v1 gRPC protocol. Generated types stay at the edge: this crate converts
+//! them to and from loupe-core's domain types, and validates on the way in, in one place.
+
+#![allow(clippy::derive_partial_eq_without_eq)]
+
+pub mod v1 {
+    tonic::include_proto!("loupe.v1");
+}
+
+use loupe_core::job::{JobState, JobStatus};
+use loupe_core::spec::{JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
+use loupe_core::task::{JobContext, Lease, LeaseState, TaskSpec};
+
+/// Workers send it in every request; the coordinator refuses other versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A message that cannot become a domain value, with the field that is wrong.
+#[derive(Debug)]
+pub struct Invalid(pub String);
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+fn missing(field: &str) -> Invalid {
+    Invalid(format!("{field} is missing"))
+}
+
+impl From<Technique> for v1::Technique {
+    fn from(t: Technique) -> Self {
+        match t {
+            Technique::Channel => v1::Technique::Channel,
+            Technique::Neuron => v1::Technique::Neuron,
+            Technique::Negative => v1::Technique::Negative,
+        }
+    }
+}
+
+pub fn technique_from_i32(t: i32) -> Result<Technique, Invalid> {
+    match v1::Technique::try_from(t) {
+        Ok(v1::Technique::Channel) => Ok(Technique::Channel),
+        Ok(v1::Technique::Neuron) => Ok(Technique::Neuron),
+        Ok(v1::Technique::Negative) => Ok(Technique::Negative),
+        _ => Err(Invalid(format!("technique {t} is not one of channel, neuron, negative"))),
+    }
+}
+
+impl From<&RenderSettings> for v1::RenderSettings {
+    fn from(s: &RenderSettings) -> Self {
+        v1::RenderSettings { steps: s.steps, size: s.size, input_size: s.input_size, seed: s.seed, learning_rate: s.learning_rate }
+    }
+}
+
+impl From<v1::RenderSettings> for RenderSettings {
+    fn from(s: v1::RenderSettings) -> Self {
+        RenderSettings { steps: s.steps, size: s.size, input_size: s.input_size, seed: s.seed, learning_rate: s.learning_rate }
+    }
+}
+
+impl From<&ModelRef> for v1::ModelRef {
+    fn from(m: &ModelRef) -> Self {
+        v1::ModelRef { uri: m.uri.clone(), name: m.name.clone(), sha256: m.sha256.clone() }
+    }
+}
+
+impl From<v1::ModelRef> for ModelRef {
+    fn from(m: v1::ModelRef) -> Self {
+        ModelRef { uri: m.uri, name: m.name, sha256: m.sha256 }
+    }
+}
+
+impl From<&JobSpec> for v1::JobSpec {
+    fn from(s: &JobSpec) -> Self {
+        v1::JobSpec {
+            model: Some((&s.model).into()),
+            layers: s
+                .layers
+                .iter()
+                .map(|p| v1::LayerPlan {
+                    layer: Some(v1::Layer { name: p.layer.name.clone(), shape: p.layer.shape.clone() }),
+                    units: p.units.clone(),
+                })
+                .collect(),
+            techniques: s.techniques.iter().map(|&t| v1::Technique::from(t) as i32).collect(),
+            settings: Some((&s.settings).into()),
+            batch: s.batch,
+            out: s.out.clone(),
+        }
+    }
+}
+
+/// A job spec from the wire. Structural problems are refused here; the rules of a valid
+/// job (ranges, limits) are `JobSpec::validate`'s, which the coordinator calls.
+impl TryFrom<v1::JobSpec> for JobSpec {
+    type Error = Invalid;
+    fn try_from(s: v1::JobSpec) -> Result<Self, Invalid> {
+        let layers = s
+            .layers
+            .into_iter()
+            .map(|p| {
+                let l = p.layer.ok_or_else(|| missing("layers[].layer"))?;
+                Ok(LayerPlan { layer: LayerInfo { name: l.name, shape: l.shape }, units: p.units })
+            })
+            .collect::<Result<Vec<_>, Invalid>>()?;
+        Ok(JobSpec {
+            model: s.model.ok_or_else(|| missing("model"))?.into(),
+            layers,
+            techniques: s.techniques.into_iter().map(technique_from_i32).collect::<Result<_, _>>()?,
+            settings: s.settings.ok_or_else(|| missing("settings"))?.into(),
+            batch: s.batch,
+            out: s.out,
+        })
+    }
+}
+
+impl From<&Lease> for v1::Lease {
+    fn from(l: &Lease) -> Self {
+        v1::Lease {
+            lease_id: l.lease_id.clone(),
+            task: Some(v1::Task {
+                job_id: l.task.job_id.clone(),
+                index: l.task.index,
+                layer: l.task.layer.clone(),
+                technique: v1::Technique::from(l.task.technique) as i32,
+                units: l.task.units.clone(),
+            }),
+            attempt: l.attempt,
+            deadline_ms: l.deadline_ms,
+            job: Some(v1::JobContext {
+                model: Some((&l.job.model).into()),
+                settings: Some((&l.job.settings).into()),
+                out: l.job.out.clone(),
+            }),
+        }
+    }
+}
+
+impl TryFrom<v1::Lease> for Lease {
+    type Error = Invalid;
+    fn try_from(l: v1::Lease) -> Result<Self, Invalid> {
+        let t = l.task.ok_or_else(|| missing("lease.task"))?;
+        let j = l.job.ok_or_else(|| missing("lease.job"))?;
+        Ok(Lease {
+            lease_id: l.lease_id,
+            task: TaskSpec { job_id: t.job_id, index: t.index, layer: t.layer, technique: technique_from_i32(t.technique)?, units: t.units },
+            attempt: l.attempt,
+            deadline_ms: l.deadline_ms,
+            job: JobContext {
+                model: j.model.ok_or_else(|| missing("lease.job.model"))?.into(),
+                settings: j.settings.ok_or_else(|| missing("lease.job.settings"))?.into(),
+                out: j.out,
+            },
+        })
+    }
+}
+
+impl From<LeaseState> for v1::LeaseState {
+    fn from(s: LeaseState) -> Self {
+        match s {
+            LeaseState::Held => v1::LeaseState::Held,
+            LeaseState::Cancelled => v1::LeaseState::Cancelled,
+            LeaseState::Lost => v1::LeaseState::Lost,
+        }
+    }
+}
+
+pub fn lease_state_from_i32(s: i32) -> Result<LeaseState, Invalid> {
+    match v1::LeaseState::try_from(s) {
+        Ok(v1::LeaseState::Held) => Ok(LeaseState::Held),
+        Ok(v1::LeaseState::Cancelled) => Ok(LeaseState::Cancelled),
+        Ok(v1::LeaseState::Lost) => Ok(LeaseState::Lost),
+        _ => Err(Invalid(format!("lease state {s} is unknown"))),
+    }
+}
+
+impl From<&JobStatus> for v1::JobStatus {
+    fn from(s: &JobStatus) -> Self {
+        let (state, message) = match &s.state {
+            JobState::Running => (v1::JobState::Running, String::new()),
+            JobState::Indexing => (v1::JobState::Indexing, String::new()),
+            JobState::Succeeded => (v1::JobState::Succeeded, String::new()),
+            JobState::Failed { message } => (v1::JobState::Failed, message.clone()),
+            JobState::Cancelled => (v1::JobState::Cancelled, String::new()),
+        };
+        v1::JobStatus {
+            job_id: s.id.clone(),
+            spec: Some((&s.spec).into()),
+            state: state as i32,
+            message,
+            created_ms: s.created_ms,
+            tasks_total: s.tasks_total,
+            tasks_done: s.tasks_done,
+            images_total: s.images_total,
+            images_skipped: s.images_skipped,
+            images_done: s.images_done,
+        }
+    }
+}
+
+impl TryFrom<v1::JobStatus> for JobStatus {
+    type Error = Invalid;
+    fn try_from(s: v1::JobStatus) -> Result<Self, Invalid> {
+        let state = match v1::JobState::try_from(s.state) {
+            Ok(v1::JobState::Running) => JobState::Running,
+            Ok(v1::JobState::Indexing) => JobState::Indexing,
+            Ok(v1::JobState::Succeeded) => JobState::Succeeded,
+            Ok(v1::JobState::Failed) => JobState::Failed { message: s.message },
+            Ok(v1::JobState::Cancelled) => JobState::Cancelled,
+            _ => return Err(Invalid(format!("job state {} is unknown", s.state))),
+        };
+        Ok(JobStatus {
+            id: s.job_id,
+            spec: s.spec.ok_or_else(|| missing("status.spec"))?.try_into()?,
+            state,
+            created_ms: s.created_ms,
+            tasks_total: s.tasks_total,
+            tasks_done: s.tasks_done,
+            images_total: s.images_total,
+            images_skipped: s.images_skipped,
+            images_done: s.images_done,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> JobSpec {
+        JobSpec {
+            model: ModelRef { uri: "s3://b/m.pt".into(), name: "m".into(), sha256: "ab".into() },
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3] }],
+            techniques: vec![Technique::Channel, Technique::Negative],
+            settings: RenderSettings { steps: 5, size: 16, input_size: 32, seed: 9, learning_rate: 0.05 },
+            batch: 2,
+            out: "s3://b/atlas".into(),
+        }
+    }
+
+    #[test]
+    fn a_job_spec_survives_the_wire() {
+        let spec = job();
+        assert_eq!(JobSpec::try_from(v1::JobSpec::from(&spec)).unwrap(), spec);
+    }
+
+    #[test]
+    fn malformed_messages_name_the_field() {
+        let mut m = v1::JobSpec::from(&job());
+        m.settings = None;
+        assert!(JobSpec::try_from(m).unwrap_err().0.contains("settings"));
+        let mut m = v1::JobSpec::from(&job());
+        m.techniques.push(0);
+        assert!(JobSpec::try_from(m).unwrap_err().0.contains("technique 0"));
+    }
+
+    #[test]
+    fn a_lease_and_a_status_survive_the_wire() {
+        let lease = Lease {
+            lease_id: "job-1/0#1".into(),
+            task: TaskSpec { job_id: "job-1".into(), index: 0, layer: "conv".into(), technique: Technique::Neuron, units: vec![1, 2] },
+            attempt: 1,
+            deadline_ms: 42,
+            job: JobContext { model: job().model, settings: job().settings, out: "o".into() },
+        };
+        assert_eq!(Lease::try_from(v1::Lease::from(&lease)).unwrap(), lease);
+        let status = JobStatus {
+            id: "job-1".into(),
+            spec: job(),
+            state: JobState::Failed { message: "bad model".into() },
+            created_ms: 1,
+            tasks_total: 2,
+            tasks_done: 1,
+            images_total: 4,
+            images_skipped: 0,
+            images_done: 2,
+        };
+        assert_eq!(JobStatus::try_from(v1::JobStatus::from(&status)).unwrap(), status);
+    }
+}

@@ -1,0 +1,221 @@
+//! A whole cluster for end-to-end tests: Redis, an S3 server, the coordinator and worker
+//! binaries, and the `loupe` CLI, all real processes on loopback ports.
+//!
+//! The binaries are the workspace's own (`cargo build --release --bins`, which `make test`
+//! runs first), found next to the test executable.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+pub use loupe_testsupport::{free_port, wait_for, RedisServer, S3Server};
+
+/// The tests share two cores: one cluster at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A workspace binary, built beside this test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build --release --bins` first (make test does)", path.display());
+    path
+}
+
+pub struct Cluster {
+    pub redis: RedisServer,
+    pub s3: S3Server,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub token: Option<String>,
+    coordinator: Option<Child>,
+    pub workers: Vec<Child>,
+    pub lease_ttl: &'static str,
+}
+
+impl Cluster {
+    /// Redis (AOF on, so it can restart without loss), S3 with buckets `models` and
+    /// `atlas`, and a coordinator with a short lease TTL.
+    pub fn start(token: Option<&str>) -> Cluster {
+        let mut c = Cluster {
+            redis: RedisServer::start_with(true),
+            s3: S3Server::start(&["models", "atlas"]),
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            token: token.map(str::to_string),
+            coordinator: None,
+            workers: Vec::new(),
+            lease_ttl: "2s",
+        };
+        if let Some(t) = token {
+            std::fs::write(c.dir.path().join("token"), t).unwrap();
+        }
+        c.start_coordinator();
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn token_args(&self) -> Vec<String> {
+        if self.token.is_some() {
+            vec!["--token-file".into(), self.dir.path().join("token").to_string_lossy().into_owned()]
+        } else {
+            vec![]
+        }
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).unwrap()
+    }
+
+    pub fn read_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub fn start_coordinator(&mut self) {
+        let child = Command::new(binary("loupe-coordinator"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--state", &self.redis.url(), "--lease-ttl", self.lease_ttl])
+            .args(self.token_args())
+            .envs(self.s3.env())
+            .stdout(Stdio::null())
+            .stderr(self.log("coordinator"))
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+        let port = self.port;
+        wait_for("the coordinator to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts a worker process; its log is `worker-<i>.log`.
+    pub fn start_worker(&mut self) -> usize {
+        let i = self.workers.len();
+        let cache = self.dir.path().join(format!("cache-{i}"));
+        let child = Command::new(binary("loupe-worker"))
+            .args(["--coordinator", &self.url(), "--device", "cpu", "--name", &format!("w{i}")])
+            .arg("--model-cache")
+            .arg(cache)
+            .args(self.token_args())
+            .envs(self.s3.env())
+            .env("LOUPE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("worker-{i}")))
+            .spawn()
+            .unwrap();
+        self.workers.push(child);
+        i
+    }
+
+    pub fn kill_worker(&mut self, i: usize) {
+        self.workers[i].kill().unwrap();
+        self.workers[i].wait().unwrap();
+    }
+
+    /// The `loupe` CLI with this cluster's coordinator, token and S3 environment.
+    pub fn loupe(&self, args: &[&str]) -> Output {
+        Command::new(binary("loupe"))
+            .args(args)
+            .env("LOUPE_COORDINATOR", self.url())
+            .envs(self.token.as_ref().map(|_| ("LOUPE_TOKEN_FILE", self.dir.path().join("token"))))
+            .envs(self.s3.env())
+            .output()
+            .unwrap()
+    }
+
+    /// A plain S3 client of the cluster's S3 server (not loupe's store).
+    pub fn s3_client(&self) -> aws_sdk_s3::Client {
+        let creds = Credentials::new(loupe_testsupport::S3_ACCESS_KEY, loupe_testsupport::S3_SECRET_KEY, None, None, "test");
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(loupe_testsupport::S3_REGION))
+            .endpoint_url(self.s3.endpoint())
+            .credentials_provider(creds)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Uploads a file into the `models` bucket; returns its s3:// URI.
+    pub fn upload_model(&self, rt: &tokio::runtime::Runtime, local: &Path, key: &str) -> String {
+        let client = self.s3_client();
+        let bytes = std::fs::read(local).unwrap();
+        rt.block_on(client.put_object().bucket("models").key(key).body(bytes.into()).send()).unwrap();
+        format!("s3://models/{key}")
+    }
+
+    /// Every key under `prefix` in `bucket`, sorted, through the plain client.
+    pub fn list(&self, rt: &tokio::runtime::Runtime, bucket: &str, prefix: &str) -> Vec<String> {
+        let client = self.s3_client();
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let resp = rt.block_on(client.list_objects_v2().bucket(bucket).prefix(prefix).set_continuation_token(token).send()).unwrap();
+            keys.extend(resp.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            match resp.next_continuation_token() {
+                Some(t) => token = Some(t.to_string()),
+                None => break,
+            }
+        }
+        keys.sort();
+        keys
+    }
+
+    pub fn get(&self, rt: &tokio::runtime::Runtime, bucket: &str, key: &str) -> Vec<u8> {
+        let client = self.s3_client();
+        let resp = rt.block_on(client.get_object().bucket(bucket).key(key).send()).unwrap();
+        rt.block_on(resp.body.collect()).unwrap().into_bytes().to_vec()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        self.kill_coordinator();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "command failed: {}\n{}", stdout(o), stderr(o));
+}
+
+/// Decodes a PNG fully, so a truncated or corrupt one fails.
+pub fn decode_png(bytes: &[u8]) -> (u32, u32) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("a PNG header");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("whole PNG data");
+    (info.width, info.height)
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}

@@ -1,0 +1,70 @@
+//! `loupe-worker`: leases tasks from a coordinator and renders them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio::sync::watch;
+use tracing::info;
+
+use loupe_worker::client::{channel, BearerToken, GrpcWorkerApi};
+use loupe_worker::device::{describe, parse_device};
+use loupe_worker::runner::{run_worker, WorkerConfig};
+
+#[derive(Parser)]
+#[command(name = "loupe-worker", version, about = "Renders atlas tasks leased from a loupe coordinator")]
+struct Args {
+    /// The coordinator's gRPC URL, e.g. http://coordinator:7600.
+    #[arg(long, env = "LOUPE_COORDINATOR")]
+    coordinator: String,
+    /// auto, cpu or cuda:N.
+    #[arg(long, env = "LOUPE_DEVICE", default_value = "auto")]
+    device: String,
+    /// File holding the bearer token.
+    #[arg(long, env = "LOUPE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// This worker's name in the coordinator's messages; default: host name and process id.
+    #[arg(long, env = "LOUPE_WORKER_NAME")]
+    name: Option<String>,
+    /// Where models fetched from object storage are cached, by digest.
+    #[arg(long, env = "LOUPE_MODEL_CACHE", default_value = "/tmp/loupe-models")]
+    model_cache: PathBuf,
+    /// Benchmark aid: lease, write one tiny artifact and complete, without rendering.
+    #[arg(long)]
+    no_render: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOUPE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    let token = args.token_file.as_deref().map(loupe_core::read_token_file).transpose()?;
+    let token = BearerToken::new(token.as_deref()).map_err(anyhow::Error::msg)?;
+    let api = Arc::new(GrpcWorkerApi::new(channel(&args.coordinator).map_err(anyhow::Error::msg)?, token));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    let name = args.name.unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    info!(worker = %name, device = %describe(device), coordinator = %args.coordinator, render = !args.no_render, "worker starting");
+
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down: the task in hand is handed back");
+        let _ = stop.send(true);
+    });
+    let config = WorkerConfig { name, device, idle_poll: Duration::from_millis(200), model_cache: args.model_cache, render: !args.no_render };
+    let stats = run_worker(api, config, stop_rx).await.context("the coordinator refused this worker")?;
+    info!(tasks = stats.tasks_done, images = stats.images_written, "worker stopped");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+}

@@ -12,6 +12,6 @@ for layer in conv1 conv3 logits; do
   units=$( [ $layer = logits ] && echo 0..10 || echo 0..16 )
   line=$($LOUPE render --model models/demo/demo.pt --out "$out" --layers $layer --units $units \
          --techniques channel --steps "$STEPS" --size 64 --batch 64 --device cpu 2>/dev/null | tail -1)
-  echo "demo $layer, units $units, $STEPS steps, 64 px: ${line##*rendered }"
+  rate=${line##*rendered }; echo "demo $layer, units $units, $STEPS steps, 64 px: ${rate%)}"
   rm -rf "$out"
 done

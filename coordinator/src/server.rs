@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -191,11 +191,19 @@ pub async fn serve(
     health.set_serving::<JobsServer<JobsApi>>().await;
     health.set_serving::<WorkersServer<WorkersApi>>().await;
     let auth = BearerAuth::new(token);
+    // Small request/response RPCs: without TCP_NODELAY, Nagle's algorithm and delayed
+    // ACKs add tens of milliseconds to each one.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    });
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(JobsServer::with_interceptor(JobsApi(coordinator.clone()), auth.clone()))
         .add_service(WorkersServer::with_interceptor(WorkersApi(coordinator), auth))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

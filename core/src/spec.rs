@@ -181,7 +181,52 @@ pub struct ModelRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerPlan {
     pub layer: LayerInfo,
+    /// Sorted unit indices; stored and sent as half-open ranges, so a million contiguous
+    /// units take a few bytes.
+    #[serde(with = "unit_ranges")]
     pub units: Vec<u32>,
+}
+
+/// Sorted unit indices as half-open ranges `[start, end)`, and back.
+pub fn to_ranges(units: &[u32]) -> Vec<(u32, u32)> {
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for &u in units {
+        match ranges.last_mut() {
+            Some((_, end)) if *end == u => *end = u + 1,
+            _ => ranges.push((u, u + 1)),
+        }
+    }
+    ranges
+}
+
+/// Expands ranges, refusing empty or reversed ones and any that reach past `limit` units,
+/// before allocating anything.
+pub fn from_ranges(ranges: &[(u32, u32)], limit: u32) -> Result<Vec<u32>> {
+    let mut total = 0u64;
+    for &(a, b) in ranges {
+        if a >= b || b > limit {
+            return Err(Error::invalid("units", format!("unit range {a}..{b} is empty or past the layer's {limit} units")));
+        }
+        total += u64::from(b - a);
+    }
+    let mut units = Vec::with_capacity(total as usize);
+    for &(a, b) in ranges {
+        units.extend(a..b);
+    }
+    Ok(units)
+}
+
+mod unit_ranges {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(units: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        super::to_ranges(units).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        let ranges = Vec::<(u32, u32)>::deserialize(d)?;
+        super::from_ranges(&ranges, u32::MAX).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A whole atlas job, validated.
@@ -254,6 +299,17 @@ mod tests {
         assert_eq!(Technique::parse_list("channel,negative").unwrap(), vec![Technique::Channel, Technique::Negative]);
         assert!(Technique::parse_list("channel,channel").is_err());
         assert!(Technique::parse_list("diversity").unwrap_err().to_string().contains("diversity"));
+    }
+
+    #[test]
+    fn units_travel_as_ranges() {
+        assert_eq!(to_ranges(&[0, 1, 2, 5, 7, 8]), vec![(0, 3), (5, 6), (7, 9)]);
+        assert_eq!(from_ranges(&[(0, 3), (5, 6), (7, 9)], 10).unwrap(), vec![0, 1, 2, 5, 7, 8]);
+        assert!(from_ranges(&[(0, 11)], 10).is_err() && from_ranges(&[(3, 3)], 10).is_err());
+        let plan = LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![1_000_000] }, units: (0..1_000_000).collect() };
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(json.len() < 100, "{json}");
+        assert_eq!(serde_json::from_str::<LayerPlan>(&json).unwrap(), plan);
     }
 
     #[test]

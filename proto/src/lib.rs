@@ -8,7 +8,7 @@ pub mod v1 {
 }
 
 use loupe_core::job::{JobState, JobStatus};
-use loupe_core::spec::{JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
+use loupe_core::spec::{self, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
 use loupe_core::task::{JobContext, Lease, LeaseState, TaskSpec};
 
 /// Workers send it in every request; the coordinator refuses other versions.
@@ -82,7 +82,7 @@ impl From<&JobSpec> for v1::JobSpec {
                 .iter()
                 .map(|p| v1::LayerPlan {
                     layer: Some(v1::Layer { name: p.layer.name.clone(), shape: p.layer.shape.clone() }),
-                    units: p.units.clone(),
+                    units: spec::to_ranges(&p.units).into_iter().map(|(start, end)| v1::UnitRange { start, end }).collect(),
                 })
                 .collect(),
             techniques: s.techniques.iter().map(|&t| v1::Technique::from(t) as i32).collect(),
@@ -103,7 +103,10 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             .into_iter()
             .map(|p| {
                 let l = p.layer.ok_or_else(|| missing("layers[].layer"))?;
-                Ok(LayerPlan { layer: LayerInfo { name: l.name, shape: l.shape }, units: p.units })
+                let count = l.shape.first().copied().unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
+                let ranges: Vec<(u32, u32)> = p.units.iter().map(|r| (r.start, r.end)).collect();
+                let units = spec::from_ranges(&ranges, count).map_err(|e| Invalid(format!("layer {:?}: {e}", l.name)))?;
+                Ok(LayerPlan { layer: LayerInfo { name: l.name, shape: l.shape }, units })
             })
             .collect::<Result<Vec<_>, Invalid>>()?;
         Ok(JobSpec {

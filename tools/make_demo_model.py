@@ -182,6 +182,24 @@ class DemoNet(nn.Module):
         logits = self.fc(a3.mean(dim=(2, 3)))
         return {"conv1": a1, "conv2": a2, "conv3": a3, "logits": logits}
 
+    @torch.jit.export
+    def tap(self, x: Tensor, layer: str) -> Tensor:
+        """One layer's activation, computing the network only up to it (loupe uses this
+        when a model has it, so rendering conv1 does not pay for conv2 and conv3)."""
+        x = (x - 0.5) / 0.25
+        a1 = F.relu(self.conv1(x))
+        if layer == "conv1":
+            return a1
+        a2 = F.relu(self.conv2(F.max_pool2d(a1, 2)))
+        if layer == "conv2":
+            return a2
+        a3 = F.relu(self.conv3(F.max_pool2d(a2, 2)))
+        if layer == "conv3":
+            return a3
+        if layer == "logits":
+            return self.fc(a3.mean(dim=(2, 3)))
+        raise RuntimeError("unknown layer " + layer)
+
 
 def augment(x: Tensor, g: torch.Generator) -> Tensor:
     """Light photometric jitter (brightness, contrast, noise), random 180-degree rotations and

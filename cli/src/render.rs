@@ -60,27 +60,28 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut interrupted = false;
-    let final_status = loop {
+    loop {
         let status = coordinator.status(&job_id).await?;
         bar.update(&status);
         if status.state.is_terminal() {
-            break status;
+            break;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = &mut ctrl_c, if !interrupted => {
                 interrupted = true;
                 bar.println("interrupted: stopping the workers...");
-                let _ = stop.send(true);
-                break coordinator.status(&job_id).await?;
+                break;
             }
         }
-    };
+    }
+    // Workers hand back the tasks in hand; what they finished is counted below.
     let _ = stop.send(true);
     for w in workers {
         let _ = w.await;
     }
     bar.finish();
+    let final_status = coordinator.status(&job_id).await?;
 
     let done = final_status.images_skipped + final_status.images_done;
     if interrupted {

@@ -98,8 +98,8 @@ pub async fn job_spec(args: &JobArgs, out: &str, device: tch::Device) -> Result<
         .map(|layer| Ok(LayerPlan { units: units.resolve(&layer.name, layer.units())?, layer }))
         .collect::<Result<Vec<_>>>()?;
     let name = sidecar.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-    let sha256 = loupe_core::sha256_file(&path).with_context(|| format!("reading {}", path.display()))?;
-    let spec = JobSpec { model: ModelRef { uri, name, sha256 }, layers: plans, techniques, settings, batch: args.batch, out: out.to_string() };
+    // The coordinator reads the model from its URI at submit and records its digest.
+    let spec = JobSpec { model: ModelRef { uri, name, sha256: String::new() }, layers: plans, techniques, settings, batch: args.batch, out: out.to_string() };
     spec.validate()?;
     Ok(spec)
 }

@@ -3,6 +3,7 @@
 //! `loupe render` (against the in-process coordinator) and in the cluster's workers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,7 +15,7 @@ use tracing::{debug, info, warn};
 use loupe_core::api::{ApiError, WorkerApi};
 use loupe_core::atlas::{self, UnitRecord};
 use loupe_core::spec::LayerInfo;
-use loupe_core::store;
+use loupe_core::store::{self, ArtifactStore};
 use loupe_core::task::{Failure, Lease, LeaseState};
 
 use crate::model::Model;
@@ -163,10 +164,27 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// The artifact stores this worker writes to, by output URI: opening an S3 store loads
+/// the AWS configuration, which is done once per atlas rather than once per task.
+#[derive(Default)]
+struct Stores(HashMap<String, Arc<dyn ArtifactStore>>);
+
+impl Stores {
+    async fn open(&mut self, out: &str) -> Result<Arc<dyn ArtifactStore>> {
+        if let Some(s) = self.0.get(out) {
+            return Ok(s.clone());
+        }
+        let s = store::open(out).await?;
+        self.0.insert(out.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
 /// Runs the worker loop until `shutdown` turns true. It ends early only when the
 /// coordinator refuses this worker (another protocol version, a wrong token).
 pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> std::result::Result<WorkerStats, ApiError> {
     let renderer = config.render.then(|| RenderThread::spawn(config.device));
+    let mut stores = Stores::default();
     let mut stats = WorkerStats::default();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -191,7 +209,7 @@ pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutd
             tokio::select! { _ = tokio::time::sleep(config.idle_poll) => {}, _ = stopped(&mut shutdown) => break }
             continue;
         };
-        if let Some(images) = run_task(api.as_ref(), renderer.as_ref(), &config, lease, &mut shutdown).await {
+        if let Some(images) = run_task(api.as_ref(), renderer.as_ref(), &mut stores, &config, lease, &mut shutdown).await {
             stats.tasks_done += 1;
             stats.images_written += images;
         }
@@ -204,6 +222,7 @@ pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutd
 async fn run_task(
     api: &dyn WorkerApi,
     renderer: Option<&RenderThread>,
+    stores: &mut Stores,
     config: &WorkerConfig,
     lease: Lease,
     shutdown: &mut watch::Receiver<bool>,
@@ -215,9 +234,10 @@ async fn run_task(
     let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
     let mut shutting_down = false;
     let render = async {
-        let Some(renderer) = renderer else { return write_placeholder(&lease).await.map(|_| Vec::new()) };
+        let store = stores.open(&lease.job.out).await?;
+        let Some(renderer) = renderer else { return write_placeholder(store.as_ref(), &lease).await.map(|_| (store, Vec::new())) };
         let model_path = local_model(&lease, &config.model_cache).await?;
-        renderer.render(lease.clone(), model_path, cancel.clone()).await
+        Ok((store, renderer.render(lease.clone(), model_path, cancel.clone()).await?))
     };
     tokio::pin!(render);
     let result = loop {
@@ -238,7 +258,7 @@ async fn run_task(
         }
     };
     let failure = match result {
-        Ok(units) => match write_units(&lease, &units).await {
+        Ok((store, units)) => match write_units(store.as_ref(), &lease, &units).await {
             Ok(()) => {
                 report_complete(api, &lease, shutdown).await;
                 return Some(units.len() as u64);
@@ -275,16 +295,14 @@ async fn report_complete(api: &dyn WorkerApi, lease: &Lease, shutdown: &mut watc
 }
 
 /// The `--no-render` benchmark aid's whole task: one tiny object per task.
-async fn write_placeholder(lease: &Lease) -> Result<()> {
-    let store = store::open(&lease.job.out).await?;
+async fn write_placeholder(store: &dyn ArtifactStore, lease: &Lease) -> Result<()> {
     store.put(&format!("no-render/{}/{}", lease.task.job_id, lease.task.index), b"ok".to_vec()).await?;
     Ok(())
 }
 
 /// Each unit's PNG, then its record: the record is written last, so its presence means
 /// the image is whole.
-async fn write_units(lease: &Lease, units: &[RenderedUnit]) -> Result<()> {
-    let store = store::open(&lease.job.out).await?;
+async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[RenderedUnit]) -> Result<()> {
     let segment = atlas::layer_segment(&lease.task.layer)?;
     let size = lease.job.settings.size;
     for u in units {

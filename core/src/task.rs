@@ -61,3 +61,15 @@ pub struct Failure {
     pub retryable: bool,
     pub message: String,
 }
+
+/// Where a dataset map task's images come from. Keys are relative to the job's dataset
+/// URI (a local directory or an S3 prefix); an image's id in the atlas is its key, or
+/// `<tar key>/<member name>` for a member of a tar shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ShardSource {
+    /// A run of image files (JPEG or PNG), in key order.
+    Images { keys: Vec<String> },
+    /// One WebDataset `.tar` shard: every JPEG or PNG member, in archive order.
+    Tar { key: String },
+}

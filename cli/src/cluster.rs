@@ -62,7 +62,8 @@ fn status_of(s: v1::JobStatus) -> Result<JobStatus> {
 }
 
 pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
-    let spec = job_spec(&args.job, &args.out, tch::Device::Cpu).await?;
+    // Cluster workers are GPUs: large tasks, which each worker splits to fit its memory.
+    let spec = job_spec(&args.job, &args.out, tch::Device::Cpu, 512).await?;
     let mut c = client(&args.conn)?;
     let resp = c.submit(v1::SubmitRequest { spec: Some((&spec).into()) }).await.map_err(|s| refused("submit refused", s))?;
     println!("{}", resp.into_inner().job_id);

@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use loupe_core::job::JobStatus;
-use loupe_core::spec::{JobSpec, LayerPlan, ModelRef, RenderSettings, Technique, UnitSelection};
+use loupe_core::spec::{DatasetSpec, JobSpec, Precision, LayerPlan, ModelRef, RenderSettings, Technique, UnitSelection};
 use loupe_core::store;
 use loupe_worker::model::{Model, Sidecar};
 
@@ -37,12 +37,28 @@ pub struct JobArgs {
     /// Side of the model input; default: the sidecar's input_size, else --size.
     #[arg(long)]
     pub input_size: Option<u32>,
-    /// Units per optimisation.
-    #[arg(long, default_value_t = 64)]
-    pub batch: u32,
+    /// Units per task. A worker runs a task in one optimisation when it fits in the
+    /// device's memory, else in the largest batches that fit. Default: 64 on the CPU, 512
+    /// with `render` on a GPU, and for `submit`.
+    #[arg(long)]
+    pub batch: Option<u32>,
     /// Job seed; the same seed gives the same images.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Number format of the model's passes: fp32, or bf16 (faster on GPUs with bf16
+    /// tensor cores; the image and Adam stay fp32).
+    #[arg(long, default_value = "fp32")]
+    pub precision: Precision,
+    /// Dataset for per-unit statistics and top/bottom examples: a directory or an
+    /// s3:// prefix of JPEG/PNG images, or of WebDataset .tar shards.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Top and bottom examples kept per unit (with --dataset).
+    #[arg(long, default_value_t = 16)]
+    pub examples: u32,
+    /// Images per map task, for a dataset of image files (each .tar is one task).
+    #[arg(long, default_value_t = 1000)]
+    pub images_per_shard: u32,
 }
 
 /// A local copy of the model (and its sidecar) to read its layers from: the file itself,
@@ -65,12 +81,13 @@ async fn local_model(uri: &str, tmp: &Path) -> Result<(String, PathBuf)> {
 }
 
 /// Reads the model's layers and turns the flags into a validated job.
-pub async fn job_spec(args: &JobArgs, out: &str, device: tch::Device) -> Result<JobSpec> {
+/// `default_batch` is the units per task when `--batch` is not given.
+pub async fn job_spec(args: &JobArgs, out: &str, device: tch::Device, default_batch: u32) -> Result<JobSpec> {
     let tmp = tempfile::tempdir()?;
     let (uri, path) = local_model(&args.model, tmp.path()).await?;
     let sidecar = Sidecar::read(&path)?;
     let input_size = args.input_size.or(sidecar.input_size).unwrap_or(args.size);
-    let settings = RenderSettings { steps: args.steps, size: args.size, input_size, seed: args.seed, learning_rate: 0.05 };
+    let settings = RenderSettings { steps: args.steps, size: args.size, input_size, seed: args.seed, learning_rate: 0.05, precision: args.precision };
     settings.validate()?;
     let techniques = Technique::parse_list(&args.techniques)?;
     let units: UnitSelection = args.units.parse()?;
@@ -99,9 +116,25 @@ pub async fn job_spec(args: &JobArgs, out: &str, device: tch::Device) -> Result<
         .collect::<Result<Vec<_>>>()?;
     let name = sidecar.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
     // The coordinator reads the model from its URI at submit and records its digest.
-    let spec = JobSpec { model: ModelRef { uri, name, sha256: String::new() }, layers: plans, techniques, settings, batch: args.batch, out: out.to_string() };
+    let batch = args.batch.unwrap_or(default_batch);
+    let dataset = args.dataset.as_ref().map(|uri| DatasetSpec {
+        uri: dataset_uri(uri),
+        examples: args.examples,
+        images_per_shard: args.images_per_shard,
+    });
+    let spec = JobSpec { model: ModelRef { uri, name, sha256: String::new() }, layers: plans, techniques, settings, batch, out: out.to_string(), dataset };
     spec.validate()?;
     Ok(spec)
+}
+
+/// A dataset directory as an absolute path (the workers may run elsewhere); an s3://
+/// prefix as given.
+fn dataset_uri(uri: &str) -> String {
+    if uri.starts_with("s3://") {
+        return uri.to_string();
+    }
+    let path = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
+    path.canonicalize().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| uri.to_string())
 }
 
 /// A progress bar of a job's images, with units/s and the ETA.

@@ -54,6 +54,10 @@ pub struct RenderArgs {
     /// Worker loops in this process.
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
+    /// Time the phases of every step (transforms, forward, backward, optimiser) and print
+    /// the split at the end. It synchronises the device each phase, so it slows a GPU a little.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Args)]

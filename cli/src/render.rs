@@ -20,7 +20,8 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let spec = job_spec(&args.job, &args.out.to_string_lossy(), device).await?;
+    let default_batch = if device == tch::Device::Cpu { 64 } else { 512 };
+    let spec = job_spec(&args.job, &args.out.to_string_lossy(), device, default_batch).await?;
     if args.workers > 1 && device == tch::Device::Cpu {
         // Worker loops share the cores instead of each taking all of them.
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u32;
@@ -51,6 +52,7 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
                 idle_poll: Duration::from_millis(50),
                 model_cache: std::env::temp_dir().join("loupe-models"),
                 render: true,
+                profile: args.profile,
             };
             tokio::spawn(run_worker(coordinator.clone(), config, stop_rx.clone()))
         })
@@ -102,6 +104,9 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
                 final_status.images_total,
                 rendered as f64 / secs
             );
+            if args.profile {
+                println!("step time split: {}", loupe_worker::runner::profile_totals());
+            }
             Ok(ExitCode::SUCCESS)
         }
         JobState::Failed { message } => bail!("render failed: {message}"),

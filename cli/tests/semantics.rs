@@ -75,7 +75,7 @@ fn shows_stripes(rgb: &[u8], degrees: f64) -> bool {
 }
 
 fn initial(unit: u32) -> Vec<u8> {
-    let settings = RenderSettings { steps: 256, size: SIZE, input_size: SIZE, seed: 0, learning_rate: 0.05 };
+    let settings = RenderSettings { steps: 256, size: SIZE, input_size: SIZE, seed: 0, learning_rate: 0.05, precision: Default::default() };
     let req = RenderRequest { layer: "logits", technique: Technique::Channel, units: &[unit], settings: &settings };
     initial_images(&req, Device::Cpu).remove(0).rgb
 }

@@ -2,8 +2,9 @@
 //! retries and writes the atlas index when the last task is done.
 //!
 //! - [`state`]: the [`state::StateStore`] trait and its backends (one atomic transition
-//!   per method).
-//! - [`shard`]: job -> tasks.
+//!   per method, dependencies between tasks included).
+//! - [`shard`]: job -> tasks: renders, and for a job with a dataset one map per dataset
+//!   shard and one reduce per layer that waits on every map.
 //! - [`Coordinator`]: submit, progress, cancel, and the [`WorkerApi`] that workers call.
 //!
 //! It never links libtorch: layer shapes arrive in the job spec, found by the submitter.
@@ -20,10 +21,10 @@ use async_trait::async_trait;
 use tracing::{info, warn};
 
 use loupe_core::api::{ApiError, ApiResult, WorkerApi};
-use loupe_core::atlas::{self, AtlasManifest, ImageEntry, LayerEntry, LayerIndex, ModelSummary, UnitEntry, UnitRecord};
+use loupe_core::atlas::{self, AtlasManifest, ImageEntry, LayerDataset, LayerEntry, LayerExamples, LayerIndex, ModelSummary, UnitEntry, UnitRecord};
 use loupe_core::spec::{JobSpec, Technique};
 use loupe_core::store::{self, ArtifactStore};
-use loupe_core::task::{Failure, Lease, LeaseState};
+use loupe_core::task::{Failure, Lease, LeaseState, ShardSource};
 
 use state::{JobState, JobStatus, LeasePolicy, StateError, StateStore};
 
@@ -36,6 +37,9 @@ pub enum Error {
     /// The job's model cannot be read, or is not the file the submitter described.
     #[error("{0}")]
     Model(String),
+    /// The job's dataset cannot be listed, or holds no image.
+    #[error("{0}")]
+    Dataset(String),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -75,19 +79,22 @@ impl Coordinator {
         Coordinator { state, policy }
     }
 
-    /// Validates the job, reconciles it with what the atlas already holds, writes
-    /// `atlas.json` and queues the tasks for images not yet complete. Returns the job id.
+    /// Validates the job, reconciles it with what the atlas already holds, lists its
+    /// dataset, writes `atlas.json` and queues the tasks for images not yet complete, and
+    /// the dataset's maps and reduces unless the atlas holds every layer's statistics.
+    /// Returns the job id.
     pub async fn submit(&self, mut spec: JobSpec) -> Result<String> {
         spec.validate()?;
         spec.model.sha256 = model_digest(&spec.model).await?;
         let store = store::open(&spec.out).await?;
         let manifest = merged_manifest(store.as_ref(), &spec).await?;
         let done = complete_images(store.as_ref(), &spec).await?;
+        let shards = dataset_shards(store.as_ref(), &spec).await?;
         store.put(atlas::ATLAS_KEY, to_json(&manifest)).await?;
-        let tasks = shard::shard(&spec, &done);
+        let tasks = shard::shard(&spec, &done, &shards);
         let skipped = done.len() as u64;
         let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
-        info!(job_id, images_skipped = skipped, "job submitted");
+        info!(job_id, images_skipped = skipped, dataset_shards = shards.len(), "job submitted");
         self.index_if_done(&job_id).await?;
         Ok(job_id)
     }
@@ -150,6 +157,43 @@ async fn model_digest(model: &loupe_core::spec::ModelRef) -> Result<String> {
     Ok(digest)
 }
 
+/// The dataset shards the job's maps run over, in order: none for a job without a
+/// dataset, or when the atlas already holds the statistics of every job layer (a resume
+/// runs either all the maps and reduces or none). A dataset that cannot be listed or
+/// holds no image makes the job invalid.
+async fn dataset_shards(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Vec<ShardSource>> {
+    let Some(dataset) = &spec.dataset else { return Ok(Vec::new()) };
+    let mut have_all = true;
+    for plan in &spec.layers {
+        // examples.json is the reduce's last write: with it, the layer's files are whole.
+        let key = atlas::examples_key(&atlas::layer_segment(&plan.layer.name)?);
+        let covered = match read_json::<LayerExamples>(store, &key).await {
+            Ok(Some(e)) => {
+                let units: HashSet<u32> = e.units.iter().map(|u| u.unit).collect();
+                e.dataset.uri == dataset.uri && e.dataset.examples == dataset.examples && plan.units.iter().all(|u| units.contains(u))
+            }
+            _ => false,
+        };
+        if !covered {
+            have_all = false;
+            break;
+        }
+    }
+    if have_all {
+        info!(dataset = dataset.uri, "the atlas holds every layer's dataset statistics; no map or reduce to run");
+        return Ok(Vec::new());
+    }
+    let shards = loupe_dataset::plan(&dataset.uri, dataset.images_per_shard as usize).await.map_err(|e| match e {
+        // Already names the dataset: "dataset <uri>: no images found ...".
+        loupe_dataset::Error::Dataset { .. } => Error::Dataset(e.to_string()),
+        other => Error::Dataset(format!("the dataset {} cannot be listed: {other}", dataset.uri)),
+    })?;
+    if shards.is_empty() {
+        return Err(Error::Dataset(format!("the dataset {} holds no image (JPEG or PNG files, or WebDataset .tar shards)", dataset.uri)));
+    }
+    Ok(shards)
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(v).expect("plain data serialises");
     bytes.push(b'\n');
@@ -179,6 +223,7 @@ async fn merged_manifest(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<At
             layers,
             techniques: spec.techniques.clone(),
             created: rfc3339_now(),
+            dataset: None,
         });
     };
     let place = store.location();
@@ -240,27 +285,56 @@ async fn complete_images(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Ha
 }
 
 /// Writes `layer.json` for each layer of the job, listing every complete unit record in
-/// the layer, including those of earlier jobs on the same atlas.
+/// the layer, including those of earlier jobs on the same atlas, with the units' dataset
+/// statistics and examples where the layer's reduce left an `examples.json`. When one
+/// did, `atlas.json` says which dataset they cover.
 async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
     let store = store::open(&spec.out).await?;
+    let mut dataset = None;
     for plan in &spec.layers {
         let segment = atlas::layer_segment(&plan.layer.name)?;
         let prefix = format!("layers/{segment}/units/");
         let keys = store.list(&prefix).await?;
-        let mut units: BTreeMap<u32, BTreeMap<Technique, ImageEntry>> = BTreeMap::new();
+        let mut units: BTreeMap<u32, UnitEntry> = BTreeMap::new();
         for key in &keys {
             let Some((_, unit, technique)) = atlas::parse_record_key(key) else { continue };
             let Some(record) = read_json::<UnitRecord>(store.as_ref(), key).await? else { continue };
             let image = format!("units/{unit}/{}", record.image);
-            units.entry(unit).or_default().insert(technique, ImageEntry { image, objective: record.objective });
+            units
+                .entry(unit)
+                .or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None })
+                .techniques
+                .insert(technique, ImageEntry { image, objective: record.objective });
         }
+        let examples = read_json::<LayerExamples>(store.as_ref(), &atlas::examples_key(&segment)).await?;
+        let layer_dataset = examples.map(|examples| {
+            for entry in examples.units {
+                let unit = entry.unit;
+                units.entry(unit).or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None }).dataset = Some(entry);
+            }
+            dataset.get_or_insert(examples.dataset.clone());
+            LayerDataset {
+                stats: examples.stats,
+                examples: "examples.json".into(),
+                receptive_field: examples.receptive_field,
+                images: examples.dataset.images,
+                images_skipped: examples.dataset.images_skipped,
+            }
+        });
         let index = LayerIndex {
             format_version: atlas::FORMAT_VERSION,
             name: plan.layer.name.clone(),
             shape: plan.layer.shape.clone(),
-            units: units.into_iter().map(|(unit, techniques)| UnitEntry { unit, techniques }).collect(),
+            units: units.into_values().collect(),
+            dataset: layer_dataset,
         };
         store.put(&atlas::layer_key(&segment), to_json(&index)).await?;
+    }
+    if let Some(summary) = dataset {
+        if let Some(mut manifest) = read_json::<AtlasManifest>(store.as_ref(), atlas::ATLAS_KEY).await? {
+            manifest.dataset = Some(summary);
+            store.put(atlas::ATLAS_KEY, to_json(&manifest)).await?;
+        }
     }
     Ok(())
 }
@@ -312,5 +386,122 @@ impl WorkerApi for Coordinator {
 
     async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState> {
         self.fail_lease(lease_id, failure).await.map_err(api_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings};
+    use loupe_core::task::Work;
+
+    use crate::state::MemoryStateStore;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        /// A model file (any bytes: the coordinator only digests it), a dataset of five
+        /// image files and an empty atlas directory.
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("model.pt"), b"not really torchscript").unwrap();
+            let images = dir.path().join("images");
+            std::fs::create_dir_all(&images).unwrap();
+            for name in ["a.jpg", "b.jpg", "c.png", "d.jpg", "e.jpeg", "notes.txt"] {
+                std::fs::write(images.join(name), b"pixels").unwrap();
+            }
+            std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+            Fixture { dir }
+        }
+
+        fn path(&self, rel: &str) -> String {
+            self.dir.path().join(rel).to_string_lossy().into_owned()
+        }
+
+        fn spec(&self, dataset: &str) -> JobSpec {
+            JobSpec {
+                model: ModelRef { uri: self.path("model.pt"), name: "m".into(), sha256: String::new() },
+                layers: vec![
+                    LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3] },
+                    LayerPlan { layer: LayerInfo { name: "fc".into(), shape: vec![3] }, units: vec![0, 1, 2] },
+                ],
+                techniques: vec![Technique::Channel],
+                settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, precision: Default::default() },
+                batch: 2,
+                out: self.path("atlas"),
+                dataset: Some(DatasetSpec { uri: self.path(dataset), examples: 4, images_per_shard: 2 }),
+            }
+        }
+    }
+
+    fn coordinator() -> Coordinator {
+        Coordinator::new(Arc::new(MemoryStateStore::new()), CoordinatorConfig::default())
+    }
+
+    #[tokio::test]
+    async fn a_dataset_job_gets_a_map_per_shard_and_a_reduce_per_layer() {
+        let f = Fixture::new();
+        let c = coordinator();
+        let id = c.submit(f.spec("images")).await.unwrap();
+        let st = c.status(&id).await.unwrap();
+        // Renders: conv 2 batches, fc 2 batches; 5 images in shards of 2; 2 layers.
+        assert_eq!((st.tasks_total, st.maps_total, st.reduces_total), (4 + 3 + 2, 3, 2));
+        assert_eq!((st.images_total, st.images_done), (7, 0));
+        let mut maps = Vec::new();
+        while let Some(lease) = c.lease_for("w").await.unwrap() {
+            match &lease.task.work {
+                Work::Map { shard, source } => maps.push((*shard, source.clone())),
+                Work::Render { .. } => {}
+                Work::Reduce { .. } => panic!("a reduce leased before the maps were done"),
+            }
+            assert_eq!(lease.job.dataset, f.spec("images").dataset);
+            assert_eq!(c.complete_lease(&lease.lease_id).await.unwrap(), LeaseState::Held);
+            if maps.len() == 3 {
+                break;
+            }
+        }
+        let keys = |k: &[&str]| ShardSource::Images { keys: k.iter().map(|s| s.to_string()).collect() };
+        assert_eq!(maps, vec![(0, keys(&["a.jpg", "b.jpg"])), (1, keys(&["c.png", "d.jpg"])), (2, keys(&["e.jpeg"]))]);
+        let mut reduces = Vec::new();
+        while let Some(lease) = c.lease_for("w").await.unwrap() {
+            reduces.push(lease.task.work.clone());
+            c.complete_lease(&lease.lease_id).await.unwrap();
+        }
+        assert_eq!(reduces, vec![Work::Reduce { layer: "conv".into() }, Work::Reduce { layer: "fc".into() }]);
+        let st = c.status(&id).await.unwrap();
+        assert_eq!((st.state, st.tasks_done, st.maps_done, st.reduces_done, st.images_done), (JobState::Succeeded, 9, 3, 2, 7));
+    }
+
+    #[tokio::test]
+    async fn a_resumed_job_skips_the_dataset_only_when_every_layer_has_its_statistics() {
+        let f = Fixture::new();
+        let store = store::open(&f.path("atlas")).await.unwrap();
+        store.put(&atlas::stats_key(&atlas::layer_segment("conv").unwrap()), b"parquet".to_vec()).await.unwrap();
+        let c = coordinator();
+        let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
+        assert_eq!((st.maps_total, st.reduces_total), (3, 2), "one layer's statistics missing: all maps and reduces run");
+        store.put(&atlas::stats_key(&atlas::layer_segment("fc").unwrap()), b"parquet".to_vec()).await.unwrap();
+        let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
+        assert_eq!((st.tasks_total, st.maps_total, st.reduces_total), (4, 0, 0), "every layer's statistics there: no map, no reduce");
+    }
+
+    #[tokio::test]
+    async fn a_dataset_that_is_empty_or_missing_is_an_invalid_job_naming_it() {
+        let f = Fixture::new();
+        let c = coordinator();
+        for dataset in ["empty", "nowhere"] {
+            let spec = f.spec(dataset);
+            match c.submit(spec).await {
+                Err(e @ Error::Dataset(_)) => assert!(e.to_string().contains(&f.path(dataset)), "{e}"),
+                other => panic!("expected a dataset error, got {:?}", other.map_err(|e| e.to_string())),
+            }
+        }
+        assert!(c.jobs().await.unwrap().is_empty());
+        assert!(!f.dir.path().join("atlas").join(atlas::ATLAS_KEY).exists(), "an invalid job writes nothing");
+        let mut bad = f.spec("images");
+        bad.dataset.as_mut().unwrap().examples = 0;
+        assert!(matches!(c.submit(bad).await, Err(Error::Invalid(_))));
     }
 }

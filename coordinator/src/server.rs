@@ -26,10 +26,11 @@ const WATCH_POLL: Duration = Duration::from_millis(200);
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match &e {
-            Error::Invalid(_) | Error::Model(_) => Status::invalid_argument(e.to_string()),
+            Error::Invalid(_) | Error::Model(_) | Error::Dataset(_) => Status::invalid_argument(e.to_string()),
             Error::Conflict(_) => Status::failed_precondition(e.to_string()),
             Error::State(StateError::NoSuchJob(_)) => Status::not_found(e.to_string()),
             Error::State(StateError::Backend(_)) => Status::unavailable(e.to_string()),
+            Error::State(StateError::InvalidTasks(_)) => Status::internal(e.to_string()),
         }
     }
 }

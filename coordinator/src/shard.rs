@@ -1,29 +1,42 @@
-//! Sharding: a job becomes tasks of (layer, batch of units, technique).
+//! Sharding: a job becomes tasks. Render tasks of (layer, batch of units, technique);
+//! then, for a job with a dataset, one map per dataset shard and one reduce per job
+//! layer, each reduce waiting on every map.
 
 use std::collections::HashSet;
 
 use loupe_core::spec::{JobSpec, Technique};
-use loupe_core::task::TaskSpec;
+use loupe_core::task::{ShardSource, Work};
+
+use crate::state::NewTask;
 
 /// Splits the job into tasks, leaving out the (layer, unit, technique) images in `done`.
 /// Units keep their order, so a resumed job batches the remaining units the same way
 /// every time. Job id and index are filled in by the state store.
-pub fn shard(spec: &JobSpec, done: &HashSet<(String, u32, Technique)>) -> Vec<TaskSpec> {
+///
+/// `dataset_shards` are the job's dataset shards, in order; they give one map each,
+/// followed by one reduce per job layer that waits on all the maps. None (no dataset, or
+/// statistics the atlas already holds) gives no map and no reduce.
+pub fn shard(spec: &JobSpec, done: &HashSet<(String, u32, Technique)>, dataset_shards: &[ShardSource]) -> Vec<NewTask> {
     let mut tasks = Vec::new();
     for plan in &spec.layers {
         for &technique in &spec.techniques {
             let todo: Vec<u32> =
                 plan.units.iter().copied().filter(|&u| !done.contains(&(plan.layer.name.clone(), u, technique))).collect();
             for chunk in todo.chunks(spec.batch as usize) {
-                tasks.push(TaskSpec {
-                    job_id: String::new(),
-                    index: 0,
-                    layer: plan.layer.name.clone(),
-                    technique,
-                    units: chunk.to_vec(),
-                });
+                tasks.push(NewTask::runnable(Work::Render { layer: plan.layer.name.clone(), technique, units: chunk.to_vec() }));
             }
         }
+    }
+    if dataset_shards.is_empty() {
+        return tasks;
+    }
+    let first_map = tasks.len() as u32;
+    for (shard, source) in dataset_shards.iter().enumerate() {
+        tasks.push(NewTask::runnable(Work::Map { shard: shard as u32, source: source.clone() }));
+    }
+    let maps: Vec<u32> = (first_map..tasks.len() as u32).collect();
+    for plan in &spec.layers {
+        tasks.push(NewTask { work: Work::Reduce { layer: plan.layer.name.clone() }, after: maps.clone() });
     }
     tasks
 }
@@ -31,29 +44,73 @@ pub fn shard(spec: &JobSpec, done: &HashSet<(String, u32, Technique)>) -> Vec<Ta
 #[cfg(test)]
 mod tests {
     use super::*;
-    use loupe_core::spec::{LayerInfo, LayerPlan, ModelRef, RenderSettings};
+    use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings};
 
-    #[test]
-    fn tasks_cover_every_requested_image_once_except_those_done() {
-        let spec = JobSpec {
+    fn spec() -> JobSpec {
+        JobSpec {
             model: ModelRef { uri: "m".into(), name: "m".into(), sha256: "0".into() },
             layers: vec![
                 LayerPlan { layer: LayerInfo { name: "a".into(), shape: vec![10, 4, 4] }, units: (0..10).collect() },
                 LayerPlan { layer: LayerInfo { name: "b".into(), shape: vec![3] }, units: vec![0, 2] },
             ],
             techniques: vec![Technique::Channel, Technique::Negative],
-            settings: RenderSettings { steps: 1, size: 8, input_size: 8, seed: 0, learning_rate: 0.05 },
+            settings: RenderSettings { steps: 1, size: 8, input_size: 8, seed: 0, learning_rate: 0.05, precision: Default::default() },
             batch: 4,
             out: "o".into(),
-        };
+            dataset: None,
+        }
+    }
+
+    #[test]
+    fn tasks_cover_every_requested_image_once_except_those_done() {
         let done: HashSet<_> = [("a".to_string(), 5, Technique::Channel)].into_iter().collect();
-        let tasks = shard(&spec, &done);
-        let mut images: Vec<_> = tasks.iter().flat_map(|t| t.units.iter().map(move |&u| (t.layer.clone(), u, t.technique))).collect();
-        assert!(tasks.iter().all(|t| t.units.len() <= 4 && !t.units.is_empty()));
+        let tasks = shard(&spec(), &done, &[]);
+        assert!(tasks.iter().all(|t| t.after.is_empty()));
+        let renders: Vec<(&String, Technique, &Vec<u32>)> = tasks
+            .iter()
+            .map(|t| match &t.work {
+                Work::Render { layer, technique, units } => (layer, *technique, units),
+                other => panic!("a job without a dataset has only renders, got {other:?}"),
+            })
+            .collect();
+        let mut images: Vec<_> = renders.iter().flat_map(|(l, t, units)| units.iter().map(move |&u| ((*l).clone(), u, *t))).collect();
+        assert!(renders.iter().all(|(_, _, u)| u.len() <= 4 && !u.is_empty()));
         assert_eq!(images.len(), 10 + 10 + 2 + 2 - 1);
         images.sort();
         images.dedup();
         assert_eq!(images.len(), 23, "no image twice");
         assert!(!images.contains(&("a".to_string(), 5, Technique::Channel)));
+    }
+
+    #[test]
+    fn a_dataset_adds_a_map_per_shard_then_a_reduce_per_layer_after_every_map() {
+        let spec = JobSpec { dataset: Some(DatasetSpec { uri: "d".into(), examples: 8, images_per_shard: 2 }), ..spec() };
+        let shards = vec![
+            ShardSource::Images { keys: vec!["0.jpg".into(), "1.jpg".into()] },
+            ShardSource::Images { keys: vec!["2.jpg".into()] },
+            ShardSource::Tar { key: "t.tar".into() },
+        ];
+        let renders = shard(&spec, &HashSet::new(), &[]).len();
+        let tasks = shard(&spec, &HashSet::new(), &shards);
+        assert_eq!(tasks.len(), renders + 3 + 2);
+        assert!(tasks[..renders].iter().all(|t| matches!(t.work, Work::Render { .. }) && t.after.is_empty()));
+        for (i, source) in shards.iter().enumerate() {
+            assert_eq!(tasks[renders + i], NewTask::runnable(Work::Map { shard: i as u32, source: source.clone() }));
+        }
+        let maps: Vec<u32> = (renders as u32..renders as u32 + 3).collect();
+        assert_eq!(tasks[renders + 3], NewTask { work: Work::Reduce { layer: "a".into() }, after: maps.clone() });
+        assert_eq!(tasks[renders + 4], NewTask { work: Work::Reduce { layer: "b".into() }, after: maps });
+        // Everything rendered already: the dataset tasks remain.
+        let mut all_done = HashSet::new();
+        for p in &spec.layers {
+            for &u in &p.units {
+                for &t in &spec.techniques {
+                    all_done.insert((p.layer.name.clone(), u, t));
+                }
+            }
+        }
+        let tasks = shard(&spec, &all_done, &shards);
+        assert_eq!(tasks.len(), 5);
+        assert_eq!(tasks[3].after, vec![0, 1, 2]);
     }
 }

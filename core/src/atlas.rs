@@ -105,6 +105,9 @@ pub struct AtlasManifest {
     pub techniques: Vec<Technique>,
     /// RFC 3339, UTC; the time the atlas was first created.
     pub created: String,
+    /// The dataset of the statistics and examples, once a job with one has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetSummary>,
 }
 
 /// A unit record: written after the unit's PNG, so its presence means the image is whole.
@@ -134,6 +137,96 @@ pub struct ImageEntry {
 pub struct UnitEntry {
     pub unit: u32,
     pub techniques: BTreeMap<Technique, ImageEntry>,
+    /// The unit's dataset statistics and examples, when a job with a dataset covered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<UnitExamples>,
+}
+
+/// `layers/<layer>/examples.json`: a layer's dataset statistics and examples, written by
+/// its reduce task. The coordinator folds it into `layer.json` when the job ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerExamples {
+    pub format_version: u32,
+    pub layer: String,
+    pub dataset: DatasetSummary,
+    /// Side in input pixels of the square each crop shows: the receptive field of a unit
+    /// at the centre of the feature map, measured by the gradient.
+    pub receptive_field: u32,
+    /// The statistics table beside this file (one row per unit).
+    pub stats: String,
+    pub units: Vec<UnitExamples>,
+}
+
+/// What a job's dataset pass covered, in `atlas.json` and each `examples.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetSummary {
+    pub uri: String,
+    /// Images counted in the statistics.
+    pub images: u64,
+    /// Images that could not be decoded, skipped (their ids are in `skipped.json` beside
+    /// `examples.json`).
+    pub images_skipped: u64,
+    /// Top and bottom examples kept per unit.
+    pub examples: u32,
+}
+
+/// One unit's statistics over the dataset and its examples. The statistics are absent when
+/// no image could be counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitExamples {
+    pub unit: u32,
+    /// Mean and population standard deviation over all positions of all images.
+    pub mean: Option<f64>,
+    pub std: Option<f64>,
+    /// The highest activation anywhere.
+    pub max: Option<f64>,
+    /// The fraction of activations above zero.
+    pub frac_positive: Option<f64>,
+    /// Highest maxima over space first.
+    pub top: Vec<ExampleEntry>,
+    /// Lowest maxima over space first.
+    pub bottom: Vec<ExampleEntry>,
+}
+
+/// One dataset example of a unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExampleEntry {
+    /// The image: its key in the dataset, or `<tar key>/<member>`.
+    pub id: String,
+    /// The unit's maximum over space on the image.
+    pub value: f64,
+    /// Where the maximum is, in feature-map cells (row, column).
+    pub y: u32,
+    pub x: u32,
+    /// The receptive-field crop around the maximum, a JPEG, relative to the layer directory.
+    pub crop: String,
+    /// The whole image (as the model saw it: resized and centre-cropped), a JPEG thumbnail.
+    pub image: String,
+}
+
+/// Where a unit's example JPEGs go: `units/<unit>/examples/<top|bottom>-<rank>.jpg` for the
+/// crop and `...-image.jpg` for the thumbnail, relative to the layer directory.
+pub fn example_paths(unit: u32, list: &str, rank: usize) -> (String, String) {
+    let base = format!("units/{unit}/examples/{list}-{rank:02}");
+    (format!("{base}.jpg"), format!("{base}-image.jpg"))
+}
+
+pub fn examples_key(segment: &str) -> String {
+    format!("layers/{segment}/examples.json")
+}
+
+pub fn stats_key(segment: &str) -> String {
+    format!("layers/{segment}/stats.parquet")
+}
+
+/// Where a map task leaves its partial statistics of one layer for the reduce: scratch
+/// space of the job, not part of the atlas's public format.
+pub fn partial_prefix(job_id: &str, segment: &str) -> String {
+    format!("partials/{job_id}/{segment}/")
+}
+
+pub fn partial_key(job_id: &str, segment: &str, shard: u32) -> String {
+    format!("{}{shard:06}.json", partial_prefix(job_id, segment))
 }
 
 /// `layers/<layer>/layer.json`.
@@ -143,6 +236,19 @@ pub struct LayerIndex {
     pub name: String,
     pub shape: Vec<i64>,
     pub units: Vec<UnitEntry>,
+    /// The layer's dataset pass: where its statistics table is, and what it covered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<LayerDataset>,
+}
+
+/// In `layer.json`: the files of the layer's dataset pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerDataset {
+    pub stats: String,
+    pub examples: String,
+    pub receptive_field: u32,
+    pub images: u64,
+    pub images_skipped: u64,
 }
 
 #[cfg(test)]

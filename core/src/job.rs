@@ -29,13 +29,24 @@ pub struct JobStatus {
     pub spec: JobSpec,
     pub state: JobState,
     pub created_ms: u64,
+    /// Every task of the job: renders, dataset maps and reduces.
     pub tasks_total: u32,
     pub tasks_done: u32,
+    /// Dataset map tasks (one per shard), among the tasks above; 0 without a dataset.
+    #[serde(default)]
+    pub maps_total: u32,
+    #[serde(default)]
+    pub maps_done: u32,
+    /// Dataset reduce tasks (one per layer), among the tasks above; 0 without a dataset.
+    #[serde(default)]
+    pub reduces_total: u32,
+    #[serde(default)]
+    pub reduces_done: u32,
     /// Images (unit x technique) the job covers, including those already in the atlas.
     pub images_total: u64,
     /// Images already complete in the atlas when the job was submitted (a resume).
     pub images_skipped: u64,
-    /// Images rendered by this job's finished tasks.
+    /// Images rendered by this job's finished tasks (map and reduce tasks render none).
     pub images_done: u64,
 }
 

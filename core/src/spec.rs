@@ -76,6 +76,9 @@ pub struct RenderSettings {
     pub seed: u64,
     /// Adam learning rate (lucid/lucent: 0.05).
     pub learning_rate: f64,
+    /// The number format of the model's passes.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl RenderSettings {
@@ -229,6 +232,41 @@ mod unit_ranges {
     }
 }
 
+/// The dataset a job gathers activation statistics and top/bottom examples over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    /// A local directory or an S3 prefix holding image files or WebDataset `.tar` shards.
+    pub uri: String,
+    /// Top and bottom K per unit.
+    pub examples: u32,
+    /// Images per map task, for a dataset of image files (a tar is one shard).
+    pub images_per_shard: u32,
+}
+
+impl DatasetSpec {
+    pub const MAX_EXAMPLES: u32 = 1000;
+    pub const MAX_IMAGES_PER_SHARD: u32 = 100_000;
+
+    pub fn validate(&self) -> Result<()> {
+        if self.uri.trim().is_empty() {
+            return Err(Error::invalid("dataset", "the dataset URI is empty"));
+        }
+        if !(1..=Self::MAX_EXAMPLES).contains(&self.examples) {
+            return Err(Error::invalid(
+                "dataset examples",
+                format!("examples per unit {} is outside 1..={}", self.examples, Self::MAX_EXAMPLES),
+            ));
+        }
+        if !(1..=Self::MAX_IMAGES_PER_SHARD).contains(&self.images_per_shard) {
+            return Err(Error::invalid(
+                "dataset images per shard",
+                format!("images per shard {} is outside 1..={}", self.images_per_shard, Self::MAX_IMAGES_PER_SHARD),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A whole atlas job, validated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -240,6 +278,9 @@ pub struct JobSpec {
     pub batch: u32,
     /// Where the atlas goes: a local directory (or, for the cluster, an object-store URI).
     pub out: String,
+    /// A dataset to gather per-unit statistics and examples over, besides the renders.
+    #[serde(default)]
+    pub dataset: Option<DatasetSpec>,
 }
 
 impl JobSpec {
@@ -266,12 +307,53 @@ impl JobSpec {
                 return Err(Error::invalid("units", format!("unit {bad} is out of range: layer {:?} has {count} units", plan.layer.name)));
             }
         }
+        if let Some(d) = &self.dataset {
+            d.validate()?;
+        }
         Ok(())
     }
 
     /// How many (unit, technique) images the job asks for.
     pub fn total_images(&self) -> u64 {
         self.layers.iter().map(|l| l.units.len() as u64).sum::<u64>() * self.techniques.len() as u64
+    }
+}
+
+/// The number format of the model's forward and backward passes. The image, its
+/// spectrum and Adam stay fp32 either way; bf16 runs the network's weights and
+/// activations in bfloat16, which is faster on GPUs with bf16 tensor cores and changes the
+/// images slightly (docs/benchmarks.md gives the measured tolerance).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::invalid("precision", format!("unknown precision {s:?}; use fp32 or bf16"))),
+        }
     }
 }
 
@@ -313,8 +395,41 @@ mod tests {
     }
 
     #[test]
+    fn a_dataset_is_optional_and_validated() {
+        let mut spec = JobSpec {
+            model: ModelRef { uri: "m".into(), name: "m".into(), sha256: String::new() },
+            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1] }],
+            techniques: vec![Technique::Channel],
+            settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, precision: Default::default() },
+            batch: 2,
+            out: "o".into(),
+            dataset: None,
+        };
+        spec.validate().unwrap();
+        // A spec stored before datasets existed reads as one without a dataset.
+        let mut json: serde_json::Value = serde_json::to_value(&spec).unwrap();
+        json.as_object_mut().unwrap().remove("dataset");
+        assert_eq!(serde_json::from_value::<JobSpec>(json).unwrap(), spec);
+        let good = DatasetSpec { uri: "s3://b/imagenet/val".into(), examples: 16, images_per_shard: 1000 };
+        spec.dataset = Some(good.clone());
+        spec.validate().unwrap();
+        for (bad, word) in [
+            (DatasetSpec { uri: " ".into(), ..good.clone() }, "URI"),
+            (DatasetSpec { examples: 0, ..good.clone() }, "examples"),
+            (DatasetSpec { examples: 1001, ..good.clone() }, "examples"),
+            (DatasetSpec { images_per_shard: 0, ..good.clone() }, "images per shard"),
+            (DatasetSpec { images_per_shard: 100_001, ..good.clone() }, "images per shard"),
+        ] {
+            spec.dataset = Some(bad);
+            let err = spec.validate().unwrap_err().to_string();
+            assert!(err.contains(word), "{err}");
+        }
+    }
+
+    #[test]
     fn zero_steps_is_refused() {
-        let s = RenderSettings { steps: 0, size: 128, input_size: 128, seed: 0, learning_rate: 0.05 };
+        let s = RenderSettings { steps: 0, size: 128, input_size: 128, seed: 0, learning_rate: 0.05, precision: Default::default() };
         assert!(s.validate().unwrap_err().to_string().contains("--steps"));
     }
 }
+

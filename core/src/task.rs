@@ -2,22 +2,85 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{ModelRef, RenderSettings, Technique};
+use crate::spec::{DatasetSpec, JobSpec, LayerPlan, ModelRef, RenderSettings, Technique};
 
-/// A task: one optimisation of a batch of units of one layer with one technique.
+/// A task: one piece of a job's work, named by the job id and its position in the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StoredTaskSpec")]
 pub struct TaskSpec {
     pub job_id: String,
     /// Position of the task in its job; with the job id it names the task.
     pub index: u32,
-    pub layer: String,
-    pub technique: Technique,
-    pub units: Vec<u32>,
+    pub work: Work,
 }
 
 impl TaskSpec {
     pub fn id(&self) -> String {
         format!("{}/{}", self.job_id, self.index)
+    }
+}
+
+/// A task as stored: with its `work`, or, as a state store written before dataset tasks
+/// holds it, a render's `layer`, `technique` and `units` beside the id.
+#[derive(Deserialize)]
+struct StoredTaskSpec {
+    job_id: String,
+    index: u32,
+    work: Option<Work>,
+    layer: Option<String>,
+    technique: Option<Technique>,
+    units: Option<Vec<u32>>,
+}
+
+impl TryFrom<StoredTaskSpec> for TaskSpec {
+    type Error = String;
+    fn try_from(t: StoredTaskSpec) -> Result<Self, String> {
+        let work = match (t.work, t.layer, t.technique, t.units) {
+            (Some(work), ..) => work,
+            (None, Some(layer), Some(technique), Some(units)) => Work::Render { layer, technique, units },
+            _ => return Err(format!("task {}/{} has no work", t.job_id, t.index)),
+        };
+        Ok(TaskSpec { job_id: t.job_id, index: t.index, work })
+    }
+}
+
+/// What a task does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Work {
+    /// One optimisation of a batch of units of one layer with one technique.
+    Render { layer: String, technique: Technique, units: Vec<u32> },
+    /// Statistics and examples of every job layer over one dataset shard; `shard` is its
+    /// position in the job's shard list and names its partial results.
+    Map { shard: u32, source: ShardSource },
+    /// Merges every map's partial for one layer. Leased only after all maps are done.
+    Reduce { layer: String },
+}
+
+impl Work {
+    /// The layer a render or reduce works on; a map works on every job layer.
+    pub fn layer(&self) -> Option<&str> {
+        match self {
+            Work::Render { layer, .. } | Work::Reduce { layer } => Some(layer),
+            Work::Map { .. } => None,
+        }
+    }
+
+    /// The images (unit x technique) the task renders: its units for a render, else 0.
+    pub fn images(&self) -> u64 {
+        match self {
+            Work::Render { units, .. } => units.len() as u64,
+            Work::Map { .. } | Work::Reduce { .. } => 0,
+        }
+    }
+
+    /// `render`, `map` or `reduce`, for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Work::Render { .. } => "render",
+            Work::Map { .. } => "map",
+            Work::Reduce { .. } => "reduce",
+        }
     }
 }
 
@@ -27,6 +90,25 @@ pub struct JobContext {
     pub model: ModelRef,
     pub settings: RenderSettings,
     pub out: String,
+    /// The job's dataset, for map and reduce tasks.
+    #[serde(default)]
+    pub dataset: Option<DatasetSpec>,
+    /// The job's layers and units: a map gathers statistics of all of them, a reduce
+    /// writes one layer's.
+    #[serde(default)]
+    pub layers: Vec<LayerPlan>,
+}
+
+impl JobContext {
+    pub fn of(spec: &JobSpec) -> JobContext {
+        JobContext {
+            model: spec.model.clone(),
+            settings: spec.settings.clone(),
+            out: spec.out.clone(),
+            dataset: spec.dataset.clone(),
+            layers: spec.layers.clone(),
+        }
+    }
 }
 
 /// A lease: the right to run one attempt of a task until `deadline_ms` unless renewed.
@@ -72,4 +154,33 @@ pub enum ShardSource {
     Images { keys: Vec<String> },
     /// One WebDataset `.tar` shard: every JPEG or PNG member, in archive order.
     Tar { key: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_round_trip_and_old_render_tasks_still_read() {
+        let tasks = [
+            TaskSpec {
+                job_id: "job-1".into(),
+                index: 0,
+                work: Work::Render { layer: "conv".into(), technique: Technique::Neuron, units: vec![1, 2] },
+            },
+            TaskSpec { job_id: "job-1".into(), index: 1, work: Work::Map { shard: 0, source: ShardSource::Tar { key: "a.tar".into() } } },
+            TaskSpec { job_id: "job-1".into(), index: 2, work: Work::Reduce { layer: "conv".into() } },
+        ];
+        for t in &tasks {
+            let json = serde_json::to_string(t).unwrap();
+            assert_eq!(&serde_json::from_str::<TaskSpec>(&json).unwrap(), t, "{json}");
+        }
+        let json = serde_json::to_string(&tasks[1]).unwrap();
+        assert!(json.contains(r#""work":{"kind":"map","shard":0,"source":{"kind":"tar","key":"a.tar"}}"#), "{json}");
+        let old = r#"{"job_id":"job-1","index":0,"layer":"conv","technique":"neuron","units":[1,2]}"#;
+        assert_eq!(serde_json::from_str::<TaskSpec>(old).unwrap(), tasks[0]);
+        assert!(serde_json::from_str::<TaskSpec>(r#"{"job_id":"j","index":0}"#).unwrap_err().to_string().contains("no work"));
+        let old_ctx = r#"{"model":{"uri":"m","name":"m","sha256":"0"},"settings":{"steps":1,"size":8,"input_size":8,"seed":0,"learning_rate":0.05},"out":"o"}"#;
+        assert_eq!(serde_json::from_str::<JobContext>(old_ctx).unwrap().dataset, None);
+    }
 }

@@ -8,11 +8,12 @@ pub mod v1 {
 }
 
 use loupe_core::job::{JobState, JobStatus};
-use loupe_core::spec::{self, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
-use loupe_core::task::{JobContext, Lease, LeaseState, TaskSpec};
+use loupe_core::spec::{self, DatasetSpec, Precision, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
+use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Work};
 
-/// Workers send it in every request; the coordinator refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Workers send it in every request; the coordinator refuses other versions. 2: tasks
+/// may be dataset maps and reduces.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A message that cannot become a domain value, with the field that is wrong.
 #[derive(Debug)]
@@ -51,13 +52,20 @@ pub fn technique_from_i32(t: i32) -> Result<Technique, Invalid> {
 
 impl From<&RenderSettings> for v1::RenderSettings {
     fn from(s: &RenderSettings) -> Self {
-        v1::RenderSettings { steps: s.steps, size: s.size, input_size: s.input_size, seed: s.seed, learning_rate: s.learning_rate }
+        v1::RenderSettings { steps: s.steps, size: s.size, input_size: s.input_size, seed: s.seed, learning_rate: s.learning_rate, bf16: s.precision == Precision::Bf16 }
     }
 }
 
 impl From<v1::RenderSettings> for RenderSettings {
     fn from(s: v1::RenderSettings) -> Self {
-        RenderSettings { steps: s.steps, size: s.size, input_size: s.input_size, seed: s.seed, learning_rate: s.learning_rate }
+        RenderSettings {
+            steps: s.steps,
+            size: s.size,
+            input_size: s.input_size,
+            seed: s.seed,
+            learning_rate: s.learning_rate,
+            precision: if s.bf16 { Precision::Bf16 } else { Precision::Fp32 },
+        }
     }
 }
 
@@ -73,6 +81,92 @@ impl From<v1::ModelRef> for ModelRef {
     }
 }
 
+impl From<&DatasetSpec> for v1::DatasetSpec {
+    fn from(d: &DatasetSpec) -> Self {
+        v1::DatasetSpec { uri: d.uri.clone(), examples: d.examples, images_per_shard: d.images_per_shard }
+    }
+}
+
+impl From<v1::DatasetSpec> for DatasetSpec {
+    fn from(d: v1::DatasetSpec) -> Self {
+        DatasetSpec { uri: d.uri, examples: d.examples, images_per_shard: d.images_per_shard }
+    }
+}
+
+impl From<&ShardSource> for v1::ShardSource {
+    fn from(s: &ShardSource) -> Self {
+        let source = match s {
+            ShardSource::Images { keys } => v1::shard_source::Source::Images(v1::ImageKeys { keys: keys.clone() }),
+            ShardSource::Tar { key } => v1::shard_source::Source::Tar(key.clone()),
+        };
+        v1::ShardSource { source: Some(source) }
+    }
+}
+
+impl TryFrom<v1::ShardSource> for ShardSource {
+    type Error = Invalid;
+    fn try_from(s: v1::ShardSource) -> Result<Self, Invalid> {
+        match s.source.ok_or_else(|| missing("task.map.source (images or tar)"))? {
+            v1::shard_source::Source::Images(i) => Ok(ShardSource::Images { keys: i.keys }),
+            v1::shard_source::Source::Tar(key) => Ok(ShardSource::Tar { key }),
+        }
+    }
+}
+
+impl From<&TaskSpec> for v1::Task {
+    fn from(t: &TaskSpec) -> Self {
+        let mut m = v1::Task { job_id: t.job_id.clone(), index: t.index, ..Default::default() };
+        match &t.work {
+            Work::Render { layer, technique, units } => {
+                m.layer = layer.clone();
+                m.technique = v1::Technique::from(*technique) as i32;
+                m.units = units.clone();
+            }
+            Work::Map { shard, source } => {
+                m.work = Some(v1::task::Work::Map(v1::MapWork { shard: *shard, source: Some(source.into()) }));
+            }
+            Work::Reduce { layer } => {
+                m.work = Some(v1::task::Work::Reduce(v1::ReduceWork { layer: layer.clone() }));
+            }
+        }
+        m
+    }
+}
+
+impl TryFrom<v1::Task> for TaskSpec {
+    type Error = Invalid;
+    fn try_from(t: v1::Task) -> Result<Self, Invalid> {
+        let work = match t.work {
+            None => Work::Render { layer: t.layer, technique: technique_from_i32(t.technique)?, units: t.units },
+            Some(v1::task::Work::Map(m)) => {
+                Work::Map { shard: m.shard, source: m.source.ok_or_else(|| missing("task.map.source"))?.try_into()? }
+            }
+            Some(v1::task::Work::Reduce(r)) => Work::Reduce { layer: r.layer },
+        };
+        Ok(TaskSpec { job_id: t.job_id, index: t.index, work })
+    }
+}
+
+impl From<&LayerPlan> for v1::LayerPlan {
+    fn from(p: &LayerPlan) -> Self {
+        v1::LayerPlan {
+            layer: Some(v1::Layer { name: p.layer.name.clone(), shape: p.layer.shape.clone() }),
+            units: spec::to_ranges(&p.units).into_iter().map(|(start, end)| v1::UnitRange { start, end }).collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::LayerPlan> for LayerPlan {
+    type Error = Invalid;
+    fn try_from(p: v1::LayerPlan) -> Result<Self, Invalid> {
+        let l = p.layer.ok_or_else(|| missing("layers[].layer"))?;
+        let count = l.shape.first().copied().unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
+        let ranges: Vec<(u32, u32)> = p.units.iter().map(|r| (r.start, r.end)).collect();
+        let units = spec::from_ranges(&ranges, count).map_err(|e| Invalid(format!("layer {:?}: {e}", l.name)))?;
+        Ok(LayerPlan { layer: LayerInfo { name: l.name, shape: l.shape }, units })
+    }
+}
+
 impl From<&JobSpec> for v1::JobSpec {
     fn from(s: &JobSpec) -> Self {
         v1::JobSpec {
@@ -80,15 +174,13 @@ impl From<&JobSpec> for v1::JobSpec {
             layers: s
                 .layers
                 .iter()
-                .map(|p| v1::LayerPlan {
-                    layer: Some(v1::Layer { name: p.layer.name.clone(), shape: p.layer.shape.clone() }),
-                    units: spec::to_ranges(&p.units).into_iter().map(|(start, end)| v1::UnitRange { start, end }).collect(),
-                })
+                .map(Into::into)
                 .collect(),
             techniques: s.techniques.iter().map(|&t| v1::Technique::from(t) as i32).collect(),
             settings: Some((&s.settings).into()),
             batch: s.batch,
             out: s.out.clone(),
+            dataset: s.dataset.as_ref().map(Into::into),
         }
     }
 }
@@ -98,17 +190,7 @@ impl From<&JobSpec> for v1::JobSpec {
 impl TryFrom<v1::JobSpec> for JobSpec {
     type Error = Invalid;
     fn try_from(s: v1::JobSpec) -> Result<Self, Invalid> {
-        let layers = s
-            .layers
-            .into_iter()
-            .map(|p| {
-                let l = p.layer.ok_or_else(|| missing("layers[].layer"))?;
-                let count = l.shape.first().copied().unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
-                let ranges: Vec<(u32, u32)> = p.units.iter().map(|r| (r.start, r.end)).collect();
-                let units = spec::from_ranges(&ranges, count).map_err(|e| Invalid(format!("layer {:?}: {e}", l.name)))?;
-                Ok(LayerPlan { layer: LayerInfo { name: l.name, shape: l.shape }, units })
-            })
-            .collect::<Result<Vec<_>, Invalid>>()?;
+        let layers = s.layers.into_iter().map(TryInto::try_into).collect::<Result<Vec<_>, Invalid>>()?;
         Ok(JobSpec {
             model: s.model.ok_or_else(|| missing("model"))?.into(),
             layers,
@@ -116,6 +198,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             settings: s.settings.ok_or_else(|| missing("settings"))?.into(),
             batch: s.batch,
             out: s.out,
+            dataset: s.dataset.map(Into::into),
         })
     }
 }
@@ -124,19 +207,15 @@ impl From<&Lease> for v1::Lease {
     fn from(l: &Lease) -> Self {
         v1::Lease {
             lease_id: l.lease_id.clone(),
-            task: Some(v1::Task {
-                job_id: l.task.job_id.clone(),
-                index: l.task.index,
-                layer: l.task.layer.clone(),
-                technique: v1::Technique::from(l.task.technique) as i32,
-                units: l.task.units.clone(),
-            }),
+            task: Some((&l.task).into()),
             attempt: l.attempt,
             deadline_ms: l.deadline_ms,
             job: Some(v1::JobContext {
                 model: Some((&l.job.model).into()),
                 settings: Some((&l.job.settings).into()),
                 out: l.job.out.clone(),
+                dataset: l.job.dataset.as_ref().map(Into::into),
+                layers: l.job.layers.iter().map(Into::into).collect(),
             }),
         }
     }
@@ -149,13 +228,15 @@ impl TryFrom<v1::Lease> for Lease {
         let j = l.job.ok_or_else(|| missing("lease.job"))?;
         Ok(Lease {
             lease_id: l.lease_id,
-            task: TaskSpec { job_id: t.job_id, index: t.index, layer: t.layer, technique: technique_from_i32(t.technique)?, units: t.units },
+            task: t.try_into()?,
             attempt: l.attempt,
             deadline_ms: l.deadline_ms,
             job: JobContext {
                 model: j.model.ok_or_else(|| missing("lease.job.model"))?.into(),
                 settings: j.settings.ok_or_else(|| missing("lease.job.settings"))?.into(),
                 out: j.out,
+                dataset: j.dataset.map(Into::into),
+                layers: j.layers.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
             },
         })
     }
@@ -200,6 +281,10 @@ impl From<&JobStatus> for v1::JobStatus {
             images_total: s.images_total,
             images_skipped: s.images_skipped,
             images_done: s.images_done,
+            maps_total: s.maps_total,
+            maps_done: s.maps_done,
+            reduces_total: s.reduces_total,
+            reduces_done: s.reduces_done,
         }
     }
 }
@@ -225,6 +310,10 @@ impl TryFrom<v1::JobStatus> for JobStatus {
             images_total: s.images_total,
             images_skipped: s.images_skipped,
             images_done: s.images_done,
+            maps_total: s.maps_total,
+            maps_done: s.maps_done,
+            reduces_total: s.reduces_total,
+            reduces_done: s.reduces_done,
         })
     }
 }
@@ -238,16 +327,54 @@ mod tests {
             model: ModelRef { uri: "s3://b/m.pt".into(), name: "m".into(), sha256: "ab".into() },
             layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3] }],
             techniques: vec![Technique::Channel, Technique::Negative],
-            settings: RenderSettings { steps: 5, size: 16, input_size: 32, seed: 9, learning_rate: 0.05 },
+            settings: RenderSettings { steps: 5, size: 16, input_size: 32, seed: 9, learning_rate: 0.05, precision: Default::default() },
             batch: 2,
             out: "s3://b/atlas".into(),
+            dataset: None,
         }
+    }
+
+    fn dataset() -> DatasetSpec {
+        DatasetSpec { uri: "s3://b/imagenet/val".into(), examples: 16, images_per_shard: 500 }
     }
 
     #[test]
     fn a_job_spec_survives_the_wire() {
         let spec = job();
         assert_eq!(JobSpec::try_from(v1::JobSpec::from(&spec)).unwrap(), spec);
+        let with_dataset = JobSpec { dataset: Some(dataset()), ..job() };
+        assert_eq!(JobSpec::try_from(v1::JobSpec::from(&with_dataset)).unwrap(), with_dataset);
+    }
+
+    #[test]
+    fn every_kind_of_task_survives_the_wire() {
+        let works = [
+            Work::Render { layer: "conv".into(), technique: Technique::Negative, units: vec![0, 1, 7] },
+            Work::Map { shard: 3, source: ShardSource::Images { keys: vec!["a/0.jpg".into(), "a/1.png".into()] } },
+            Work::Map { shard: 0, source: ShardSource::Images { keys: vec![] } },
+            Work::Map { shard: 4, source: ShardSource::Tar { key: "train-0004.tar".into() } },
+            Work::Reduce { layer: "conv".into() },
+        ];
+        for (index, work) in works.into_iter().enumerate() {
+            let lease = Lease {
+                lease_id: format!("job-2/{index}#1"),
+                task: TaskSpec { job_id: "job-2".into(), index: index as u32, work },
+                attempt: 1,
+                deadline_ms: 7,
+                job: JobContext { model: job().model, settings: job().settings, out: "o".into(), dataset: Some(dataset()), layers: job().layers },
+            };
+            assert_eq!(Lease::try_from(v1::Lease::from(&lease)).unwrap(), lease);
+        }
+        // A map without its source is refused, naming the field.
+        let mut m = v1::Task::from(&TaskSpec {
+            job_id: "j".into(),
+            index: 0,
+            work: Work::Map { shard: 0, source: ShardSource::Tar { key: "t.tar".into() } },
+        });
+        if let Some(v1::task::Work::Map(map)) = &mut m.work {
+            map.source = None;
+        }
+        assert!(TaskSpec::try_from(m).unwrap_err().0.contains("task.map.source"));
     }
 
     #[test]
@@ -264,10 +391,14 @@ mod tests {
     fn a_lease_and_a_status_survive_the_wire() {
         let lease = Lease {
             lease_id: "job-1/0#1".into(),
-            task: TaskSpec { job_id: "job-1".into(), index: 0, layer: "conv".into(), technique: Technique::Neuron, units: vec![1, 2] },
+            task: TaskSpec {
+                job_id: "job-1".into(),
+                index: 0,
+                work: Work::Render { layer: "conv".into(), technique: Technique::Neuron, units: vec![1, 2] },
+            },
             attempt: 1,
             deadline_ms: 42,
-            job: JobContext { model: job().model, settings: job().settings, out: "o".into() },
+            job: JobContext { model: job().model, settings: job().settings, out: "o".into(), dataset: None, layers: vec![] },
         };
         assert_eq!(Lease::try_from(v1::Lease::from(&lease)).unwrap(), lease);
         let status = JobStatus {
@@ -280,6 +411,10 @@ mod tests {
             images_total: 4,
             images_skipped: 0,
             images_done: 2,
+            maps_total: 3,
+            maps_done: 1,
+            reduces_total: 1,
+            reduces_done: 0,
         };
         assert_eq!(JobStatus::try_from(v1::JobStatus::from(&status)).unwrap(), status);
     }

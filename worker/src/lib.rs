@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod device;
+pub mod examples;
 pub mod model;
 pub mod objective;
 pub mod param;
@@ -26,9 +27,12 @@ pub enum Error {
     UnknownLayer(String),
     #[error("{0}")]
     Device(String),
-    /// A libtorch error while rendering (out of memory, a kernel failure).
+    /// A libtorch error while rendering (a kernel failure).
     #[error("libtorch: {0}")]
     Torch(String),
+    /// The batch did not fit in the device's memory; a smaller one may.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     #[error(transparent)]
     Store(#[from] loupe_core::Error),
     /// The task was stopped before it finished: cancelled, lease lost or shutdown.
@@ -40,8 +44,14 @@ impl Error {
     /// Whether running the task again could succeed. A bad model or layer fails the
     /// same way every time.
     pub fn retryable(&self) -> bool {
-        matches!(self, Error::Torch(_) | Error::Store(_) | Error::Cancelled)
+        matches!(self, Error::Torch(_) | Error::OutOfMemory(_) | Error::Store(_) | Error::Cancelled)
     }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// libtorch's words for an allocation that failed ("CUDA out of memory", "DefaultCPUAllocator:
+/// not enough memory").
+pub(crate) fn is_out_of_memory(message: &str) -> bool {
+    message.contains("out of memory") || message.contains("not enough memory")
+}

@@ -57,7 +57,7 @@ async fn main() -> Result<()> {
         info!("shutting down: the task in hand is handed back");
         let _ = stop.send(true);
     });
-    let config = WorkerConfig { name, device, idle_poll: Duration::from_millis(200), model_cache: args.model_cache, render: !args.no_render };
+    let config = WorkerConfig { name, device, idle_poll: Duration::from_millis(200), model_cache: args.model_cache, render: !args.no_render, profile: false };
     let stats = run_worker(api, config, stop_rx).await.context("the coordinator refused this worker")?;
     info!(tasks = stats.tasks_done, images = stats.images_written, "worker stopped");
     Ok(())

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use loupe_core::spec::LayerInfo;
+use loupe_core::spec::{LayerInfo, Precision};
 
 use crate::{Error, Result};
 
@@ -44,6 +44,8 @@ pub struct Model {
     /// True when the module exports `tap(x, layer) -> Tensor`, which runs the network only
     /// up to that layer (see tools/export.py).
     has_tap: bool,
+    /// The weights' number format; inputs are cast to it.
+    kind: Kind,
 }
 
 impl std::fmt::Debug for Model {
@@ -54,6 +56,17 @@ impl std::fmt::Debug for Model {
 
 fn first_line(e: &tch::TchError) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// A failed forward pass: out of memory is the batch's fault and can be retried smaller;
+/// anything else is the model's.
+fn forward_error(path: &Path, what: &str, e: &tch::TchError) -> Error {
+    let line = first_line(e);
+    if crate::is_out_of_memory(&line) {
+        Error::OutOfMemory(line)
+    } else {
+        Error::Model(format!("{}: {what} failed: {line}", path.display()))
+    }
 }
 
 impl Model {
@@ -69,7 +82,7 @@ impl Model {
         for (_, p) in params {
             let _ = p.set_requires_grad(false);
         }
-        Ok(Model { module, path: path.to_path_buf(), device, has_tap: false })
+        Ok(Model { module, path: path.to_path_buf(), device, has_tap: false, kind: Kind::Float })
     }
 
     pub fn device(&self) -> Device {
@@ -80,12 +93,35 @@ impl Model {
         &self.path
     }
 
+    /// Converts the weights to `precision`'s format (a no-op when they already are).
+    pub fn set_precision(&mut self, precision: Precision) {
+        let kind = match precision {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        };
+        if kind != self.kind {
+            self.module.to(self.device, kind, false);
+            self.kind = kind;
+        }
+    }
+
+    /// The input in the weights' format: casting inside the graph keeps the gradient
+    /// flowing back to the fp32 image.
+    fn input(&self, x: &Tensor) -> Tensor {
+        if x.kind() == self.kind { x.shallow_clone() } else { x.to_kind(self.kind) }
+    }
+
+    /// Every layer's activation for a batch of inputs, in the order `forward` gives them.
+    pub fn activations(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        self.forward_dict(x)
+    }
+
     /// Runs `forward` and returns its dict, or an error that says what came back instead.
     fn forward_dict(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
         let out = self
             .module
-            .forward_is(&[IValue::Tensor(x.shallow_clone())])
-            .map_err(|e| Error::Model(format!("{}: forward failed: {}", self.path.display(), first_line(&e))))?;
+            .forward_is(&[IValue::Tensor(self.input(x))])
+            .map_err(|e| forward_error(&self.path, "forward", &e))?;
         let IValue::GenericDict(entries) = out else {
             return Err(Error::Model(format!(
                 "{}: forward must return Dict[str, Tensor] of named activations, but it returned {}",
@@ -112,8 +148,8 @@ impl Model {
         if self.has_tap {
             return self
                 .module
-                .method_is("tap", &[IValue::Tensor(x.shallow_clone()), IValue::String(layer.to_string())])
-                .map_err(|e| Error::Model(format!("{}: tap({layer:?}) failed: {}", self.path.display(), first_line(&e))))
+                .method_is("tap", &[IValue::Tensor(self.input(x)), IValue::String(layer.to_string())])
+                .map_err(|e| forward_error(&self.path, &format!("tap({layer:?})"), &e))
                 .and_then(|v| match v {
                     IValue::Tensor(t) => Ok(t),
                     other => Err(Error::Model(format!("tap returned {}", ivalue_kind(&other)))),
@@ -132,7 +168,7 @@ impl Model {
     pub fn layers(&mut self, input_size: u32) -> Result<Vec<LayerInfo>> {
         let _guard = tch::no_grad_guard();
         let s = input_size as i64;
-        let x = Tensor::full([1, 3, s, s], 0.5, (Kind::Float, self.device));
+        let x = Tensor::full([1, 3, s, s], 0.5, (self.kind, self.device));
         let mut layers = Vec::new();
         for (name, t) in self.forward_dict(&x)? {
             let shape = t.size();

@@ -14,12 +14,13 @@ use tracing::{debug, info, warn};
 
 use loupe_core::api::{ApiError, WorkerApi};
 use loupe_core::atlas::{self, UnitRecord};
-use loupe_core::spec::LayerInfo;
+use loupe_core::spec::{LayerInfo, ModelRef};
 use loupe_core::store::{self, ArtifactStore};
-use loupe_core::task::{Failure, Lease, LeaseState};
+use loupe_core::task::{Failure, Lease, LeaseState, Work};
 
+use crate::examples;
 use crate::model::Model;
-use crate::render::{render, RenderRequest, RenderedUnit};
+use crate::render::{render, RenderRequest, RenderedUnit, StepTimes};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ pub struct WorkerConfig {
     /// False for the benchmark aid that measures the coordinator: each task writes one
     /// tiny artifact instead of rendering (`loupe-worker --no-render`).
     pub render: bool,
+    /// Time each step's phases (it synchronises the device, so it is off by default) and
+    /// log the split per task; [`profile_totals`] sums them.
+    pub profile: bool,
 }
 
 /// What a worker did, for the caller's summary.
@@ -43,65 +47,74 @@ pub struct WorkerStats {
     pub images_written: u64,
 }
 
-struct RenderCall {
-    lease: Lease,
-    model_path: PathBuf,
-    cancel: Arc<AtomicBool>,
-    reply: oneshot::Sender<Result<Vec<RenderedUnit>>>,
+/// A piece of libtorch work for the torch thread, with the model it needs.
+type TorchJob = Box<dyn FnOnce(&mut Option<Loaded>) + Send>;
+
+/// The torch thread: libtorch work is blocking, so it runs here and never on the async
+/// runtime, where lease renewal must keep its pace. It keeps the last model loaded. A
+/// bounded channel of one keeps at most one piece of work waiting.
+pub(crate) struct TorchThread {
+    calls: std::sync::mpsc::SyncSender<TorchJob>,
+    device: Device,
 }
 
-/// The render thread: libtorch work is blocking, so it runs here and never on the async
-/// runtime, where lease renewal must keep its pace. A bounded channel of one keeps at
-/// most one task waiting.
-struct RenderThread {
-    calls: std::sync::mpsc::SyncSender<RenderCall>,
-}
-
-/// The model the render thread holds, with its layers, keyed by digest.
-struct Loaded {
+/// The model the torch thread holds, with its layers, keyed by digest.
+pub(crate) struct Loaded {
     sha256: String,
-    model: Model,
-    layers: Vec<LayerInfo>,
+    pub(crate) model: Model,
+    pub(crate) layers: Vec<LayerInfo>,
+    /// The largest batch known to fit in memory, per layer (see [`render`]).
+    max_batch: HashMap<String, Option<usize>>,
 }
 
-impl RenderThread {
-    fn spawn(device: Device) -> RenderThread {
-        let (calls, rx) = std::sync::mpsc::sync_channel::<RenderCall>(1);
+impl TorchThread {
+    fn spawn(device: Device) -> TorchThread {
+        let (calls, rx) = std::sync::mpsc::sync_channel::<TorchJob>(1);
         std::thread::Builder::new()
-            .name("loupe-render".into())
+            .name("loupe-torch".into())
             .spawn(move || {
                 let mut loaded: Option<Loaded> = None;
-                for call in rx {
-                    // tch panics on some libtorch errors; one bad task must not take the
-                    // worker down with it.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_render(&mut loaded, device, &call.model_path, &call.lease, &call.cancel)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        loaded = None;
-                        let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                        Err(Error::Torch(msg.unwrap_or_else(|| "libtorch panicked".into())))
-                    });
-                    let _ = call.reply.send(result);
+                for job in rx {
+                    job(&mut loaded);
                 }
             })
-            .expect("spawning the render thread");
-        RenderThread { calls }
+            .expect("spawning the torch thread");
+        TorchThread { calls, device }
     }
 
-    async fn render(&self, lease: Lease, model_path: PathBuf, cancel: Arc<AtomicBool>) -> Result<Vec<RenderedUnit>> {
+    /// Runs `f` on the torch thread with the lease's model (from `model_path`) loaded.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        lease: &Lease,
+        model_path: PathBuf,
+        f: impl FnOnce(&mut Loaded) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
+        let (device, want, input_size) = (self.device, lease.job.model.clone(), lease.job.settings.input_size);
+        let job: TorchJob = Box::new(move |loaded: &mut Option<Loaded>| {
+            // tch panics on some libtorch errors; one bad task must not take the worker
+            // down with it.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                load(loaded, device, &model_path, &want, input_size).and_then(|l| f(l))
+            }))
+            .unwrap_or_else(|panic| {
+                *loaded = None;
+                let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                Err(Error::Torch(msg.unwrap_or_else(|| "libtorch panicked".into())))
+            });
+            let _ = reply.send(result);
+        });
         let calls = self.calls.clone();
-        tokio::task::spawn_blocking(move || calls.send(RenderCall { lease, model_path, cancel, reply }))
+        tokio::task::spawn_blocking(move || calls.send(job))
             .await
             .expect("send task panicked")
-            .map_err(|_| Error::Torch("the render thread has stopped".into()))?;
-        rx.await.map_err(|_| Error::Torch("the render thread has stopped".into()))?
+            .map_err(|_| Error::Torch("the torch thread has stopped".into()))?;
+        rx.await.map_err(|_| Error::Torch("the torch thread has stopped".into()))?
     }
 }
 
-fn run_render(loaded: &mut Option<Loaded>, device: Device, path: &Path, lease: &Lease, cancel: &AtomicBool) -> Result<Vec<RenderedUnit>> {
-    let want = &lease.job.model;
+/// The lease's model, loaded once per digest and checked against it.
+fn load<'a>(loaded: &'a mut Option<Loaded>, device: Device, path: &Path, want: &ModelRef, input_size: u32) -> Result<&'a mut Loaded> {
     if loaded.as_ref().map(|l| l.sha256.as_str()) != Some(want.sha256.as_str()) {
         *loaded = None;
         let digest = loupe_core::sha256_file(path).map_err(|e| Error::Model(format!("model {}: {e}", path.display())))?;
@@ -113,20 +126,47 @@ fn run_render(loaded: &mut Option<Loaded>, device: Device, path: &Path, lease: &
             )));
         }
         let mut model = Model::load(path, device)?;
-        let layers = model.layers(lease.job.settings.input_size)?;
-        *loaded = Some(Loaded { sha256: digest, model, layers });
+        let layers = model.layers(input_size)?;
+        *loaded = Some(Loaded { sha256: digest, model, layers, max_batch: HashMap::new() });
     }
-    let l = loaded.as_ref().expect("loaded above");
-    let task = &lease.task;
-    let layer = l.layers.iter().find(|x| x.name == task.layer).ok_or_else(|| {
-        let known: Vec<&str> = l.layers.iter().map(|x| x.name.as_str()).collect();
-        Error::UnknownLayer(format!("{:?}; the model has {}", task.layer, known.join(", ")))
-    })?;
-    if let Some(u) = task.units.iter().find(|&&u| u >= layer.units()) {
-        return Err(Error::Model(format!("unit {u} is out of range: layer {:?} has {} units", layer.name, layer.units())));
+    Ok(loaded.as_mut().expect("loaded above"))
+}
+
+impl Loaded {
+    pub(crate) fn layer(&self, name: &str) -> Result<&LayerInfo> {
+        self.layers.iter().find(|x| x.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.layers.iter().map(|x| x.name.as_str()).collect();
+            Error::UnknownLayer(format!("{name:?}; the model has {}", known.join(", ")))
+        })
     }
-    let req = RenderRequest { layer: &task.layer, technique: task.technique, units: &task.units, settings: &lease.job.settings };
-    render(&l.model, &req, cancel)
+}
+
+/// Renders one render task's units on the torch thread.
+fn render_units(l: &mut Loaded, lease: &Lease, profile: bool, cancel: &AtomicBool) -> Result<Vec<RenderedUnit>> {
+    let Work::Render { layer, technique, units } = &lease.task.work else { unreachable!("only render tasks are rendered") };
+    let info = l.layer(layer)?;
+    if let Some(u) = units.iter().find(|&&u| u >= info.units()) {
+        return Err(Error::Model(format!("unit {u} is out of range: layer {layer:?} has {} units", info.units())));
+    }
+    l.model.set_precision(lease.job.settings.precision);
+    let req = RenderRequest { layer, technique: *technique, units, settings: &lease.job.settings };
+    let max_batch = l.max_batch.entry(layer.clone()).or_default();
+    let mut times = profile.then(StepTimes::default);
+    let rendered = render(&l.model, &req, cancel, max_batch, times.as_mut())?;
+    if let Some(times) = times {
+        info!(task_id = lease.task.id(), layer, units = units.len(), "step time split: {times}");
+        PROFILE.lock().expect("profile lock").add(&times);
+    }
+    Ok(rendered)
+}
+
+/// Step times summed over every task this process rendered with profiling on.
+static PROFILE: std::sync::Mutex<StepTimes> =
+    std::sync::Mutex::new(StepTimes { steps: 0, transforms: Duration::ZERO, forward: Duration::ZERO, backward: Duration::ZERO, optimiser: Duration::ZERO });
+
+/// The step time split of everything rendered so far with `WorkerConfig::profile` on.
+pub fn profile_totals() -> StepTimes {
+    *PROFILE.lock().expect("profile lock")
 }
 
 /// A local path to the lease's model: the path itself for a local model, or the cached
@@ -182,10 +222,14 @@ impl Stores {
 
 /// Runs the worker loop until `shutdown` turns true. It ends early only when the
 /// coordinator refuses this worker (another protocol version, a wrong token).
+///
+/// A rendered task's PNGs are encoded and stored, and the task reported, while the next
+/// task renders: one task finishing beside one rendering keeps the device busy.
 pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> std::result::Result<WorkerStats, ApiError> {
-    let renderer = config.render.then(|| RenderThread::spawn(config.device));
+    let torch = config.render.then(|| TorchThread::spawn(config.device));
     let mut stores = Stores::default();
     let mut stats = WorkerStats::default();
+    let mut finishing: Option<tokio::task::JoinHandle<Option<u64>>> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {
@@ -206,43 +250,128 @@ pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutd
             }
         };
         let Some(lease) = lease else {
+            // Nothing to lease: let the last task finish, so that its reduce can start.
+            if let Some(f) = finishing.take() {
+                stats.count(f.await.unwrap_or(None));
+                continue;
+            }
             tokio::select! { _ = tokio::time::sleep(config.idle_poll) => {}, _ = stopped(&mut shutdown) => break }
             continue;
         };
-        if let Some(images) = run_task(api.as_ref(), renderer.as_ref(), &mut stores, &config, lease, &mut shutdown).await {
-            stats.tasks_done += 1;
-            stats.images_written += images;
+        let outcome = run_task(&api, torch.as_ref(), &mut stores, &config, &lease, &mut shutdown).await;
+        match outcome {
+            Some(Outcome::Rendered(store, units)) => {
+                if let Some(f) = finishing.take() {
+                    stats.count(f.await.unwrap_or(None));
+                }
+                let (api, shutdown) = (api.clone(), shutdown.clone());
+                finishing = Some(tokio::spawn(async move { finish_render(api, store, lease, units, shutdown).await }));
+            }
+            Some(Outcome::Done) => stats.count(Some(0)),
+            None => {}
         }
+    }
+    if let Some(f) = finishing.take() {
+        stats.count(f.await.unwrap_or(None));
     }
     Ok(stats)
 }
 
-/// Renders one leased task and reports it. Returns the number of images written when the
-/// task completed.
+impl WorkerStats {
+    /// Counts a task that completed with `images` written; `None`: it did not complete.
+    fn count(&mut self, images: Option<u64>) {
+        if let Some(images) = images {
+            self.tasks_done += 1;
+            self.images_written += images;
+        }
+    }
+}
+
+/// How a task's work ended, when it did not fail.
+enum Outcome {
+    /// Rendered; the images still have to be stored and the task reported.
+    Rendered(Arc<dyn ArtifactStore>, Vec<RenderedUnit>),
+    /// Everything stored and the task reported.
+    Done,
+}
+
+/// Runs a leased task's work while renewing its lease. Failures are reported here.
 async fn run_task(
-    api: &dyn WorkerApi,
-    renderer: Option<&RenderThread>,
+    api: &Arc<dyn WorkerApi>,
+    torch: Option<&TorchThread>,
     stores: &mut Stores,
     config: &WorkerConfig,
-    lease: Lease,
+    lease: &Lease,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<u64> {
+) -> Option<Outcome> {
     let task_id = lease.task.id();
-    info!(task_id, attempt = lease.attempt, layer = %lease.task.layer, technique = %lease.task.technique, units = lease.task.units.len(), "task leased");
+    info!(task_id, attempt = lease.attempt, kind = lease.task.work.kind(), layer = lease.task.work.layer().unwrap_or("-"), units = lease.task.work.images(), "task leased");
     let cancel = Arc::new(AtomicBool::new(false));
+    let work = async {
+        let store = stores.open(&lease.job.out).await?;
+        let Some(torch) = torch else {
+            write_placeholder(store.as_ref(), lease).await?;
+            return Ok(None);
+        };
+        let model_path = local_model(lease, &config.model_cache).await?;
+        match &lease.task.work {
+            Work::Render { .. } => {
+                let (l, profile, cancel) = (lease.clone(), config.profile, cancel.clone());
+                let units = torch.run(lease, model_path, move |loaded| render_units(loaded, &l, profile, &cancel)).await?;
+                Ok(Some((store, units)))
+            }
+            Work::Map { shard, source } => {
+                let dataset = dataset_store(stores, lease).await?;
+                examples::run_map(torch, lease, model_path, dataset.as_ref(), store.as_ref(), *shard, source, cancel.clone()).await?;
+                Ok(None)
+            }
+            Work::Reduce { layer } => {
+                let dataset = dataset_store(stores, lease).await?;
+                examples::run_reduce(torch, lease, model_path, dataset.as_ref(), store.as_ref(), layer).await?;
+                Ok(None)
+            }
+        }
+    };
+    let (result, shutting_down) = with_renewal(api.as_ref(), lease, &cancel, Some(shutdown), work).await;
+    let failure = match result {
+        Ok(Some((store, units))) => return Some(Outcome::Rendered(store, units)),
+        Ok(None) => {
+            report_complete(api.as_ref(), lease, shutdown).await;
+            return Some(Outcome::Done);
+        }
+        Err(Error::Cancelled) if shutting_down => Failure { retryable: true, message: "the worker shut down".into() },
+        Err(Error::Cancelled) => return None,
+        Err(e) => Failure { retryable: e.retryable(), message: e.to_string() },
+    };
+    report_failure(api.as_ref(), lease, failure).await;
+    None
+}
+
+/// The dataset's store, for map and reduce tasks.
+async fn dataset_store(stores: &mut Stores, lease: &Lease) -> Result<Arc<dyn ArtifactStore>> {
+    let dataset = lease.job.dataset.as_ref().ok_or_else(|| Error::Model(format!("task {} is a dataset task of a job without a dataset", lease.task.id())))?;
+    stores.open(&dataset.uri).await
+}
+
+/// Runs `work` while renewing the lease every third of its time to live. A lease that
+/// ends (job cancelled, lease lost) or a shutdown, when `shutdown` is given, sets
+/// `cancel`, which the work polls. Returns the work's result and whether the worker is
+/// shutting down.
+async fn with_renewal<T>(
+    api: &dyn WorkerApi,
+    lease: &Lease,
+    cancel: &AtomicBool,
+    mut shutdown: Option<&mut watch::Receiver<bool>>,
+    work: impl std::future::Future<Output = T>,
+) -> (T, bool) {
+    let task_id = lease.task.id();
     let renew_every = Duration::from_millis(lease.deadline_ms.saturating_sub(now_ms()) / 3).max(Duration::from_millis(50));
     let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
     let mut shutting_down = false;
-    let render = async {
-        let store = stores.open(&lease.job.out).await?;
-        let Some(renderer) = renderer else { return write_placeholder(store.as_ref(), &lease).await.map(|_| (store, Vec::new())) };
-        let model_path = local_model(&lease, &config.model_cache).await?;
-        Ok((store, renderer.render(lease.clone(), model_path, cancel.clone()).await?))
-    };
-    tokio::pin!(render);
-    let result = loop {
+    tokio::pin!(work);
+    loop {
         tokio::select! {
-            r = &mut render => break r,
+            r = &mut work => return (r, shutting_down),
             _ = renew.tick() => match api.renew(&lease.lease_id).await {
                 Ok(LeaseState::Held) => {}
                 Ok(state) => {
@@ -251,29 +380,46 @@ async fn run_task(
                 }
                 Err(e) => warn!(task_id, error = %e, "renewing the lease failed"),
             },
-            _ = stopped(shutdown), if !shutting_down => {
+            _ = stopped_if(shutdown.as_deref_mut()), if !shutting_down => {
                 shutting_down = true;
                 cancel.store(true, Ordering::Relaxed);
             }
         }
-    };
-    let failure = match result {
-        Ok((store, units)) => match write_units(store.as_ref(), &lease, &units).await {
-            Ok(()) => {
-                report_complete(api, &lease, shutdown).await;
-                return Some(units.len() as u64);
-            }
-            Err(e) => Failure { retryable: true, message: e.to_string() },
-        },
-        Err(Error::Cancelled) if shutting_down => Failure { retryable: true, message: "the worker shut down".into() },
-        Err(Error::Cancelled) => return None,
-        Err(e) => Failure { retryable: e.retryable(), message: e.to_string() },
-    };
+    }
+}
+
+/// [`stopped`], or never without a receiver.
+async fn stopped_if(shutdown: Option<&mut watch::Receiver<bool>>) {
+    match shutdown {
+        Some(s) => stopped(s).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stores a rendered task's images and records and reports the task, renewing its lease
+/// meanwhile. Returns the number of images written when the task completed.
+async fn finish_render(api: Arc<dyn WorkerApi>, store: Arc<dyn ArtifactStore>, lease: Lease, units: Vec<RenderedUnit>, mut shutdown: watch::Receiver<bool>) -> Option<u64> {
+    // Storing is not interrupted by a shutdown: it is short, and the work is done.
+    let unused = AtomicBool::new(false);
+    let (result, _) = with_renewal(api.as_ref(), &lease, &unused, None, write_units(store.as_ref(), &lease, &units)).await;
+    match result {
+        Ok(()) => {
+            report_complete(api.as_ref(), &lease, &mut shutdown).await;
+            Some(units.len() as u64)
+        }
+        Err(e) => {
+            report_failure(api.as_ref(), &lease, Failure { retryable: true, message: e.to_string() }).await;
+            None
+        }
+    }
+}
+
+async fn report_failure(api: &dyn WorkerApi, lease: &Lease, failure: Failure) {
+    let task_id = lease.task.id();
     warn!(task_id, retryable = failure.retryable, message = %failure.message, "task failed");
     if let Err(e) = api.fail(&lease.lease_id, failure).await {
         warn!(task_id, error = %e, "reporting the failure failed; the lease will expire");
     }
-    None
 }
 
 /// Reports a finished task. The outputs are already stored, so a coordinator that is
@@ -303,15 +449,15 @@ async fn write_placeholder(store: &dyn ArtifactStore, lease: &Lease) -> Result<(
 /// Each unit's PNG, then its record: the record is written last, so its presence means
 /// the image is whole.
 async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[RenderedUnit]) -> Result<()> {
-    let segment = atlas::layer_segment(&lease.task.layer)?;
+    let Work::Render { layer, technique, .. } = &lease.task.work else { unreachable!("only render tasks have images") };
+    let (segment, technique) = (atlas::layer_segment(layer)?, *technique);
     let size = lease.job.settings.size;
     for u in units {
-        let technique = lease.task.technique;
         let image_key = atlas::image_key(&segment, u.unit, technique);
         store.put(&image_key, crate::png::encode_rgb(&u.rgb, size, size)).await?;
         let record = UnitRecord {
             format_version: atlas::FORMAT_VERSION,
-            layer: lease.task.layer.clone(),
+            layer: layer.clone(),
             unit: u.unit,
             technique,
             image: format!("{technique}.png"),

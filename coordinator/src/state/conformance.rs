@@ -1,28 +1,52 @@
 //! The behaviour every [`StateStore`] backend must show. Time is passed in, so expiry is
 //! tested without sleeping.
 
-use loupe_core::spec::{JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
-use loupe_core::task::{Failure, LeaseState, TaskSpec};
+use loupe_core::spec::{DatasetSpec, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
+use loupe_core::task::{Failure, Lease, LeaseState, ShardSource, Work};
 
-use super::{JobState, LeasePolicy, StateStore};
+use super::{JobState, LeasePolicy, NewTask, StateError, StateStore};
 
 const POLICY: LeasePolicy = LeasePolicy { ttl_ms: 1_000, max_attempts: 3 };
 
-fn spec() -> JobSpec {
+pub(crate) fn spec() -> JobSpec {
     JobSpec {
         model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
         layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3] }],
         techniques: vec![Technique::Channel],
-        settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05 },
+        settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, precision: Default::default() },
         batch: 2,
         out: "out".into(),
+        dataset: None,
     }
 }
 
-fn tasks(n: u32) -> Vec<TaskSpec> {
+fn tasks(n: u32) -> Vec<NewTask> {
     (0..n)
-        .map(|i| TaskSpec { job_id: String::new(), index: i, layer: "conv".into(), technique: Technique::Channel, units: vec![2 * i, 2 * i + 1] })
+        .map(|i| NewTask::runnable(Work::Render { layer: "conv".into(), technique: Technique::Channel, units: vec![2 * i, 2 * i + 1] }))
         .collect()
+}
+
+/// [`spec`] with a dataset.
+pub(crate) fn dataset_spec() -> JobSpec {
+    JobSpec { dataset: Some(DatasetSpec { uri: "images/".into(), examples: 4, images_per_shard: 2 }), ..spec() }
+}
+
+pub(crate) fn map(shard: u32) -> Work {
+    Work::Map { shard, source: ShardSource::Images { keys: vec![format!("{shard}a.jpg"), format!("{shard}b.jpg")] } }
+}
+
+/// A dataset job's tasks, as the coordinator shards them: `renders` render tasks, then
+/// `maps` maps, then `reduces` reduces that each wait on every map.
+pub(crate) fn dataset_tasks(renders: u32, maps: u32, reduces: u32) -> Vec<NewTask> {
+    let mut all = tasks(renders);
+    let map_indices: Vec<u32> = (renders..renders + maps).collect();
+    all.extend((0..maps).map(|m| NewTask::runnable(map(m))));
+    all.extend((0..reduces).map(|r| NewTask { work: Work::Reduce { layer: format!("layer{r}") }, after: map_indices.clone() }));
+    all
+}
+
+fn is_reduce(l: &Lease) -> bool {
+    matches!(l.task.work, Work::Reduce { .. })
 }
 
 pub async fn run_all(make: impl Fn() -> Box<dyn StateStore>) {
@@ -39,6 +63,11 @@ pub async fn run_all_async<F: std::future::Future<Output = Box<dyn StateStore>>>
     a_permanent_failure_fails_the_job_at_once(make().await.as_ref()).await;
     a_cancelled_job_stops_its_workers_and_leases_nothing(make().await.as_ref()).await;
     a_job_with_nothing_to_render_goes_straight_to_indexing(make().await.as_ref()).await;
+    a_reduce_is_leased_only_after_every_map_is_done(make().await.as_ref()).await;
+    a_map_retried_after_its_lease_expired_still_gates_the_reduce(make().await.as_ref()).await;
+    a_map_retried_after_a_failure_still_gates_the_reduce(make().await.as_ref()).await;
+    a_failed_or_cancelled_job_never_releases_its_reduces(make().await.as_ref(), make().await.as_ref()).await;
+    a_task_may_wait_only_on_earlier_tasks(make().await.as_ref()).await;
 }
 
 async fn each_task_is_leased_once_and_the_last_completion_ends_the_job(s: &dyn StateStore) {
@@ -133,4 +162,114 @@ async fn a_job_with_nothing_to_render_goes_straight_to_indexing(s: &dyn StateSto
     let id = s.create_job(spec(), vec![], 4, 0).await.unwrap();
     let st = s.job(&id).await.unwrap();
     assert_eq!((st.state, st.images_skipped, st.images_total), (JobState::Indexing, 4, 4));
+}
+
+async fn a_reduce_is_leased_only_after_every_map_is_done(s: &dyn StateStore) {
+    // Tasks 0 (render), 1 and 2 (maps), 3 (reduce of layer0), 4 (reduce of layer1).
+    let id = s.create_job(dataset_spec(), dataset_tasks(1, 2, 2), 0, 0).await.unwrap();
+    let st = s.job(&id).await.unwrap();
+    assert_eq!((st.tasks_total, st.maps_total, st.reduces_total, st.maps_done, st.reduces_done), (5, 2, 2, 0, 0));
+    let render = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
+    let map0 = s.lease("w2", 0, POLICY).await.unwrap().unwrap();
+    assert_eq!((render.task.index, map0.task.index), (0, 1));
+    assert_eq!(map0.task.work, map(0), "a map's work survives the store");
+    assert_eq!(map0.job.dataset, dataset_spec().dataset, "the lease carries the dataset");
+    assert_eq!(render.job.dataset, dataset_spec().dataset);
+    // One map done, the other still pending: the next lease is that map, not a reduce.
+    assert_eq!(s.complete(&map0.lease_id, 1).await.unwrap(), super::Completion { lease: LeaseState::Held, job_done: false });
+    let map1 = s.lease("w2", 1, POLICY).await.unwrap().unwrap();
+    assert_eq!((map1.task.index, map1.task.work.clone()), (2, map(1)));
+    // The last map is leased, not done: still nothing to lease.
+    assert!(s.lease("w3", 1, POLICY).await.unwrap().is_none(), "no reduce while a map is leased");
+    assert!(!s.complete(&render.lease_id, 2).await.unwrap().job_done);
+    assert!(s.lease("w3", 2, POLICY).await.unwrap().is_none(), "no reduce while a map is leased");
+    let st = s.job(&id).await.unwrap();
+    assert_eq!((st.tasks_done, st.maps_done, st.images_done), (2, 1, 2));
+    // The last map's completion releases both reduces.
+    assert!(!s.complete(&map1.lease_id, 3).await.unwrap().job_done);
+    let r0 = s.lease("w1", 3, POLICY).await.unwrap().expect("the reduces are runnable after the last map");
+    let r1 = s.lease("w2", 3, POLICY).await.unwrap().expect("both reduces are runnable");
+    let mut reduces = vec![r0.task.work.clone(), r1.task.work.clone()];
+    reduces.sort_by_key(|w| w.layer().map(str::to_string));
+    assert_eq!(reduces, vec![Work::Reduce { layer: "layer0".into() }, Work::Reduce { layer: "layer1".into() }]);
+    assert_eq!((r0.attempt, r1.attempt), (1, 1));
+    assert!(s.lease("w3", 3, POLICY).await.unwrap().is_none());
+    assert!(!s.complete(&r0.lease_id, 4).await.unwrap().job_done);
+    assert!(s.complete(&r1.lease_id, 4).await.unwrap().job_done, "the last reduce ends the job");
+    let st = s.job(&id).await.unwrap();
+    assert_eq!(
+        (st.state, st.tasks_done, st.maps_done, st.reduces_done, st.images_done),
+        (JobState::Indexing, 5, 2, 2, 2),
+        "map and reduce tasks count no images"
+    );
+}
+
+async fn a_map_retried_after_its_lease_expired_still_gates_the_reduce(s: &dyn StateStore) {
+    let id = s.create_job(dataset_spec(), dataset_tasks(0, 2, 1), 0, 0).await.unwrap();
+    let a = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
+    let b = s.lease("w2", 0, POLICY).await.unwrap().unwrap();
+    assert!(!s.complete(&a.lease_id, 10).await.unwrap().job_done);
+    // b's worker dies: its lease expires and the map is granted again, not the reduce.
+    let later = POLICY.ttl_ms + 1;
+    let b2 = s.lease("w3", later, POLICY).await.unwrap().expect("the expired map is leased again");
+    assert_eq!((b2.task.index, b2.attempt), (b.task.index, 2));
+    assert!(s.lease("w4", later, POLICY).await.unwrap().is_none(), "no reduce while the retried map runs");
+    // The stale holder's completion does not count, so it releases nothing.
+    assert_eq!(s.complete(&b.lease_id, later).await.unwrap().lease, LeaseState::Lost);
+    assert!(s.lease("w4", later, POLICY).await.unwrap().is_none(), "a stale completion releases nothing");
+    assert_eq!(s.job(&id).await.unwrap().maps_done, 1);
+    assert!(!s.complete(&b2.lease_id, later + 1).await.unwrap().job_done);
+    let r = s.lease("w4", later + 1, POLICY).await.unwrap().expect("the reduce, once the retried map is done");
+    assert!(is_reduce(&r), "{r:?}");
+    assert!(s.complete(&r.lease_id, later + 2).await.unwrap().job_done);
+}
+
+async fn a_map_retried_after_a_failure_still_gates_the_reduce(s: &dyn StateStore) {
+    s.create_job(dataset_spec(), dataset_tasks(0, 1, 1), 0, 0).await.unwrap();
+    let m = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
+    s.fail(&m.lease_id, Failure { retryable: true, message: "store timed out".into() }, 0, POLICY).await.unwrap();
+    let m2 = s.lease("w1", 0, POLICY).await.unwrap().expect("the failed map is retried");
+    assert_eq!((m2.task.index, m2.attempt), (0, 2));
+    assert!(s.lease("w2", 0, POLICY).await.unwrap().is_none(), "no reduce while the map is retried");
+    assert!(!s.complete(&m2.lease_id, 1).await.unwrap().job_done);
+    let r = s.lease("w2", 1, POLICY).await.unwrap().unwrap();
+    assert!(is_reduce(&r), "{r:?}");
+}
+
+async fn a_failed_or_cancelled_job_never_releases_its_reduces(failing: &dyn StateStore, cancelling: &dyn StateStore) {
+    let id = failing.create_job(dataset_spec(), dataset_tasks(0, 2, 1), 0, 0).await.unwrap();
+    let a = failing.lease("w1", 0, POLICY).await.unwrap().unwrap();
+    let b = failing.lease("w2", 0, POLICY).await.unwrap().unwrap();
+    assert!(!failing.complete(&a.lease_id, 1).await.unwrap().job_done);
+    failing.fail(&b.lease_id, Failure { retryable: false, message: "not an image".into() }, 1, POLICY).await.unwrap();
+    assert!(matches!(failing.job(&id).await.unwrap().state, JobState::Failed { .. }));
+    assert!(failing.lease("w3", 2, POLICY).await.unwrap().is_none(), "a failed job's reduce is never leased");
+
+    let id = cancelling.create_job(dataset_spec(), dataset_tasks(0, 2, 1), 0, 0).await.unwrap();
+    let a = cancelling.lease("w1", 0, POLICY).await.unwrap().unwrap();
+    let b = cancelling.lease("w2", 0, POLICY).await.unwrap().unwrap();
+    assert!(!cancelling.complete(&a.lease_id, 1).await.unwrap().job_done);
+    assert!(cancelling.cancel(&id).await.unwrap());
+    assert_eq!(cancelling.complete(&b.lease_id, 2).await.unwrap().lease, LeaseState::Cancelled);
+    assert!(cancelling.lease("w3", 2, POLICY).await.unwrap().is_none(), "a cancelled job's reduce is never leased");
+    let st = cancelling.job(&id).await.unwrap();
+    assert_eq!((st.state, st.maps_done, st.reduces_done), (JobState::Cancelled, 1, 0));
+}
+
+async fn a_task_may_wait_only_on_earlier_tasks(s: &dyn StateStore) {
+    let mut bad = dataset_tasks(0, 1, 1);
+    bad[0].after = vec![1];
+    match s.create_job(dataset_spec(), bad, 0, 0).await {
+        Err(StateError::InvalidTasks(msg)) => assert!(msg.contains("task 0 waits on task 1"), "{msg}"),
+        other => panic!("expected invalid tasks, got {other:?}"),
+    }
+    assert!(s.jobs().await.unwrap().is_empty(), "nothing is recorded");
+    // Duplicate prerequisites count once.
+    let mut twice = dataset_tasks(0, 1, 1);
+    twice[1].after = vec![0, 0];
+    s.create_job(dataset_spec(), twice, 0, 0).await.unwrap();
+    let m = s.lease("w", 0, POLICY).await.unwrap().unwrap();
+    assert!(!s.complete(&m.lease_id, 1).await.unwrap().job_done);
+    let r = s.lease("w", 1, POLICY).await.unwrap().expect("released by its one prerequisite");
+    assert!(s.complete(&r.lease_id, 2).await.unwrap().job_done);
 }

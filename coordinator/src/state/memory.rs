@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use loupe_core::spec::JobSpec;
-use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec, Work};
 
-use super::{Completion, JobState, JobStatus, LeasePolicy, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
 #[derive(Default)]
 pub struct MemoryStateStore {
@@ -28,7 +28,8 @@ struct Inner {
     jobs: HashMap<String, Job>,
     /// Job ids in submission order, for listing.
     order: Vec<String>,
-    /// Runnable tasks, oldest first.
+    /// Runnable tasks, oldest first. A task waiting on prerequisites joins when the last
+    /// of them completes.
     pending: VecDeque<(String, u32)>,
     /// Lease id -> the leased task.
     leases: HashMap<String, Held>,
@@ -42,6 +43,10 @@ struct Job {
 struct Task {
     spec: TaskSpec,
     attempts: u32,
+    /// Prerequisites not yet done.
+    waiting: u32,
+    /// Tasks that wait on this one.
+    dependents: Vec<u32>,
 }
 
 struct Held {
@@ -107,17 +112,21 @@ impl Inner {
 
 #[async_trait]
 impl StateStore for MemoryStateStore {
-    async fn create_job(&self, spec: JobSpec, tasks: Vec<TaskSpec>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+        let deps = Dependencies::of(&tasks)?;
+        let (maps_total, reduces_total) = count_dataset_tasks(&tasks);
         let mut inner = self.inner.lock().unwrap();
         inner.next_job += 1;
         let id = format!("job-{}", inner.next_job);
         let tasks: Vec<Task> = tasks
             .into_iter()
+            .zip(deps.waits.into_iter().zip(deps.dependents))
             .enumerate()
-            .map(|(i, mut spec)| {
-                spec.job_id = id.clone();
-                spec.index = i as u32;
-                Task { spec, attempts: 0 }
+            .map(|(i, (task, (waiting, dependents)))| Task {
+                spec: TaskSpec { job_id: id.clone(), index: i as u32, work: task.work },
+                attempts: 0,
+                waiting,
+                dependents,
             })
             .collect();
         let state = if tasks.is_empty() { JobState::Indexing } else { JobState::Running };
@@ -129,11 +138,17 @@ impl StateStore for MemoryStateStore {
             created_ms: now_ms,
             tasks_total: tasks.len() as u32,
             tasks_done: 0,
+            maps_total,
+            maps_done: 0,
+            reduces_total,
+            reduces_done: 0,
             images_skipped,
             images_done: 0,
         };
-        for i in 0..tasks.len() as u32 {
-            inner.pending.push_back((id.clone(), i));
+        for (i, task) in tasks.iter().enumerate() {
+            if task.waiting == 0 {
+                inner.pending.push_back((id.clone(), i as u32));
+            }
         }
         inner.order.push(id.clone());
         inner.jobs.insert(id.clone(), Job { status, tasks });
@@ -155,7 +170,7 @@ impl StateStore for MemoryStateStore {
                 task: task.spec.clone(),
                 attempt: task.attempts,
                 deadline_ms: now_ms + policy.ttl_ms,
-                job: JobContext { model: job.status.spec.model.clone(), settings: job.status.spec.settings.clone(), out: job.status.spec.out.clone() },
+                job: JobContext::of(&job.status.spec),
             };
             let held = Held { job_id, index, attempt: lease.attempt, deadline_ms: lease.deadline_ms, worker: worker.to_string() };
             inner.leases.insert(lease.lease_id.clone(), held);
@@ -182,11 +197,28 @@ impl StateStore for MemoryStateStore {
         };
         let job = inner.jobs.get_mut(&held.job_id).expect("leased task's job exists");
         job.status.tasks_done += 1;
-        job.status.images_done += job.tasks[held.index as usize].spec.units.len() as u64;
+        let task = &job.tasks[held.index as usize];
+        job.status.images_done += task.spec.work.images();
+        match task.spec.work {
+            Work::Map { .. } => job.status.maps_done += 1,
+            Work::Reduce { .. } => job.status.reduces_done += 1,
+            Work::Render { .. } => {}
+        }
+        // A held lease means a running job: a failed or cancelled one has no leases, so it
+        // never gets here and never releases the tasks waiting on this one.
+        let mut released = Vec::new();
+        for d in task.dependents.clone() {
+            let dependent = &mut job.tasks[d as usize];
+            dependent.waiting -= 1;
+            if dependent.waiting == 0 {
+                released.push((held.job_id.clone(), d));
+            }
+        }
         let job_done = job.status.tasks_done == job.status.tasks_total;
         if job_done {
             job.status.state = JobState::Indexing;
         }
+        inner.pending.extend(released);
         Ok(Completion { lease: LeaseState::Held, job_done })
     }
 

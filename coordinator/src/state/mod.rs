@@ -1,11 +1,16 @@
 //! The coordinator's state: jobs, their tasks and the leases on them. Every method is one
 //! atomic transition, so two coordinators sharing a backend can never grant one task
 //! twice. The in-memory backend serves `loupe render`; the cluster adds Redis.
+//!
+//! A task may wait on other tasks of its job (a dataset reduce waits on every map): it is
+//! not runnable, and no lease grants it, until all of them are done. The completion of
+//! its last prerequisite makes it runnable in the same transition. The dependencies are
+//! state like any other, so a restarted coordinator keeps them.
 
 use async_trait::async_trait;
 use loupe_core::spec::JobSpec;
 pub use loupe_core::job::{JobState, JobStatus};
-use loupe_core::task::{Failure, Lease, LeaseState, TaskSpec};
+use loupe_core::task::{Failure, Lease, LeaseState, Work};
 
 mod memory;
 pub use memory::MemoryStateStore;
@@ -21,6 +26,10 @@ pub enum StateError {
     NoSuchJob(String),
     #[error("state store: {0}")]
     Backend(String),
+    /// The tasks given to `create_job` do not form a valid job (a prerequisite that is
+    /// not an earlier task of the job).
+    #[error("invalid tasks: {0}")]
+    InvalidTasks(String),
 }
 
 pub type StateResult<T> = std::result::Result<T, StateError>;
@@ -31,6 +40,57 @@ pub struct LeasePolicy {
     pub ttl_ms: u64,
     /// Attempts a task may use, counting expired leases and retryable failures.
     pub max_attempts: u32,
+}
+
+/// A task as a job is created with: its work, and the tasks it waits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTask {
+    pub work: Work,
+    /// Positions (in the list given to `create_job`) of earlier tasks of the same job that
+    /// must all be done before this one is runnable. Empty: runnable at once.
+    pub after: Vec<u32>,
+}
+
+impl NewTask {
+    /// A task that waits on nothing.
+    pub fn runnable(work: Work) -> NewTask {
+        NewTask { work, after: Vec::new() }
+    }
+}
+
+/// The dependency graph of a job's tasks, checked: per task, how many prerequisites it
+/// waits on, and which tasks wait on it (sorted). Prerequisites must come earlier in the
+/// list, which rules out cycles, so a job always has a runnable task until it is done.
+pub(crate) struct Dependencies {
+    pub waits: Vec<u32>,
+    pub dependents: Vec<Vec<u32>>,
+}
+
+impl Dependencies {
+    pub fn of(tasks: &[NewTask]) -> StateResult<Dependencies> {
+        let mut waits = vec![0u32; tasks.len()];
+        let mut dependents = vec![Vec::new(); tasks.len()];
+        for (i, task) in tasks.iter().enumerate() {
+            let mut after = task.after.clone();
+            after.sort_unstable();
+            after.dedup();
+            if let Some(&bad) = after.iter().find(|&&p| p as usize >= i) {
+                return Err(StateError::InvalidTasks(format!("task {i} waits on task {bad}, which does not come before it")));
+            }
+            waits[i] = after.len() as u32;
+            for p in after {
+                dependents[p as usize].push(i as u32);
+            }
+        }
+        Ok(Dependencies { waits, dependents })
+    }
+}
+
+/// How many of the tasks are dataset maps and reduces.
+pub(crate) fn count_dataset_tasks(tasks: &[NewTask]) -> (u32, u32) {
+    let maps = tasks.iter().filter(|t| matches!(t.work, Work::Map { .. })).count() as u32;
+    let reduces = tasks.iter().filter(|t| matches!(t.work, Work::Reduce { .. })).count() as u32;
+    (maps, reduces)
 }
 
 /// What `complete` did.
@@ -44,12 +104,16 @@ pub struct Completion {
 #[async_trait]
 pub trait StateStore: Send + Sync {
     /// Records a new job and its tasks (which may be none, when the atlas already holds
-    /// everything). Returns the job id.
-    async fn create_job(&self, spec: JobSpec, tasks: Vec<TaskSpec>, images_skipped: u64, now_ms: u64) -> StateResult<String>;
+    /// everything), numbered in the order given. Tasks that wait on nothing are runnable
+    /// at once; the others when their last prerequisite completes. Returns the job id.
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<String>;
     /// Grants the next runnable task: a pending one, or one whose lease expired. A task
-    /// that has used all its attempts fails its job instead.
+    /// that has used all its attempts fails its job instead. A task still waiting on a
+    /// prerequisite is never granted.
     async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>>;
     async fn renew(&self, lease_id: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
+    /// Records the task done, and makes runnable the tasks for which it was the last
+    /// prerequisite still to be done.
     async fn complete(&self, lease_id: &str, now_ms: u64) -> StateResult<Completion>;
     /// A retryable failure goes back to pending while attempts remain; any other fails the job.
     async fn fail(&self, lease_id: &str, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;

@@ -11,13 +11,22 @@
 //! - `jobs`: LIST of job ids in submission order.
 //! - `job:<id>`: HASH of the job's status: `spec` and `ctx` (the [`JobContext`] a lease
 //!   carries) as JSON, `state` (`running`, `indexing`, `succeeded`, `failed`,
-//!   `cancelled`), `message`, and the counters.
+//!   `cancelled`), `message`, and the counters (`tasks_*`, `images_*`, and `maps_total`,
+//!   `maps_done`, `reduces_total`, `reduces_done` for dataset tasks; absent in jobs
+//!   stored before datasets, read as 0).
 //! - `tasks:<id>`: HASH of the job's tasks: `<index>` -> [`TaskSpec`] JSON, `n<index>` ->
-//!   its number of units, `a<index>` -> attempts used.
+//!   the images it renders (its units; 0 for dataset tasks), `a<index>` -> attempts used,
+//!   `k<index>` -> `map` or `reduce` for a dataset task (absent for a render), and the
+//!   dependencies: `w<index>` -> how many of the task's prerequisites are not yet done
+//!   (present only while it waits), `d<index>` -> the tasks waiting on this one, as
+//!   comma-separated half-open runs `<lo>:<hi>` (absent when none; every map of a job
+//!   names its reduces in one run).
 //! - `pending`: LIST of runnable tasks, oldest first. An entry is one task,
 //!   `<job>/<index>`, or a half-open run of a new job's tasks, `<job>/<lo>:<hi>`, so
 //!   submitting a job of any size queues it in O(1) and leasing from it stays O(1).
-//!   Expired leases go back at the front, retries at the back.
+//!   Expired leases go back at the front, retries at the back. A waiting task is in no
+//!   entry: the completion that brings its `w<index>` to 0 deletes that field and pushes
+//!   it at the back, in the same script, so no lease can grant it early.
 //! - `leases`: HASH lease id -> worker; `deadlines`: ZSET lease id -> deadline (ms), so
 //!   reclaiming reads only expired entries; `jobleases:<id>`: SET of a job's lease ids,
 //!   dropped when the job fails or is cancelled.
@@ -39,10 +48,10 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ScriptInvocation};
 
-use loupe_core::spec::JobSpec;
-use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec};
+use loupe_core::spec::{to_ranges, JobSpec};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec, Work};
 
-use super::{Completion, JobState, JobStatus, LeasePolicy, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
 /// Tasks written per pipelined round trip when a job is submitted.
 const TASKS_PER_ROUND_TRIP: usize = 2_000;
@@ -128,16 +137,21 @@ local function reclaim_expired(now, max_attempts)
 end
 "#;
 
-/// ARGV: prefix, job id, spec, ctx, state, created_ms, tasks_total, images_total, images_skipped.
+/// ARGV: prefix, job id, spec, ctx, state, created_ms, tasks_total, images_total,
+/// images_skipped, maps_total, reduces_total, then the runs `<lo>:<hi>` of tasks that are
+/// runnable at once (the others wait on prerequisites).
 const CREATE: &str = r#"
 local job = ARGV[2]
 redis.call('HSET', job_key(job), 'id', job, 'spec', ARGV[3], 'ctx', ARGV[4], 'state', ARGV[5],
   'message', '', 'created_ms', ARGV[6], 'tasks_total', ARGV[7], 'tasks_done', '0',
-  'images_total', ARGV[8], 'images_skipped', ARGV[9], 'images_done', '0')
+  'images_total', ARGV[8], 'images_skipped', ARGV[9], 'images_done', '0',
+  'maps_total', ARGV[10], 'maps_done', '0', 'reduces_total', ARGV[11], 'reduces_done', '0')
 redis.call('RPUSH', P .. 'jobs', job)
 if tonumber(ARGV[7]) > 0 then
   redis.call('PERSIST', tasks_key(job))
-  redis.call('RPUSH', PENDING, job .. '/0:' .. ARGV[7])
+  for i = 12, #ARGV do
+    redis.call('RPUSH', PENDING, job .. '/' .. ARGV[i])
+  end
 end
 return 1
 "#;
@@ -192,6 +206,8 @@ return state
 "#;
 
 /// ARGV: prefix, lease id. Returns {lease state code, 1 if the job is now indexing}.
+/// Only a held lease counts, and a failed or cancelled job has none, so such a job
+/// never releases the tasks waiting on this one.
 const COMPLETE: &str = r#"
 local id = ARGV[2]
 local state = lease_state(id)
@@ -199,9 +215,24 @@ if state ~= 0 then return {state, 0} end
 local job, index = parse_lease(id)
 drop_lease(id, job)
 local key = job_key(job)
+local tasks = tasks_key(job)
 local done = redis.call('HINCRBY', key, 'tasks_done', 1)
-local units = redis.call('HGET', tasks_key(job), 'n' .. index) or '0'
+local units = redis.call('HGET', tasks, 'n' .. index) or '0'
 redis.call('HINCRBY', key, 'images_done', units)
+local kind = redis.call('HGET', tasks, 'k' .. index)
+if kind then redis.call('HINCRBY', key, kind .. 's_done', 1) end
+local dependents = redis.call('HGET', tasks, 'd' .. index)
+if dependents and redis.call('HGET', key, 'state') == 'running' then
+  for lo, hi in string.gmatch(dependents, '(%d+):(%d+)') do
+    for d = tonumber(lo), tonumber(hi) - 1 do
+      local dep = string.format('%d', d)
+      if redis.call('HINCRBY', tasks, 'w' .. dep, -1) == 0 then
+        redis.call('HDEL', tasks, 'w' .. dep)
+        redis.call('RPUSH', PENDING, job .. '/' .. dep)
+      end
+    end
+  end
+end
 if done == tonumber(redis.call('HGET', key, 'tasks_total')) then
   redis.call('HSET', key, 'state', 'indexing')
   return {0, 1}
@@ -252,9 +283,24 @@ redis.call('UNLINK', tasks_key(job))
 return 1
 "#;
 
-/// The job hash fields [`RedisStateStore::job`] reads, in this order.
-const STATUS_FIELDS: [&str; 10] =
-    ["id", "spec", "state", "message", "created_ms", "tasks_total", "tasks_done", "images_total", "images_skipped", "images_done"];
+/// The job hash fields [`RedisStateStore::job`] reads, in this order; the dataset task
+/// counters come last, as jobs stored before them lack them.
+const STATUS_FIELDS: [&str; 14] = [
+    "id",
+    "spec",
+    "state",
+    "message",
+    "created_ms",
+    "tasks_total",
+    "tasks_done",
+    "images_total",
+    "images_skipped",
+    "images_done",
+    "maps_total",
+    "maps_done",
+    "reduces_total",
+    "reduces_done",
+];
 
 struct Scripts {
     create: Script,
@@ -389,6 +435,8 @@ impl RedisStateStore {
         let images_total = num("images_total")?;
         let images_skipped = num("images_skipped")?;
         let images_done = num("images_done")?;
+        let mut count = || next().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        let (maps_total, maps_done, reduces_total, reduces_done) = (count(), count(), count(), count());
         Ok(JobStatus {
             id,
             spec: serde_json::from_str(&spec).map_err(|e| backend(format!("job {job_id} spec: {e}")))?,
@@ -399,6 +447,10 @@ impl RedisStateStore {
             images_total,
             images_skipped,
             images_done,
+            maps_total,
+            maps_done,
+            reduces_total,
+            reduces_done,
         })
     }
 
@@ -422,6 +474,11 @@ impl RedisStateStore {
     }
 }
 
+/// Sorted task indices as comma-separated half-open runs `<lo>:<hi>`, as the scripts read them.
+fn runs(indices: &[u32]) -> String {
+    to_ranges(indices).into_iter().map(|(lo, hi)| format!("{lo}:{hi}")).collect::<Vec<_>>().join(",")
+}
+
 /// Runs a read again once if it failed for want of a connection (the manager reconnects
 /// in the meantime). Only reads: a transition that failed may have happened.
 async fn read_twice<T, F, Fut>(f: F) -> StateResult<T>
@@ -437,10 +494,12 @@ where
 
 #[async_trait]
 impl StateStore for RedisStateStore {
-    async fn create_job(&self, spec: JobSpec, tasks: Vec<TaskSpec>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+        let deps = Dependencies::of(&tasks)?;
+        let (maps_total, reduces_total) = count_dataset_tasks(&tasks);
+        let tasks_total = u32::try_from(tasks.len()).map_err(|_| backend("too many tasks in one job"))?;
         let n: u64 = self.query(redis::cmd("INCR").arg(self.key("jobseq"))).await?;
         let id = format!("job-{n}");
-        let tasks_total = u32::try_from(tasks.len()).map_err(|_| backend("too many tasks in one job"))?;
         let tasks_key = self.key(&format!("tasks:{id}"));
         let mut conn = self.conn.clone();
         for (r, round) in tasks.chunks(TASKS_PER_ROUND_TRIP).enumerate() {
@@ -451,9 +510,20 @@ impl StateStore for RedisStateStore {
                 hset.arg(&tasks_key);
                 for (i, task) in chunk.iter().enumerate() {
                     let index = (first + i) as u32;
-                    let task = TaskSpec { job_id: id.clone(), index, ..task.clone() };
-                    let json = serde_json::to_string(&task).map_err(backend)?;
-                    hset.arg(index).arg(json).arg(format!("n{index}")).arg(task.units.len());
+                    let spec = TaskSpec { job_id: id.clone(), index, work: task.work.clone() };
+                    let json = serde_json::to_string(&spec).map_err(backend)?;
+                    hset.arg(index).arg(json).arg(format!("n{index}")).arg(spec.work.images());
+                    if !matches!(spec.work, Work::Render { .. }) {
+                        hset.arg(format!("k{index}")).arg(spec.work.kind());
+                    }
+                    let waits = deps.waits[index as usize];
+                    if waits > 0 {
+                        hset.arg(format!("w{index}")).arg(waits);
+                    }
+                    let dependents = &deps.dependents[index as usize];
+                    if !dependents.is_empty() {
+                        hset.arg(format!("d{index}")).arg(runs(dependents));
+                    }
                 }
                 pipe.add_command(hset).ignore();
             }
@@ -462,8 +532,9 @@ impl StateStore for RedisStateStore {
             }
             pipe.exec_async(&mut conn).await.map_err(backend)?;
         }
-        let ctx = JobContext { model: spec.model.clone(), settings: spec.settings.clone(), out: spec.out.clone() };
+        let ctx = JobContext::of(&spec);
         let state = if tasks_total == 0 { JobState::Indexing } else { JobState::Running };
+        let runnable: Vec<u32> = (0..tasks_total).filter(|&i| deps.waits[i as usize] == 0).collect();
         let mut inv = self.invocation(&self.scripts.create);
         inv.arg(&id)
             .arg(serde_json::to_string(&spec).map_err(backend)?)
@@ -472,7 +543,12 @@ impl StateStore for RedisStateStore {
             .arg(now_ms)
             .arg(tasks_total)
             .arg(spec.total_images())
-            .arg(images_skipped);
+            .arg(images_skipped)
+            .arg(maps_total)
+            .arg(reduces_total);
+        for (lo, hi) in to_ranges(&runnable) {
+            inv.arg(format!("{lo}:{hi}"));
+        }
         let _: i64 = self.invoke(&inv).await?;
         Ok(id)
     }
@@ -565,22 +641,19 @@ mod tests {
             model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
             layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3] }],
             techniques: vec![Technique::Channel],
-            settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 7, learning_rate: 0.05 },
+            settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 7, learning_rate: 0.05, precision: Default::default() },
             batch: 2,
             out: "out".into(),
+            dataset: None,
         }
     }
 
-    fn tasks(n: u32, units: u32) -> Vec<TaskSpec> {
-        (0..n)
-            .map(|i| TaskSpec {
-                job_id: String::new(),
-                index: 0,
-                layer: "conv".into(),
-                technique: Technique::Channel,
-                units: (0..units).map(|u| i * units + u).collect(),
-            })
-            .collect()
+    fn render(i: u32, units: u32) -> Work {
+        Work::Render { layer: "conv".into(), technique: Technique::Channel, units: (0..units).map(|u| i * units + u).collect() }
+    }
+
+    fn tasks(n: u32, units: u32) -> Vec<NewTask> {
+        (0..n).map(|i| NewTask::runnable(render(i, units))).collect()
     }
 
     /// Retries `f` until it succeeds, for calls made while Redis comes back.
@@ -677,9 +750,9 @@ mod tests {
         let id = s.create_job(spec(), tasks(3, 2), 5, 42).await.unwrap();
         let l = s.lease("w", 100, POLICY).await.unwrap().unwrap();
         assert_eq!(l.lease_id, format!("{id}/0#1"));
-        assert_eq!(l.task, TaskSpec { job_id: id.clone(), index: 0, layer: "conv".into(), technique: Technique::Channel, units: vec![0, 1] });
+        assert_eq!(l.task, TaskSpec { job_id: id.clone(), index: 0, work: render(0, 2) });
         assert_eq!(l.deadline_ms, 100 + POLICY.ttl_ms);
-        assert_eq!(l.job, JobContext { model: spec().model, settings: spec().settings, out: "out".into() });
+        assert_eq!(l.job, JobContext::of(&spec()));
         let st = s.job(&id).await.unwrap();
         assert_eq!((st.spec, st.created_ms, st.tasks_total, st.images_skipped, st.images_total), (spec(), 42, 3, 5, 4));
         // Expired leases go back to the front of the line; retries to the back.
@@ -756,6 +829,102 @@ mod tests {
         }
         assert!(s.complete(&d.lease_id, 4).await.unwrap().job_done);
         assert_eq!(s.job(&id).await.unwrap().images_done, 8);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_coordinator_keeps_a_reduce_blocked_until_the_last_map() {
+        use crate::state::conformance::{dataset_spec, dataset_tasks};
+        let server = RedisServer::start();
+        let prefix = fresh_prefix();
+        let first = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        // Tasks 0 (render), 1 to 3 (maps), 4 (the reduce).
+        let id = first.create_job(dataset_spec(), dataset_tasks(1, 3, 1), 0, 0).await.unwrap();
+        let leases: Vec<Lease> = lease_n(first.clone(), 4).await;
+        assert_eq!(leases.iter().map(|l| l.task.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert!(!first.complete(&leases[1].lease_id, 1).await.unwrap().job_done);
+        assert!(!first.complete(&leases[2].lease_id, 1).await.unwrap().job_done);
+        drop(first);
+
+        let second = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let st = second.job(&id).await.unwrap();
+        assert_eq!((st.tasks_total, st.tasks_done, st.maps_total, st.maps_done, st.reduces_total), (5, 2, 3, 2, 1));
+        assert!(second.lease("w", 2, POLICY).await.unwrap().is_none(), "the reduce is still blocked after a restart");
+        assert!(!second.complete(&leases[0].lease_id, 3).await.unwrap().job_done);
+        assert!(second.lease("w", 3, POLICY).await.unwrap().is_none(), "a render does not release the reduce");
+        let mut waiting = redis::cmd("HGET");
+        waiting.arg(second.key(&format!("tasks:{id}"))).arg("w4");
+        assert_eq!(second.query::<Option<u32>>(&waiting).await.unwrap(), Some(1), "one map left, in Redis");
+        assert!(!second.complete(&leases[3].lease_id, 4).await.unwrap().job_done);
+        assert_eq!(second.query::<Option<u32>>(&waiting).await.unwrap(), None);
+        let r = second.lease("w", 5, POLICY).await.unwrap().expect("the last map released the reduce");
+        assert_eq!((r.task.index, r.task.work.clone()), (4, Work::Reduce { layer: "layer0".into() }));
+        assert!(second.complete(&r.lease_id, 6).await.unwrap().job_done);
+        let st = second.job(&id).await.unwrap();
+        assert_eq!((st.state, st.maps_done, st.reduces_done, st.images_done), (JobState::Indexing, 3, 1, 2));
+    }
+
+    /// `n` leases in a row from one store.
+    async fn lease_n(s: RedisStateStore, n: usize) -> Vec<Lease> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(s.lease("w", 0, POLICY).await.unwrap().unwrap());
+        }
+        out
+    }
+
+    /// Many workers on two coordinators drain a dataset job: every task once, and no
+    /// reduce before every map's completion was reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_coordinators_never_grant_a_reduce_early() {
+        use crate::state::conformance::{dataset_spec, dataset_tasks};
+        use std::sync::atomic::AtomicU32;
+        const RENDERS: u32 = 40;
+        const MAPS: u32 = 60;
+        const REDUCES: u32 = 5;
+        let server = RedisServer::start();
+        let prefix = fresh_prefix();
+        let a = Arc::new(RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap());
+        let b = Arc::new(RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap());
+        let id = a.create_job(dataset_spec(), dataset_tasks(RENDERS, MAPS, REDUCES), 0, 0).await.unwrap();
+        // Maps whose completion has been sent (counted before sending, so a reduce granted
+        // after the last one's completion always sees them all).
+        let maps_reported = Arc::new(AtomicU32::new(0));
+        let mut handles = Vec::new();
+        for (n, store) in [a.clone(), b.clone()].into_iter().cycle().take(8).enumerate() {
+            let maps_reported = maps_reported.clone();
+            handles.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut idle = 0;
+                while idle < 50 {
+                    let Some(lease) = store.lease(&format!("w{n}"), 0, POLICY).await.unwrap() else {
+                        // Reduces may still be blocked behind maps other workers hold.
+                        idle += 1;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    };
+                    idle = 0;
+                    match lease.task.work {
+                        Work::Map { .. } => {
+                            maps_reported.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Work::Reduce { .. } => assert_eq!(maps_reported.load(Ordering::SeqCst), MAPS, "a reduce granted early"),
+                        Work::Render { .. } => {}
+                    }
+                    got.push(lease.task.index);
+                    assert_eq!(store.complete(&lease.lease_id, 1).await.unwrap().lease, LeaseState::Held);
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.await.unwrap());
+        }
+        let total = RENDERS + MAPS + REDUCES;
+        assert_eq!(all.len(), total as usize, "every task granted exactly once");
+        assert_eq!(all.iter().copied().collect::<HashSet<_>>(), (0..total).collect::<HashSet<_>>());
+        let st = b.job(&id).await.unwrap();
+        assert_eq!((st.state, st.tasks_done, st.maps_done, st.reduces_done), (JobState::Indexing, total, MAPS, REDUCES));
     }
 
     /// A job of a million units in batches of 64 (15,625 tasks) is submitted in one go and

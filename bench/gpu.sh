@@ -5,13 +5,14 @@
 #   - how far bf16's final objectives are from fp32's, unit by unit;
 #   - loupe bf16 on every mixed layer (fewer steps), and the estimated wall time of a
 #     complete InceptionV1 channel atlas from those rates;
+#   - images/s through the dataset statistics pass (bench/stats.sh) on every mixed layer;
 #   - lucent batched (../shared/bench/lucent_anchor.py), last, as the reference.
 #
 # Runs on the GPU machine from the repository root, with the release binary built here
 # and carried along, plus two ignored folders prepared as docs/benchmarks.md says:
 #   .whl/   torch-lucent 0.1.8, kornia 0.4.1 and decorator wheels
 #   .peer/  ../shared/bench/*.py
-# About 6 minutes on an H200.  SKIP_LUCENT=1 leaves out the reference.
+# About 7 minutes on an H200 (not yet run: no GPU session so far).  SKIP_LUCENT=1 leaves out the reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UNITS=${UNITS:-256}
@@ -72,6 +73,9 @@ for line in open(sys.argv[1]):
 print(f"estimated complete channel atlas of InceptionV1 (all mixed layers, {sum(units.values())} units, 512 steps): "
       f"{total / 60:.1f} min on this GPU")
 EOF
+
+echo "== statistics pass: InceptionV1, every mixed layer, every unit, 5,000 images at 224 px"
+MODEL="$WORK/inceptionv1.pt" LAYERS="$MIXED" INPUT=224 DEVICE="$DEVICE" IMAGES=5000 PY=python3 bench/stats.sh
 
 if [ -z "${SKIP_LUCENT:-}" ]; then
   echo "== lucent, the same work (mixed4a, $UNITS units in one optimisation, $STEPS steps)"

@@ -478,11 +478,37 @@ mod tests {
     async fn a_resumed_job_skips_the_dataset_only_when_every_layer_has_its_statistics() {
         let f = Fixture::new();
         let store = store::open(&f.path("atlas")).await.unwrap();
-        store.put(&atlas::stats_key(&atlas::layer_segment("conv").unwrap()), b"parquet".to_vec()).await.unwrap();
+        // What a reduce leaves last: examples.json, for these units, dataset and K.
+        let examples = |layer: &str, units: std::ops::Range<u32>, uri: String, k: u32| {
+            let e = LayerExamples {
+                format_version: atlas::FORMAT_VERSION,
+                layer: layer.into(),
+                dataset: atlas::DatasetSummary { uri, images: 5, images_skipped: 0, examples: k },
+                receptive_field: 3,
+                stats: "stats.parquet".into(),
+                units: units
+                    .map(|unit| atlas::UnitExamples { unit, mean: None, std: None, max: None, frac_positive: None, top: vec![], bottom: vec![] })
+                    .collect(),
+            };
+            (atlas::examples_key(&atlas::layer_segment(layer).unwrap()), to_json(&e))
+        };
         let c = coordinator();
+        let uri = f.path("images");
+        let (key, json) = examples("conv", 0..4, uri.clone(), 4);
+        store.put(&key, json).await.unwrap();
         let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
         assert_eq!((st.maps_total, st.reduces_total), (3, 2), "one layer's statistics missing: all maps and reduces run");
-        store.put(&atlas::stats_key(&atlas::layer_segment("fc").unwrap()), b"parquet".to_vec()).await.unwrap();
+        for (layer_examples, why) in [
+            (examples("fc", 0..2, uri.clone(), 4), "a unit missing"),
+            (examples("fc", 0..3, f.path("elsewhere"), 4), "another dataset"),
+            (examples("fc", 0..3, uri.clone(), 8), "another K"),
+        ] {
+            store.put(&layer_examples.0, layer_examples.1).await.unwrap();
+            let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
+            assert_eq!((st.maps_total, st.reduces_total), (3, 2), "{why}: all maps and reduces run");
+        }
+        let (key, json) = examples("fc", 0..3, uri, 4);
+        store.put(&key, json).await.unwrap();
         let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
         assert_eq!((st.tasks_total, st.maps_total, st.reduces_total), (4, 0, 0), "every layer's statistics there: no map, no reduce");
     }

@@ -219,3 +219,73 @@ fn a_wrong_or_missing_token_is_refused() {
     std::fs::write(c.dir.path().join("token"), "s3cret-token").unwrap();
     assert!(!c.read_log("coordinator").contains("s3cret-token"), "the token never reaches a log");
 }
+
+/// The dataset of tools/make_test_dataset.py, 13 times over (312 images and the broken
+/// one), written locally and uploaded to `s3://models/dataset/` under the same keys:
+/// maps of 150 images take long enough to be killed in.
+fn big_dataset(c: &Cluster, rt: &tokio::runtime::Runtime, local: &std::path::Path) {
+    let src = repo().join("tests/fixtures/dataset/images");
+    let client = c.s3_client();
+    for copy in 0..13 {
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name == "broken.png" && copy > 0 {
+                continue;
+            }
+            let key = format!("copy-{copy:02}/{name}");
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::create_dir_all(local.join(format!("copy-{copy:02}"))).unwrap();
+            std::fs::write(local.join(&key), &bytes).unwrap();
+            rt.block_on(client.put_object().bucket("models").key(format!("dataset/{key}")).body(bytes.into()).send()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_worker_killed_during_a_map_task_still_gives_exact_statistics() {
+    let _one = serial();
+    let rt = runtime();
+    let mut c = Cluster::start(None);
+    let demo = repo().join("models/demo");
+    c.upload_model(&rt, &demo.join("demo.json"), "demo.json");
+    let model = c.upload_model(&rt, &demo.join("demo.pt"), "demo.pt");
+    let local = tempfile::tempdir().unwrap();
+    big_dataset(&c, &rt, &local.path().join("dataset"));
+    const DATASET_JOB: &[&str] =
+        &["--layers", "logits,conv3", "--techniques", "channel", "--steps", "2", "--size", "16", "--examples", "3", "--images-per-shard", "150"];
+
+    let victim = c.start_worker();
+    let mut job = DATASET_JOB.to_vec();
+    job.extend_from_slice(&["--dataset", "s3://models/dataset/"]);
+    let id = submit(&c, &model, "s3://atlas/ds", &job);
+    wait_for("the first worker to lease a map", Duration::from_secs(120), || {
+        c.read_log(&format!("worker-{victim}")).lines().any(|l| l.contains("task leased") && l.contains("map"))
+    });
+    c.kill_worker(victim);
+    c.start_worker();
+    let o = c.loupe(&["watch", &id]);
+    assert_ok(&o);
+
+    // The same job rendered locally over the same files, with no crash.
+    let out = local.path().join("atlas");
+    let dataset = local.path().join("dataset");
+    let mut args = vec!["render".to_string(), "--model".into(), demo.join("demo.pt").to_string_lossy().into_owned()];
+    args.extend(["--device", "cpu", "--out"].map(String::from));
+    args.push(out.to_string_lossy().into_owned());
+    args.extend(DATASET_JOB.iter().map(|s| s.to_string()));
+    args.extend(["--dataset".to_string(), dataset.to_string_lossy().into_owned()]);
+    let o = std::process::Command::new(binary("loupe")).args(&args).output().unwrap();
+    assert_ok(&o);
+    for layer in ["logits", "conv3"] {
+        for file in ["stats.parquet", "skipped.json"] {
+            let key = format!("layers/{layer}/{file}");
+            assert!(c.get(&rt, "atlas", &format!("ds/{key}")) == std::fs::read(out.join(&key)).unwrap(), "{key} differs after the kill");
+        }
+        let s3: serde_json::Value = serde_json::from_slice(&c.get(&rt, "atlas", &format!("ds/layers/{layer}/examples.json"))).unwrap();
+        let here: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format!("layers/{layer}/examples.json"))).unwrap()).unwrap();
+        assert_eq!(s3["units"], here["units"], "{layer}: examples differ after the kill");
+        assert_eq!(s3["dataset"]["images"], 312);
+        assert_eq!(s3["dataset"]["images_skipped"], 1);
+    }
+}

@@ -64,6 +64,27 @@ fn the_same_seed_gives_the_same_bytes_whichever_worker_runs_a_unit() {
     assert_eq!(differ, pngs.len(), "another seed gives other images");
 }
 
+#[test]
+fn bf16_is_recorded_changes_the_images_and_is_not_mixed_into_an_fp32_atlas() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fp32, bf16) = (dir.path().join("fp32"), dir.path().join("bf16"));
+    let bf16_args: Vec<&str> = TINY.iter().copied().chain(["--precision", "bf16"]).collect();
+    assert_ok(&render(&fixture("tiny.pt"), &fp32, TINY));
+    assert_ok(&render(&fixture("tiny.pt"), &bf16, &bf16_args));
+    assert_eq!(json(&fp32.join("atlas.json"))["settings"]["precision"], "fp32");
+    assert_eq!(json(&bf16.join("atlas.json"))["settings"]["precision"], "bf16");
+    assert_eq!(json(&bf16.join("layers/conv/units/0/channel.json"))["settings"]["precision"], "bf16");
+    let pngs: Vec<String> = files(&fp32).into_iter().filter(|f| f.ends_with(".png")).collect();
+    let differ = pngs.iter().filter(|f| std::fs::read(fp32.join(f)).unwrap() != std::fs::read(bf16.join(f)).unwrap()).count();
+    assert!(differ > pngs.len() / 2, "bf16 changes the images ({differ} of {} differ)", pngs.len());
+    // An atlas holds one set of settings: bf16 into the fp32 atlas is refused.
+    let o = render(&fixture("tiny.pt"), &fp32, &bf16_args);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = loupe().args(["render", "--model"]).arg(fixture("tiny.pt")).arg("--out").arg(dir.path().join("x")).args(["--precision", "fp16"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fp16"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// Waits for `cond` with a deadline instead of sleeping for a fixed time.
 fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -80,11 +80,13 @@ fn initial(unit: u32) -> Vec<u8> {
     initial_images(&req, Device::Cpu).remove(0).rgb
 }
 
-#[test]
-fn class_logits_show_their_colour_and_stripe_orientation() {
+/// Renders the demo logits at `precision` and checks each against its class.
+fn check_class_logits(precision: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("atlas");
-    assert_ok(&render(&demo_model(), &out, ARGS));
+    let mut args = ARGS.to_vec();
+    args.extend_from_slice(&["--precision", precision]);
+    assert_ok(&render(&demo_model(), &out, &args));
     let image = |unit: u32| {
         let (w, h, rgb) = read_png(&out.join(format!("layers/logits/units/{unit}/channel.png")));
         assert_eq!((w, h), (SIZE, SIZE));
@@ -92,15 +94,26 @@ fn class_logits_show_their_colour_and_stripe_orientation() {
     };
     for (colour, unit) in COLOURS {
         let rgb = image(unit);
-        assert!(shows_colour(&rgb, colour), "logit {unit} ({colour}): channel means {:?}", channel_means(&rgb));
+        assert!(shows_colour(&rgb, colour), "{precision}: logit {unit} ({colour}): channel means {:?}", channel_means(&rgb));
         let start = initial(unit);
         assert!(!shows_colour(&start, colour), "the check must fail on the initial image: {:?}", channel_means(&start));
     }
     for (degrees, unit) in STRIPES {
         let rgb = image(unit);
         let shares: Vec<f64> = STRIPES.iter().map(|(d, _)| orientation_share(&rgb, *d)).collect();
-        assert!(shows_stripes(&rgb, degrees), "logit {unit} (stripes at {degrees}°): energy shares by orientation {shares:?}");
+        assert!(shows_stripes(&rgb, degrees), "{precision}: logit {unit} (stripes at {degrees}°): energy shares by orientation {shares:?}");
         let start = initial(unit);
         assert!(!shows_stripes(&start, degrees), "the check must fail on the initial image: {}", orientation_share(&start, degrees));
     }
+}
+
+#[test]
+fn class_logits_show_their_colour_and_stripe_orientation() {
+    check_class_logits("fp32");
+}
+
+/// The quality guard of bf16: the same semantic checks pass with the model in bfloat16.
+#[test]
+fn class_logits_show_their_colour_and_stripe_orientation_in_bf16() {
+    check_class_logits("bf16");
 }

@@ -256,7 +256,7 @@ async fn merged_manifest(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<At
 }
 
 fn describe(s: &loupe_core::spec::RenderSettings) -> String {
-    format!("steps {}, size {}, input size {}, seed {}, learning rate {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate)
+    format!("steps {}, size {}, input size {}, seed {}, learning rate {}, precision {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate, s.precision)
 }
 
 /// The (layer, unit, technique) images of the job that the atlas already holds whole: a

@@ -27,6 +27,8 @@ test: setup services
 	cargo build --release --bins
 	cargo test --release --workspace
 	.venv/bin/python -m pytest -q tests/python
+	LOUPE_VIEWER_SERVE='target/release/loupe serve {dir} --listen 127.0.0.1:{port}' \
+	  .venv/bin/python -m pytest -q tests/browser
 
 bench-cpu: build
 	bench/cpu.sh

@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=2.11.0
 TORCHVISION_VERSION=0.26.0
 PY=${PYTHON:-python3}
-# Readers of layers/<layer>/stats.parquet that the Python tests check it against.
-DATA_PACKAGES=(pandas==3.1.1 pyarrow==26.0.1 polars==2.1.0 duckdb==2.0.1)
+# Readers of layers/<layer>/stats.parquet that the Python tests check it against, and
+# the DevTools client of the viewer's browser tests.
+DATA_PACKAGES=(pandas==3.1.1 pyarrow==26.0.1 polars==2.1.0 duckdb==2.0.1 websocket-client==1.8.0)
 data_packages_missing() {
   .venv/bin/python - "${DATA_PACKAGES[@]}" <<'PYEOF'
 import sys

@@ -5,6 +5,7 @@
 mod cluster;
 mod job;
 mod render;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Command {
     Jobs(cluster::Connection),
     /// Cancel a job; its workers stop at their next heartbeat.
     Cancel(cluster::JobRef),
+    /// Serve an atlas and its viewer over HTTP, from a directory or read through from S3.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Status(args) => block_on(cluster::status(args)),
         Command::Jobs(args) => block_on(cluster::jobs(args)),
         Command::Cancel(args) => block_on(cluster::cancel(args)),
+        Command::Serve(args) => block_on(async { serve::serve(args).await.map(|_| ExitCode::SUCCESS) }),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

@@ -90,7 +90,8 @@ impl Coordinator {
         let manifest = merged_manifest(store.as_ref(), &spec).await?;
         let done = complete_images(store.as_ref(), &spec).await?;
         let shards = dataset_shards(store.as_ref(), &spec).await?;
-        store.put(atlas::ATLAS_KEY, to_json(&manifest)).await?;
+        store.put(atlas::ATLAS_KEY, loupe_core::to_json(&manifest)).await?;
+        loupe_core::viewer::write(store.as_ref()).await?;
         let tasks = shard::shard(&spec, &done, &shards);
         let skipped = done.len() as u64;
         let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
@@ -194,11 +195,6 @@ async fn dataset_shards(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Vec
     Ok(shards)
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(v).expect("plain data serialises");
-    bytes.push(b'\n');
-    bytes
-}
 
 async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ArtifactStore, key: &str) -> loupe_core::Result<Option<T>> {
     match store.get(key).await? {
@@ -328,12 +324,12 @@ async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
             units: units.into_values().collect(),
             dataset: layer_dataset,
         };
-        store.put(&atlas::layer_key(&segment), to_json(&index)).await?;
+        store.put(&atlas::layer_key(&segment), loupe_core::to_json(&index)).await?;
     }
     if let Some(summary) = dataset {
         if let Some(mut manifest) = read_json::<AtlasManifest>(store.as_ref(), atlas::ATLAS_KEY).await? {
             manifest.dataset = Some(summary);
-            store.put(atlas::ATLAS_KEY, to_json(&manifest)).await?;
+            store.put(atlas::ATLAS_KEY, loupe_core::to_json(&manifest)).await?;
         }
     }
     Ok(())
@@ -490,7 +486,7 @@ mod tests {
                     .map(|unit| atlas::UnitExamples { unit, mean: None, std: None, max: None, frac_positive: None, top: vec![], bottom: vec![] })
                     .collect(),
             };
-            (atlas::examples_key(&atlas::layer_segment(layer).unwrap()), to_json(&e))
+            (atlas::examples_key(&atlas::layer_segment(layer).unwrap()), loupe_core::to_json(&e))
         };
         let c = coordinator();
         let uri = f.path("images");

@@ -17,11 +17,19 @@ pub mod s3;
 pub mod spec;
 pub mod store;
 pub mod task;
+pub mod viewer;
 
 pub use error::{Error, Result};
 
 /// The loupe version written into every atlas.
 pub const LOUPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An atlas JSON file's bytes: pretty-printed, with a final newline.
+pub fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(v).expect("plain data serialises");
+    bytes.push(b'\n');
+    bytes
+}
 
 /// The lowercase hex sha256 of bytes.
 pub fn sha256_bytes(bytes: &[u8]) -> String {

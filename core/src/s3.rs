@@ -417,16 +417,6 @@ async fn env_remote(loader: aws_config::ConfigLoader, force_path_style: bool) ->
 }
 
 /// A content type from the key's extension, so objects serve sensibly over HTTP.
-fn content_type(key: &str) -> &'static str {
-    match key.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase()).as_deref() {
-        Some("png") => "image/png",
-        Some("json") => "application/json",
-        Some("html") => "text/html; charset=utf-8",
-        Some("txt") => "text/plain; charset=utf-8",
-        _ => "application/octet-stream",
-    }
-}
-
 #[async_trait]
 impl ArtifactStore for S3Store {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
@@ -438,7 +428,7 @@ impl ArtifactStore for S3Store {
             .put_object()
             .bucket(&self.bucket)
             .key(self.object_key(key))
-            .content_type(content_type(key))
+            .content_type(crate::store::content_type(key))
             .body(ByteStream::from(bytes))
             .send()
             .await
@@ -614,8 +604,8 @@ mod tests {
         assert!(S3Store::new("b", "x", &S3Config { max_attempts: 0, ..S3Config::default() }).is_err());
         let creds = format!("{:?}", S3Credentials::new("id", "very-secret"));
         assert!(!creds.contains("very-secret"), "{creds}");
-        assert_eq!(content_type("a/b.PNG"), "image/png");
-        assert_eq!(content_type("models/demo.pt"), "application/octet-stream");
+        assert_eq!(crate::store::content_type("a/b.PNG"), "image/png");
+        assert_eq!(crate::store::content_type("models/demo.pt"), "application/octet-stream");
     }
 
     #[tokio::test]

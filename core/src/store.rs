@@ -21,6 +21,23 @@ pub trait ArtifactStore: Send + Sync {
     fn location(&self) -> String;
 }
 
+/// The media type of an atlas file, by extension: S3 stores it with the object (a static
+/// website serves it as stored, and browsers refuse a stylesheet of any other type), and
+/// `loupe serve` sends it.
+pub fn content_type(key: &str) -> &'static str {
+    match key.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase()).as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("json") => "application/json",
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("txt") => "text/plain; charset=utf-8",
+        Some("parquet") => "application/vnd.apache.parquet",
+        _ => "application/octet-stream",
+    }
+}
+
 /// Refuses keys that could leave the store's root: empty, absolute, `.`/`..` segments,
 /// empty segments, backslashes or NUL bytes.
 pub fn validate_key(key: &str) -> Result<()> {

@@ -357,7 +357,7 @@ pub(crate) async fn run_reduce(
     }
     out.put(&atlas::stats_key(&segment), parquet).await?;
     let skipped: Vec<&str> = merged.skipped().collect();
-    out.put(&format!("{layer_dir}skipped.json"), to_json(&skipped)).await?;
+    out.put(&format!("{layer_dir}skipped.json"), loupe_core::to_json(&skipped)).await?;
     let examples = LayerExamples {
         format_version: atlas::FORMAT_VERSION,
         layer: layer.to_string(),
@@ -367,7 +367,7 @@ pub(crate) async fn run_reduce(
         units: entries,
     };
     // Written last: its presence means the layer's dataset files are whole.
-    out.put(&atlas::examples_key(&segment), to_json(&examples)).await?;
+    out.put(&atlas::examples_key(&segment), loupe_core::to_json(&examples)).await?;
     Ok(())
 }
 
@@ -379,8 +379,3 @@ fn stats_error(e: loupe_stats::Error) -> Error {
     Error::Model(e.to_string())
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(v).expect("plain data serialises");
-    bytes.push(b'\n');
-    bytes
-}

@@ -95,7 +95,7 @@ impl TorchThread {
             // tch panics on some libtorch errors; one bad task must not take the worker
             // down with it.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                load(loaded, device, &model_path, &want, input_size).and_then(|l| f(l))
+                load(loaded, device, &model_path, &want, input_size).and_then(f)
             }))
             .unwrap_or_else(|panic| {
                 *loaded = None;
@@ -399,14 +399,16 @@ async fn stopped_if(shutdown: Option<&mut watch::Receiver<bool>>) {
 /// Stores a rendered task's images and records and reports the task, renewing its lease
 /// meanwhile. Returns the number of images written when the task completed.
 async fn finish_render(api: Arc<dyn WorkerApi>, store: Arc<dyn ArtifactStore>, lease: Lease, units: Vec<RenderedUnit>, mut shutdown: watch::Receiver<bool>) -> Option<u64> {
-    // Storing is not interrupted by a shutdown: it is short, and the work is done.
-    let unused = AtomicBool::new(false);
-    let (result, _) = with_renewal(api.as_ref(), &lease, &unused, None, write_units(store.as_ref(), &lease, &units)).await;
+    // Storing is not interrupted by a shutdown: it is short, and the work is done. A lease
+    // that ends (the job cancelled) stops it.
+    let ended = AtomicBool::new(false);
+    let (result, _) = with_renewal(api.as_ref(), &lease, &ended, None, write_units(store.as_ref(), &lease, &units, &ended)).await;
     match result {
         Ok(()) => {
             report_complete(api.as_ref(), &lease, &mut shutdown).await;
             Some(units.len() as u64)
         }
+        Err(Error::Cancelled) => None,
         Err(e) => {
             report_failure(api.as_ref(), &lease, Failure { retryable: true, message: e.to_string() }).await;
             None
@@ -448,11 +450,14 @@ async fn write_placeholder(store: &dyn ArtifactStore, lease: &Lease) -> Result<(
 
 /// Each unit's PNG, then its record: the record is written last, so its presence means
 /// the image is whole.
-async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[RenderedUnit]) -> Result<()> {
+async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[RenderedUnit], ended: &AtomicBool) -> Result<()> {
     let Work::Render { layer, technique, .. } = &lease.task.work else { unreachable!("only render tasks have images") };
     let (segment, technique) = (atlas::layer_segment(layer)?, *technique);
     let size = lease.job.settings.size;
     for u in units {
+        if ended.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
         let image_key = atlas::image_key(&segment, u.unit, technique);
         store.put(&image_key, crate::png::encode_rgb(&u.rgb, size, size)).await?;
         let record = UnitRecord {
@@ -465,9 +470,7 @@ async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[Rendered
             model_sha256: lease.job.model.sha256.clone(),
             settings: lease.job.settings.clone(),
         };
-        let mut json = serde_json::to_vec_pretty(&record).expect("plain data serialises");
-        json.push(b'\n');
-        store.put(&atlas::record_key(&segment, u.unit, technique), json).await?;
+        store.put(&atlas::record_key(&segment, u.unit, technique), loupe_core::to_json(&record)).await?;
     }
     Ok(())
 }

@@ -1,0 +1,560 @@
+"""The static atlas viewer (viewer/) in headless Chromium, over the DevTools protocol.
+
+The atlas is rendered by `target/release/loupe render` (the demo model, a small dataset,
+few steps) into a temporary directory; the viewer's three files are copied to its root
+unless something (loupe itself) already put them there. A partial copy stands for an
+atlas still being written: conv1 without layer.json and with some images gone, conv2
+with a layer.json that lists fewer units than atlas.json.
+
+The server: $LOUPE_VIEWER_SERVE, a command template with `{dir}` and `{port}`, e.g.
+    LOUPE_VIEWER_SERVE='target/release/loupe serve {dir} --listen 127.0.0.1:{port}'
+run from the repository root; unset, `python3 -m http.server {port} --bind 127.0.0.1
+--directory {dir}`. Chromium: `chromium` on PATH or $CHROMIUM.
+
+    .venv/bin/pytest -q tests/browser
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cdp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+LOUPE = ROOT / "target" / "release" / "loupe"
+VIEWER = ROOT / "viewer"
+VIEWER_FILES = ("index.html", "viewer.js", "viewer.css")
+LAYERS = ["conv1", "conv2", "conv3", "logits"]
+TECHNIQUES = ["channel", "neuron", "negative"]
+
+# The partial atlas: what is taken away (see make_partial).
+CONV1_GONE = {"channel": {3, 7}, "neuron": {3}, "negative": {3}}
+CONV2_UNLISTED_GONE = 5  # neither in layer.json nor on disk
+CONV2_UNLISTED_THERE = 9  # not in layer.json, but its files are there
+
+
+def install_viewer(atlas: Path) -> None:
+    """Copies viewer/ to the atlas root, keeping files that are already there (loupe
+    writes its embedded copy when a job starts). One that differs from viewer/ came from
+    a loupe built before viewer/ last changed: the test would check an old viewer."""
+    for name in VIEWER_FILES:
+        dst = atlas / name
+        if not dst.exists():
+            shutil.copyfile(VIEWER / name, dst)
+        elif dst.read_bytes() != (VIEWER / name).read_bytes():
+            pytest.fail(f"{dst} (written by {LOUPE}) differs from viewer/{name}: rebuild loupe")
+
+
+def render_atlas(out: Path) -> None:
+    if not LOUPE.exists():
+        pytest.fail(f"{LOUPE} is missing: build it first (make build)")
+    cmd = [
+        str(LOUPE), "render",
+        "--model", str(ROOT / "models" / "demo" / "demo.pt"),
+        "--out", str(out),
+        "--techniques", ",".join(TECHNIQUES),
+        "--steps", "8", "--size", "32", "--device", "cpu",
+        "--dataset", str(ROOT / "tests" / "fixtures" / "dataset" / "images"),
+        "--examples", "4",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"loupe render failed:\n{r.stdout}\n{r.stderr}"
+    assert (out / "atlas.json").exists()
+
+
+def make_partial(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst)
+    conv1 = dst / "layers" / "conv1"
+    (conv1 / "layer.json").unlink()
+    for technique, units in CONV1_GONE.items():
+        for u in units:
+            for ext in ("png", "json"):
+                (conv1 / "units" / str(u) / f"{technique}.{ext}").unlink()
+    conv2 = dst / "layers" / "conv2"
+    layer = json.loads((conv2 / "layer.json").read_text())
+    layer["units"] = [u for u in layer["units"] if u["unit"] not in (CONV2_UNLISTED_GONE, CONV2_UNLISTED_THERE)]
+    (conv2 / "layer.json").write_text(json.dumps(layer))
+    for technique in TECHNIQUES:
+        for ext in ("png", "json"):
+            (conv2 / "units" / str(CONV2_UNLISTED_GONE) / f"{technique}.{ext}").unlink()
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def atlas_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("viewer") / "atlas"
+    render_atlas(out)
+    install_viewer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def partial_dir(atlas_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("viewer") / "partial"
+    make_partial(atlas_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def site(atlas_dir):
+    with cdp.serve(atlas_dir, cwd=ROOT) as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def partial_site(partial_dir):
+    with cdp.serve(partial_dir, cwd=ROOT) as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not cdp.find_chromium():
+        pytest.skip("no Chromium (apt-get install -y chromium, or set $CHROMIUM)")
+    with cdp.Browser.launch() as b:
+        yield b
+
+
+def check_page(page, base: str, allow_missing: bool) -> None:
+    """What every view must keep: no script errors, nothing fetched outside the atlas,
+    and (on a complete atlas) nothing asked for that is not there."""
+    page.browser.pump(0.2)
+    assert page.exceptions == [], f"uncaught exceptions: {page.exceptions}"
+    assert page.console_errors == [], f"console errors: {page.console_errors}"
+    origin = urlsplit(base)
+    outside = [
+        u for u in page.requests
+        if not u.startswith("data:") and (urlsplit(u).scheme, urlsplit(u).netloc) != (origin.scheme, origin.netloc)
+    ]  # fmt: skip
+    assert outside == [], f"requests outside the atlas: {outside}"
+    if not allow_missing:
+        assert page.failed == [], f"requests that failed on a complete atlas: {page.failed}"
+
+
+@pytest.fixture
+def page(browser, site):
+    p = browser.new_page(width=1280, height=800)
+    yield p
+    try:
+        check_page(p, site, allow_missing=False)
+    finally:
+        browser.send("Target.closeTarget", {"targetId": p.target})
+        browser.pages.remove(p)
+
+
+@pytest.fixture
+def partial_page(browser, partial_site):
+    p = browser.new_page(width=1280, height=800)
+    yield p
+    try:
+        check_page(p, partial_site, allow_missing=True)
+    finally:
+        browser.send("Target.closeTarget", {"targetId": p.target})
+        browser.pages.remove(p)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def open_view(page, url: str, view: str) -> None:
+    """Loads the page afresh at `url` (by way of about:blank: a URL that differs only in
+    its hash would not reload) and waits for the view."""
+    page.goto("about:blank")
+    page.goto(url)
+    wait_view(page, view)
+
+
+def wait_view(page, view: str) -> None:
+    """Waits until the viewer has drawn `view` for the current hash (data-rendered): the
+    hash changes at once, the view after its hashchange event and its fetches."""
+    page.wait_for(
+        f"document.body.dataset.ready === {json.dumps(view)} && document.body.dataset.rendered === location.hash"
+    )
+
+
+def scroll_through(page) -> None:
+    """Scrolls to the bottom a screen at a time, so lazy images come into view."""
+    y = 0
+    while True:
+        height = page.eval("document.documentElement.scrollHeight")
+        view = page.eval("innerHeight")
+        page.eval(f"window.scrollTo(0, {y})")
+        page.browser.pump(0.1)
+        if y + view >= height:
+            break
+        y += max(100, view // 2)
+
+
+# Each grid card: unit, whether it is marked missing, its image's src, whether the image
+# has finished and its natural width.
+GRID_STATE = """[...document.querySelectorAll('#grid .unit')].map(li => {
+  const img = li.querySelector('img');
+  return { unit: Number(li.dataset.unit), missing: li.classList.contains('missing'),
+           src: img ? img.getAttribute('src') : null, complete: img ? img.complete : null,
+           width: img ? img.naturalWidth : 0 };
+})"""
+GRID_SETTLED = """[...document.querySelectorAll('#grid .unit')].every(li => {
+  if (li.classList.contains('missing')) return true;
+  const img = li.querySelector('img');
+  return img && img.getAttribute('src') && img.complete && img.naturalWidth > 0;
+})"""
+
+
+def grid(page) -> list[dict]:
+    return page.eval(GRID_STATE)
+
+
+def settle_grid(page) -> list[dict]:
+    scroll_through(page)
+    page.wait_for(GRID_SETTLED, timeout=20)
+    return grid(page)
+
+
+def layer_json(atlas: Path, layer: str) -> dict:
+    return json.loads((atlas / "layers" / layer / "layer.json").read_text())
+
+
+# ------------------------------------------------------------------ the complete atlas
+
+
+def test_atlas_page_lists_the_layers(page, site, atlas_dir):
+    open_view(page, site, "atlas")  # the root URL: index.html, no hash
+    atlas = json.loads((atlas_dir / "atlas.json").read_text())
+    names = page.eval("[...document.querySelectorAll('.layer-name')].map(a => a.textContent)")
+    hrefs = page.eval("[...document.querySelectorAll('.layer-name')].map(a => a.getAttribute('href'))")
+    assert names == LAYERS
+    assert hrefs == [f"#/layer/{name}" for name in LAYERS]
+    text = page.eval("document.querySelector('main').innerText")
+    assert page.eval("document.querySelector('h1').textContent") == atlas["model"]["name"]
+    assert atlas["model"]["sha256"][:12] in text
+    for technique in TECHNIQUES:
+        assert technique in text
+    assert "32 units" in text and "10 units" in text
+    # Completeness, once every layer.json is in.
+    page.wait_for("document.getElementById('completeness').textContent === 'complete'")
+    statuses = page.eval("[...document.querySelectorAll('.layer .status')].map(s => s.textContent)")
+    assert statuses == ["16 / 16", "32 / 32", "32 / 32", "10 / 10"]
+    # The dataset summary.
+    assert "24" in text and "4 top, 4 bottom" in text
+    # A layer link opens the layer.
+    page.eval("document.querySelector('.layer-name[href=\"#/layer/conv2\"]').click()")
+    wait_view(page, "layer")
+    assert page.eval("location.hash") == "#/layer/conv2"
+
+
+def test_layer_page_loads_every_unit_image(page, site):
+    # A small screen, so that the grid is longer than the screen and its bottom waits.
+    page.resize(400, 300)
+    open_view(page, site + "#/layer/conv3", "layer")
+    cards = grid(page)
+    assert [c["unit"] for c in cards] == list(range(32))
+    assert not any(c["missing"] for c in cards)
+    # Lazy: the last thumbnails have no src until they come near the screen.
+    assert cards[-1]["src"] is None, "thumbnails far below the screen were loaded up front"
+    assert page.eval("document.querySelector('#grid img').getAttribute('loading')") == "lazy"
+
+    cards = settle_grid(page)
+    for c in cards:
+        assert c["src"] == f"layers/conv3/units/{c['unit']}/channel.png"
+        assert c["complete"] and c["width"] == 32, c
+    assert not any(c["missing"] for c in cards)
+
+    # Another technique, through its switch: the same grid of that technique's images.
+    page.eval("window.scrollTo(0, 0)")
+    page.eval("document.querySelector('.segmented a:nth-child(3)').click()")
+    page.wait_for("location.hash === '#/layer/conv3?technique=negative'")
+    wait_view(page, "layer")
+    cards = settle_grid(page)
+    assert len(cards) == 32
+    for c in cards:
+        assert c["src"] == f"layers/conv3/units/{c['unit']}/negative.png"
+        assert c["width"] == 32, c
+
+
+def test_layer_page_sorts_by_a_statistic(page, site, atlas_dir):
+    open_view(page, site + "#/layer/conv2?sort=max", "layer")
+    units = layer_json(atlas_dir, "conv2")["units"]
+    expected = [u["unit"] for u in sorted(units, key=lambda u: (-u["dataset"]["max"], u["unit"]))]
+    assert [c["unit"] for c in grid(page)] == expected
+    assert page.eval("document.getElementById('sort').value") == "max"
+    # The other way round.
+    page.eval("document.querySelector('.order').click()")
+    page.wait_for("location.hash === '#/layer/conv2?sort=max&order=asc'")
+    wait_view(page, "layer")
+    expected = [u["unit"] for u in sorted(units, key=lambda u: (u["dataset"]["max"], u["unit"]))]
+    assert [c["unit"] for c in grid(page)] == expected
+    # The select writes the hash.
+    page.eval("const s = document.getElementById('sort'); s.value = 'frac_positive'; s.dispatchEvent(new Event('change'))")
+    page.wait_for("location.hash === '#/layer/conv2?sort=frac_positive'")
+
+
+def test_jump_to_unit(page, site):
+    open_view(page, site + "#/layer/conv2?technique=neuron", "layer")
+    page.eval("document.getElementById('jump').value = '17'")
+    page.eval("document.querySelector('form.jump').requestSubmit()")
+    page.wait_for("location.hash === '#/layer/conv2/unit/17?technique=neuron'")
+    wait_view(page, "unit")
+    assert page.eval("document.querySelector('h1').textContent") == "conv2 · unit 17"
+    # Back to the layer keeps the technique.
+    assert page.eval("document.getElementById('back').getAttribute('href')") == "#/layer/conv2?technique=neuron"
+
+
+def unit_page_state(page) -> dict:
+    return page.eval("""({
+      hash: location.hash,
+      h1: document.querySelector('h1').textContent,
+      images: [...document.querySelectorAll('.technique')].map(f => {
+        const img = f.querySelector('img');
+        return { technique: f.dataset.technique, src: img && img.getAttribute('src'),
+                 width: img ? img.naturalWidth : 0,
+                 objective: f.querySelector('.objective').textContent };
+      }),
+    })""")
+
+
+def wait_unit_images(page) -> None:
+    page.wait_for("[...document.querySelectorAll('.technique img')].every(i => i.complete && i.naturalWidth > 0)")
+
+
+def test_deep_link_opens_the_unit(page, site, atlas_dir):
+    open_view(page, site + "#/layer/conv3/unit/5", "unit")
+    wait_unit_images(page)
+    state = unit_page_state(page)
+    assert state["h1"] == "conv3 · unit 5"
+    assert [i["technique"] for i in state["images"]] == TECHNIQUES
+    entry = next(u for u in layer_json(atlas_dir, "conv3")["units"] if u["unit"] == 5)
+    for img in state["images"]:
+        assert img["src"] == f"layers/conv3/units/5/{img['technique']}.png"
+        assert img["width"] == 32
+        assert img["objective"].startswith("objective ")
+        assert float(img["objective"].split()[1]) == pytest.approx(entry["techniques"][img["technique"]]["objective"], rel=1e-2, abs=1e-3)
+    assert page.eval("document.title").startswith("conv3 unit 5")
+    assert page.eval("document.getElementById('prev').getAttribute('href')") == "#/layer/conv3/unit/4"
+    assert page.eval("document.getElementById('next').getAttribute('href')") == "#/layer/conv3/unit/6"
+
+
+def test_arrow_keys_step_through_units(page, site):
+    open_view(page, site + "#/layer/conv3/unit/5", "unit")
+
+    def step(key: str, unit: int) -> None:
+        page.press(key)
+        page.wait_for(f"location.hash === '#/layer/conv3/unit/{unit}'")
+        wait_view(page, "unit")
+        wait_unit_images(page)
+        state = unit_page_state(page)
+        assert state["h1"] == f"conv3 · unit {unit}"
+        assert state["images"][0]["src"] == f"layers/conv3/units/{unit}/channel.png"
+
+    step("ArrowRight", 6)
+    step("ArrowLeft", 5)
+    step("ArrowLeft", 4)
+    # The back button retraces the steps.
+    page.eval("history.back()")
+    page.wait_for("location.hash === '#/layer/conv3/unit/5'")
+    wait_view(page, "unit")
+    assert unit_page_state(page)["h1"] == "conv3 · unit 5"
+    # No step past the ends.
+    open_view(page, site + "#/layer/conv3/unit/31", "unit")
+    page.press("ArrowRight")
+    page.browser.pump(0.3)
+    assert page.eval("location.hash") == "#/layer/conv3/unit/31"
+    assert page.eval("document.getElementById('next')") is None
+
+
+def test_unit_page_shows_dataset_examples(page, site, atlas_dir):
+    unit = 2
+    open_view(page, site + f"#/layer/logits/unit/{unit}", "unit")
+    entry = next(u for u in layer_json(atlas_dir, "logits")["units"] if u["unit"] == unit)["dataset"]
+    for kind in ("top", "bottom"):
+        sel = f".examples.{kind} .example"
+        page.wait_for(f"[...document.querySelectorAll('{sel} img.crop')].every(i => i.complete && i.naturalWidth > 0)")
+        shown = page.eval(f"""[...document.querySelectorAll('{sel}')].map(f => ({{
+            crop: f.querySelector('img.crop').getAttribute('src'),
+            width: f.querySelector('img.crop').naturalWidth,
+            id: f.querySelector('.id').textContent,
+            value: f.querySelector('.val').textContent }}))""")
+        assert len(shown) == len(entry[kind]) == 4
+        for s, e in zip(shown, entry[kind]):
+            assert s["crop"] == "layers/logits/" + e["crop"]
+            assert s["width"] == 128
+            assert s["id"] == e["id"]
+            assert float(s["value"]) == pytest.approx(e["value"], rel=1e-2, abs=1e-3)
+    # The statistics.
+    stats = page.eval("document.querySelector('.stats').innerText")
+    assert "max" in stats and "mean" in stats and "std" in stats and "fraction positive" in stats
+    assert f"{entry['frac_positive'] * 100:.1f}%" in stats
+    # A click shows the whole image.
+    page.eval("document.querySelector('.examples.top .example-img').click()")
+    page.wait_for("document.querySelector('.examples.top .example-img').classList.contains('show-whole')")
+    page.wait_for("(i => i.complete && i.naturalWidth > 0)(document.querySelector('.examples.top img.whole'))")
+    assert page.eval("document.querySelector('.examples.top img.whole').getAttribute('src')") == "layers/logits/" + entry["top"][0]["image"]
+
+
+def test_conv_examples_mark_the_receptive_field(page, site):
+    open_view(page, site + "#/layer/conv3/unit/5", "unit")
+    assert page.eval("document.querySelectorAll('.examples.top .rf-box').length") == 4
+    box = page.eval("document.querySelector('.examples.top .rf-box').style.width")
+    assert box.endswith("%") and 0 < float(box[:-1]) < 100
+
+
+# ------------------------------------------------------------------ the partial atlas
+
+
+def test_partial_atlas_marks_missing_units(partial_page, partial_site):
+    page = partial_page
+    # The atlas page does not break on a layer without layer.json.
+    open_view(page, partial_site, "atlas")
+    assert page.eval("[...document.querySelectorAll('.layer-name')].map(a => a.textContent)") == LAYERS
+    assert page.eval("document.querySelector('.layer[data-layer=conv1] .status').textContent") == "in progress"
+    assert "in progress" in page.eval("document.getElementById('completeness').textContent")
+
+    # conv1 has no layer.json: every unit is looked for; the gone ones are marked.
+    for technique, gone in CONV1_GONE.items():
+        open_view(page, partial_site + f"#/layer/conv1?technique={technique}", "layer")
+        assert page.eval("!!document.querySelector('.notice')")
+        cards = settle_grid(page)
+        assert [c["unit"] for c in cards] == list(range(16))
+        assert {c["unit"] for c in cards if c["missing"]} == gone, technique
+        for c in cards:
+            if c["missing"]:
+                li = f"#grid .unit[data-unit='{c['unit']}']"
+                assert page.eval(f"document.querySelector(\"{li} .placeholder\").textContent") == str(c["unit"])
+            else:
+                assert c["width"] == 32, c
+        # The dataset statistics still come (from examples.json): the sort is offered.
+        assert page.eval("!!document.getElementById('sort')")
+
+    # conv2's layer.json lists fewer units: the unlisted ones are looked for too.
+    open_view(page, partial_site + "#/layer/conv2", "layer")
+    cards = settle_grid(page)
+    assert len(cards) == 32
+    assert {c["unit"] for c in cards if c["missing"]} == {CONV2_UNLISTED_GONE}
+    there = next(c for c in cards if c["unit"] == CONV2_UNLISTED_THERE)
+    assert there["width"] == 32 and there["src"] == f"layers/conv2/units/{CONV2_UNLISTED_THERE}/channel.png"
+
+    # A missing unit's page says so; an unlisted one gets its objective from the record.
+    open_view(page, partial_site + "#/layer/conv1/unit/7", "unit")
+    page.wait_for("document.querySelector('.technique[data-technique=channel]').classList.contains('missing')")
+    page.wait_for("document.querySelector('.technique[data-technique=neuron] img').naturalWidth > 0")
+    page.wait_for("document.querySelector('.technique[data-technique=neuron] .objective').textContent.startsWith('objective ')")
+    assert page.eval("document.querySelector('h1').textContent") == "conv1 · unit 7"
+
+
+# ------------------------------------------------------------------ escaped layer names
+
+
+@pytest.fixture(scope="session")
+def escaped_site(atlas_dir, tmp_path_factory):
+    """The atlas with conv2 renamed `conv/2`: its directory is the segment `conv%2F2`."""
+    out = tmp_path_factory.mktemp("viewer") / "escaped"
+    shutil.copytree(atlas_dir, out)
+    (out / "layers" / "conv2").rename(out / "layers" / "conv%2F2")
+    atlas = json.loads((out / "atlas.json").read_text())
+    for layer in atlas["layers"]:
+        if layer["name"] == "conv2":
+            layer["name"], layer["path"] = "conv/2", "conv%2F2"
+    (out / "atlas.json").write_text(json.dumps(atlas))
+    with cdp.serve(out, cwd=ROOT) as base:
+        yield base
+
+
+def test_escaped_layer_names(browser, escaped_site):
+    page = browser.new_page(width=1280, height=800)
+    try:
+        open_view(page, escaped_site, "atlas")
+        link = page.eval("(a => [a.textContent, a.getAttribute('href')])([...document.querySelectorAll('.layer-name')][1])")
+        assert link == ["conv/2", "#/layer/conv%2F2"]
+        page.eval("document.querySelectorAll('.layer-name')[1].click()")
+        wait_view(page, "layer")
+        assert page.eval("location.hash") == "#/layer/conv%2F2"
+        assert page.eval("document.querySelector('h1').textContent") == "conv/2"
+        # The segment's `%` is escaped in the URL: the server decodes once.
+        cards = settle_grid(page)
+        assert len(cards) == 32 and not any(c["missing"] for c in cards)
+        assert cards[0]["src"] == "layers/conv%252F2/units/0/channel.png"
+        open_view(page, escaped_site + "#/layer/conv%2F2/unit/3", "unit")
+        wait_unit_images(page)
+        assert page.eval("document.querySelector('h1').textContent") == "conv/2 · unit 3"
+        page.wait_for("document.querySelectorAll('.examples img.crop').length === 8")
+        page.wait_for("[...document.querySelectorAll('.examples img.crop')].every(i => i.complete && i.naturalWidth > 0)")
+        check_page(page, escaped_site, allow_missing=False)
+    finally:
+        browser.send("Target.closeTarget", {"targetId": page.target})
+        browser.pages.remove(page)
+
+
+# ------------------------------------------------------------------ no atlas yet, a wide layer
+
+
+def test_no_atlas_yet(browser, tmp_path):
+    """Before a job has written atlas.json the page says so and does not break."""
+    install_viewer(tmp_path)
+    page = browser.new_page(width=1280, height=800)
+    try:
+        with cdp.serve(tmp_path, cwd=ROOT) as base:
+            for hash_ in ("", "#/layer/conv1", "#/layer/conv1/unit/3"):
+                page.goto("about:blank")
+                page.goto(base + hash_)
+                page.wait_for("document.querySelector('h1') && document.querySelector('h1').textContent === 'No atlas here yet'")
+            assert page.exceptions == []
+    finally:
+        browser.send("Target.closeTarget", {"targetId": page.target})
+        browser.pages.remove(page)
+
+
+WIDE = 4096
+
+
+@pytest.fixture(scope="session")
+def wide_site(atlas_dir, tmp_path_factory):
+    """The atlas with one more layer, `wide`, of 4,096 units (hard links to one image)."""
+    out = tmp_path_factory.mktemp("viewer") / "wide"
+    shutil.copytree(atlas_dir, out)
+    atlas = json.loads((out / "atlas.json").read_text())
+    atlas["layers"].append({"name": "wide", "path": "wide", "units": WIDE, "shape": [WIDE, 4, 4]})
+    (out / "atlas.json").write_text(json.dumps(atlas))
+    src = out / "layers" / "conv2" / "units" / "0" / "channel.png"
+    units = []
+    for u in range(WIDE):
+        d = out / "layers" / "wide" / "units" / str(u)
+        d.mkdir(parents=True)
+        (d / "channel.png").hardlink_to(src)
+        units.append({"unit": u, "techniques": {"channel": {"image": f"units/{u}/channel.png", "objective": 1.0}}})
+    layer = {"format_version": 1, "name": "wide", "shape": [WIDE, 4, 4], "units": units}
+    (out / "layers" / "wide" / "layer.json").write_text(json.dumps(layer))
+    with cdp.serve(out, cwd=ROOT) as base:
+        yield base
+
+
+def test_a_layer_of_4096_units_loads_lazily(browser, wide_site):
+    page = browser.new_page(width=1280, height=800)
+    try:
+        open_view(page, wide_site + "#/layer/wide?technique=channel", "layer")
+        assert page.eval("document.querySelectorAll('#grid .unit').length") == WIDE
+        page.browser.pump(0.5)
+        asked = [u for u in page.requests if "/layers/wide/units/" in u]
+        assert 0 < len(asked) < 300, f"{len(asked)} thumbnails asked for on the first screen"
+        # The far end of the grid loads when it is reached.
+        page.eval("document.querySelector('#grid .unit:last-child').scrollIntoView()")
+        page.wait_for("(i => i.complete && i.naturalWidth > 0)(document.querySelector('#grid .unit:last-child img'))")
+        asked = [u for u in page.requests if "/layers/wide/units/" in u]
+        assert len(asked) < 600, f"{len(asked)} thumbnails asked for after a jump to the end"
+        # The unit page at the end: no next unit.
+        open_view(page, wide_site + f"#/layer/wide/unit/{WIDE - 1}", "unit")
+        assert page.eval("document.getElementById('next')") is None
+        # Only channel images and no dataset here: the other techniques and examples.json
+        # are asked for and not found.
+        check_page(page, wide_site, allow_missing=True)
+    finally:
+        browser.send("Target.closeTarget", {"targetId": page.target})
+        browser.pages.remove(page)

@@ -1,0 +1,919 @@
+// The loupe atlas viewer: a static page that reads an atlas (docs/atlas-format.md) by
+// relative path from where it is served. No build step, no dependencies, no requests
+// outside the atlas. Every view is a URL hash:
+//   #/                                     the atlas
+//   #/layer/<segment>?technique=T&sort=S   a layer's units (sort: unit, mean, std, max,
+//                                          frac_positive; order=asc for lowest first)
+//   #/layer/<segment>/unit/<n>             one unit (keeps the layer's query for "back")
+// <segment> is the layer's path segment from atlas.json (`layers[].path`), as it is.
+'use strict';
+
+(function () {
+  const STATS = ['max', 'mean', 'std', 'frac_positive'];
+  const STAT_LABEL = { unit: 'unit', max: 'max', mean: 'mean', std: 'std', frac_positive: 'fraction positive' };
+  const FRESH_MS = 15000; // how long a fetched atlas.json / layer.json is reused
+  const PREVIEW_UNITS = 16;
+
+  const app = document.getElementById('app');
+  const crumbs = document.getElementById('crumbs');
+
+  // ---------------------------------------------------------------- small helpers
+
+  // Builds an element. Text always goes in as text, never as HTML: names, ids and paths
+  // come from the atlas, which need not be trusted.
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v == null || v === false) continue;
+      if (k === 'class') el.className = v;
+      else if (k === 'text') el.textContent = v;
+      else if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
+      else if (k === 'data') Object.assign(el.dataset, v);
+      else el.setAttribute(k, v === true ? '' : String(v));
+    }
+    for (const c of children.flat(Infinity)) {
+      if (c == null || c === false) continue;
+      el.append(c instanceof Node ? c : String(c));
+    }
+    return el;
+  }
+
+  function fmt(v) {
+    if (v == null || typeof v !== 'number' || !isFinite(v)) return '—';
+    const a = Math.abs(v);
+    if (a === 0) return '0';
+    if (a >= 1e5 || a < 1e-3) return v.toExponential(2);
+    return v.toFixed(a >= 100 ? 1 : a >= 10 ? 2 : 3);
+  }
+  function pct(v) {
+    return v == null || typeof v !== 'number' || !isFinite(v) ? '—' : (v * 100).toFixed(1) + '%';
+  }
+  function fmtStat(stat, v) {
+    return stat === 'frac_positive' ? pct(v) : fmt(v);
+  }
+  function plural(n, one, many) {
+    return `${n.toLocaleString()} ${n === 1 ? one : many || one + 's'}`;
+  }
+
+  // The URL of a layer directory. Segments are already percent-escaped names, so their
+  // `%` is escaped once more: the server decodes once and finds the literal directory.
+  function layerDir(seg) {
+    return 'layers/' + encodeURIComponent(seg) + '/';
+  }
+
+  // A path from layer.json (relative to the layer directory), or null if it could point
+  // anywhere else: absolute, with a scheme, or with `.`/`..`/empty segments.
+  function inLayer(seg, rel) {
+    if (typeof rel !== 'string' || rel === '' || /[\\?#]/.test(rel)) return null;
+    const parts = rel.split('/');
+    if (parts.some((p) => p === '' || p === '.' || p === '..')) return null;
+    if (/^[a-z][a-z0-9+.-]*:/i.test(rel)) return null;
+    return layerDir(seg) + parts.map(encodeURIComponent).join('/');
+  }
+
+  // A layer name's path segment (docs/atlas-format.md), for an atlas.json whose layer
+  // lacks a usable `path`: bytes outside A-Z a-z 0-9 _ - . as %XX, a dots-only name all
+  // %2E; empty or over 200 bytes: none.
+  function segmentOf(name) {
+    const bytes = new TextEncoder().encode(name);
+    if (bytes.length === 0 || bytes.length > 200) return '';
+    const dotsOnly = bytes.every((b) => b === 0x2e);
+    let out = '';
+    for (const b of bytes) {
+      const c = String.fromCharCode(b);
+      out += !dotsOnly && /[A-Za-z0-9_.-]/.test(c) ? c : '%' + b.toString(16).toUpperCase().padStart(2, '0');
+    }
+    return out;
+  }
+
+  function unitImage(seg, unit, technique) {
+    return layerDir(seg) + `units/${unit}/${encodeURIComponent(technique)}.png`;
+  }
+
+  // Fetches JSON; null when the file is not there (yet). S3 website hosting answers 403
+  // for a missing key of a bucket it may not list.
+  async function getJSON(path) {
+    let r;
+    try {
+      r = await fetch(path, { cache: 'no-cache' });
+    } catch (e) {
+      throw new Error(`${path}: ${e.message}`);
+    }
+    if (r.status === 404 || r.status === 403) return null;
+    if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+    try {
+      return await r.json();
+    } catch (e) {
+      throw new Error(`${path}: not JSON (${e.message})`);
+    }
+  }
+
+  // ---------------------------------------------------------------- routing
+
+  function parseHash() {
+    let s = location.hash.replace(/^#/, '');
+    if (!s.startsWith('/')) s = '/' + s;
+    const q = s.indexOf('?');
+    const path = q < 0 ? s : s.slice(0, q);
+    const params = new URLSearchParams(q < 0 ? '' : s.slice(q + 1));
+    const parts = path.split('/').filter(Boolean);
+    if (parts.length === 0) return { view: 'atlas', params };
+    if (parts[0] === 'layer' && parts.length === 2) return { view: 'layer', seg: parts[1], params };
+    if (parts[0] === 'layer' && parts.length === 4 && parts[2] === 'unit' && /^\d+$/.test(parts[3])) {
+      return { view: 'unit', seg: parts[1], unit: parseInt(parts[3], 10), params };
+    }
+    return { view: 'unknown', params };
+  }
+
+  function query(params) {
+    const p = new URLSearchParams();
+    for (const [k, v] of Object.entries(params || {})) if (v != null && v !== '') p.set(k, v);
+    const s = p.toString();
+    return s ? '?' + s : '';
+  }
+  function atlasHref() {
+    return '#/';
+  }
+  function layerHref(seg, params) {
+    return `#/layer/${seg}${query(params)}`;
+  }
+  function unitHref(seg, unit, params) {
+    return `#/layer/${seg}/unit/${unit}${query(params)}`;
+  }
+  // The layer view's own query (technique, sort, order), carried to and from unit pages.
+  function layerParams(params) {
+    return { technique: params.get('technique'), sort: params.get('sort'), order: params.get('order') };
+  }
+
+  // ---------------------------------------------------------------- data
+
+  const cache = { atlas: null, atlasAt: 0, layers: new Map() };
+
+  async function loadAtlas() {
+    if (cache.atlas && Date.now() - cache.atlasAt < FRESH_MS) return cache.atlas;
+    const atlas = await getJSON('atlas.json');
+    if (atlas) {
+      if (!Array.isArray(atlas.layers)) atlas.layers = [];
+      atlas.layers = atlas.layers.filter((l) => l && typeof l === 'object');
+      for (const l of atlas.layers) {
+        if (typeof l.path !== 'string' || !/^[A-Za-z0-9_.%-]+$/.test(l.path) || /^\.+$/.test(l.path)) l.path = segmentOf(String(l.name ?? ''));
+      }
+      atlas.layers = atlas.layers.filter((l) => l.path);
+      if (!Array.isArray(atlas.techniques)) atlas.techniques = [];
+      atlas.settings = atlas.settings || {};
+      atlas.model = atlas.model || {};
+      cache.atlas = atlas;
+      cache.atlasAt = Date.now();
+    }
+    return atlas;
+  }
+
+  function findLayer(atlas, seg) {
+    let info = atlas.layers.find((l) => l.path === seg);
+    if (!info) {
+      let name = null;
+      try {
+        name = decodeURIComponent(seg);
+      } catch (e) {
+        /* not an escaped name */
+      }
+      info = atlas.layers.find((l) => l.name === name || l.name === seg);
+    }
+    return info || null;
+  }
+
+  // A layer as far as it is written: layer.json when there is one, else examples.json for
+  // the dataset statistics, else nothing (the images are then probed one by one).
+  async function loadLayer(info) {
+    const seg = info.path;
+    const hit = cache.layers.get(seg);
+    if (hit && Date.now() - hit.at < FRESH_MS) return hit.data;
+    const dir = layerDir(seg);
+    const json = await getJSON(dir + 'layer.json');
+    const units = new Map(); // unit -> { techniques: {t: {image, objective}}, dataset }
+    let dataset = null;
+    if (json && Array.isArray(json.units)) {
+      for (const u of json.units) {
+        if (!u || !Number.isInteger(u.unit)) continue;
+        units.set(u.unit, { techniques: u.techniques || {}, dataset: u.dataset || null });
+      }
+      dataset = json.dataset || null;
+    }
+    const hasDataset = [...units.values()].some((u) => u.dataset);
+    if (!hasDataset) {
+      // The dataset pass writes examples.json before the job's end writes layer.json.
+      const ex = await getJSON(dir + 'examples.json').catch(() => null);
+      if (ex && Array.isArray(ex.units)) {
+        dataset = {
+          examples: 'examples.json',
+          stats: ex.stats,
+          receptive_field: ex.receptive_field,
+          images: ex.dataset && ex.dataset.images,
+          images_skipped: ex.dataset && ex.dataset.images_skipped,
+        };
+        for (const d of ex.units) {
+          if (!d || !Number.isInteger(d.unit)) continue;
+          const u = units.get(d.unit) || { techniques: {}, dataset: null };
+          u.dataset = d;
+          units.set(d.unit, u);
+        }
+      }
+    }
+    const data = { info, json, units, dataset };
+    data.hasStats = [...units.values()].some((u) => u.dataset && STATS.some((s) => typeof u.dataset[s] === 'number'));
+    data.listed = [...units.values()].filter((u) => Object.keys(u.techniques).length > 0).length;
+    cache.layers.set(seg, { data, at: Date.now() });
+    return data;
+  }
+
+  function unitCount(info) {
+    return Number.isInteger(info.units) && info.units >= 0 ? info.units : 0;
+  }
+
+  // ---------------------------------------------------------------- lazy images
+
+  // Thumbnails get their src only when they come near the viewport, so a layer of 4,096
+  // units asks for the few hundred on screen. `loading="lazy"` is set as well.
+  let observer = null;
+  function lazy(img, src) {
+    img.setAttribute('loading', 'lazy');
+    img.setAttribute('decoding', 'async');
+    if (!('IntersectionObserver' in window)) {
+      img.src = src;
+      return img;
+    }
+    img.dataset.src = src;
+    if (!observer) {
+      observer = new IntersectionObserver(
+        (entries) => {
+          for (const e of entries) {
+            if (!e.isIntersecting) continue;
+            const el = e.target;
+            observer.unobserve(el);
+            if (el.dataset.src) {
+              el.src = el.dataset.src;
+              delete el.dataset.src;
+            }
+          }
+        },
+        { rootMargin: '600px 0px' }
+      );
+    }
+    observer.observe(img);
+    return img;
+  }
+  function resetLazy() {
+    if (observer) observer.disconnect();
+    observer = null;
+  }
+
+  // ---------------------------------------------------------------- page frame
+
+  let renderToken = 0;
+
+  function setCrumbs(items) {
+    crumbs.replaceChildren(
+      ...items
+        .flatMap((it, i) => [
+          i ? h('span', { class: 'sep', 'aria-hidden': 'true', text: '/' }) : null,
+          it.href ? h('a', { href: it.href, text: it.text }) : h('span', { 'aria-current': 'page', text: it.text }),
+        ])
+        .filter(Boolean)
+    );
+  }
+
+  function show(...nodes) {
+    app.replaceChildren(...nodes.flat().filter(Boolean));
+  }
+
+  function message(title, text, extra) {
+    return h('section', { class: 'message' }, h('h1', { text: title }), text ? h('p', { text }) : null, extra || null);
+  }
+
+  function noAtlas() {
+    setCrumbs([]);
+    document.title = 'loupe atlas';
+    show(
+      message(
+        'No atlas here yet',
+        'There is no atlas.json next to this page. A loupe job writes it when it starts; this page shows the atlas from then on.',
+        h('p', {}, h('button', { type: 'button', onclick: () => route(true), text: 'Look again' }))
+      )
+    );
+  }
+
+  // ---------------------------------------------------------------- atlas page
+
+  function completenessText(data, info) {
+    const n = unitCount(info);
+    if (!data.json) return { text: 'in progress', title: 'layer.json is written when the job ends', done: 0, n };
+    const withImage = data.listed;
+    return {
+      text: withImage === n ? `${n.toLocaleString()} / ${n.toLocaleString()}` : `${withImage.toLocaleString()} / ${n.toLocaleString()}`,
+      title: 'units with images / units',
+      done: withImage,
+      n,
+    };
+  }
+
+  async function renderAtlas(token) {
+    const atlas = await loadAtlas();
+    if (token !== renderToken) return;
+    if (!atlas) return noAtlas();
+    const model = atlas.model;
+    const s = atlas.settings;
+    setCrumbs([]);
+    document.title = `${model.name || 'model'} · loupe atlas`;
+
+    const sha = typeof model.sha256 === 'string' ? model.sha256 : '';
+    const head = h(
+      'header',
+      { class: 'page-head' },
+      h('h1', { text: model.name || 'unnamed model' }),
+      h(
+        'p',
+        { class: 'meta' },
+        sha ? h('span', { class: 'sha', title: `sha256 ${sha}` }, 'sha256 ', h('code', { text: sha.slice(0, 12) })) : null,
+        atlas.loupe_version ? h('span', { text: `loupe ${atlas.loupe_version}` }) : null,
+        atlas.created ? h('span', { text: `created ${atlas.created}` }) : null,
+        h('span', { text: `format ${atlas.format_version ?? '?'}` })
+      )
+    );
+
+    const fact = (k, v, attrs) => h('div', attrs || {}, h('dt', { text: k }), h('dd', { text: v == null ? '—' : String(v) }));
+    const settings = h(
+      'section',
+      { class: 'panel' },
+      h('h2', { text: 'Render settings' }),
+      h(
+        'dl',
+        { class: 'facts' },
+        fact('steps', s.steps),
+        fact('image size', s.size != null ? `${s.size} px` : null),
+        fact('input size', s.input_size != null ? `${s.input_size} px` : null),
+        fact('seed', s.seed),
+        fact('learning rate', s.learning_rate),
+        fact('precision', s.precision || 'fp32'),
+        fact('techniques', atlas.techniques.join(', ') || null, { class: 'wide2' })
+      )
+    );
+
+    let datasetBox = null;
+    if (atlas.dataset) {
+      const d = atlas.dataset;
+      datasetBox = h(
+        'section',
+        { class: 'panel' },
+        h('h2', { text: 'Dataset' }),
+        h(
+          'dl',
+          { class: 'facts' },
+          fact('images', d.images != null ? Number(d.images).toLocaleString() : null),
+          fact('skipped', d.images_skipped, { title: 'images that could not be decoded' }),
+          fact('examples', d.examples != null ? `${d.examples} top, ${d.examples} bottom` : null),
+          d.uri != null ? h('div', { class: 'wide' }, h('dt', { text: 'source' }), h('dd', {}, h('code', { text: String(d.uri) }))) : null
+        )
+      );
+    }
+
+    const total = atlas.layers.reduce((a, l) => a + unitCount(l), 0);
+    const overall = h('span', { class: 'muted', id: 'completeness', text: '' });
+
+    const technique = atlas.techniques[0] || 'channel';
+    const rows = atlas.layers.map((info) => {
+      const seg = info.path;
+      const n = unitCount(info);
+      const status = h('span', { class: 'status', text: '…' });
+      const bar = h('span', { class: 'bar' }, h('span', { class: 'fill' }));
+      const previews = h(
+        'div',
+        { class: 'preview' },
+        Array.from({ length: Math.min(n, PREVIEW_UNITS) }, (_, u) =>
+          h(
+            'a',
+            { href: unitHref(seg, u), title: `unit ${u}`, tabindex: '-1' },
+            lazy(
+              h('img', {
+                alt: '',
+                width: 64,
+                height: 64,
+                onerror: (e) => e.target.parentNode.classList.add('missing'),
+              }),
+              unitImage(seg, u, technique)
+            )
+          )
+        )
+      );
+      const shape = Array.isArray(info.shape) ? info.shape.join(' × ') : '';
+      const row = h(
+        'li',
+        { class: 'layer', data: { layer: seg } },
+        h(
+          'div',
+          { class: 'layer-head' },
+          h('a', { class: 'layer-name', href: layerHref(seg), text: info.name ?? seg }),
+          h('span', { class: 'muted', text: plural(n, 'unit') }),
+          shape ? h('span', { class: 'muted shape', text: shape }) : null,
+          h('span', { class: 'grow' }),
+          bar,
+          status
+        ),
+        previews
+      );
+      return { info, row, status, bar };
+    });
+
+    show(
+      head,
+      h('div', { class: 'panels' }, settings, datasetBox),
+      h(
+        'section',
+        { class: 'layers' },
+        h('div', { class: 'section-head' }, h('h2', { text: `${plural(atlas.layers.length, 'layer')} · ${plural(total, 'unit')}` }), overall),
+        h('ol', { class: 'layer-list' }, rows.map((r) => r.row))
+      )
+    );
+
+    // Completeness per layer, filled in as each layer.json arrives.
+    let done = 0;
+    let known = 0;
+    await Promise.all(
+      rows.map(async (r) => {
+        let data;
+        try {
+          data = await loadLayer(r.info);
+        } catch (e) {
+          r.status.textContent = 'unreadable';
+          r.status.title = e.message;
+          return;
+        }
+        if (token !== renderToken) return;
+        const c = completenessText(data, r.info);
+        r.status.textContent = c.text;
+        r.status.title = c.title;
+        r.bar.firstChild.style.width = c.n ? `${(100 * c.done) / c.n}%` : '0';
+        if (!data.json) r.row.classList.add('partial');
+        if (data.json) known += c.n;
+        done += c.done;
+        if (data.dataset && data.dataset.receptive_field && !r.row.querySelector('.rf')) {
+          r.row.querySelector('.layer-head .shape')?.after(
+            h('span', { class: 'muted rf', title: 'receptive field (input pixels)', text: `rf ${data.dataset.receptive_field} px` })
+          );
+        }
+      })
+    );
+    if (token !== renderToken) return;
+    overall.textContent =
+      known === total
+        ? done === total
+          ? 'complete'
+          : `${done.toLocaleString()} of ${total.toLocaleString()} units have images`
+        : `in progress: ${done.toLocaleString()} of ${total.toLocaleString()} units listed so far`;
+    overall.title = 'units with at least one image, as the layers\' layer.json list them';
+  }
+
+  // ---------------------------------------------------------------- layer page
+
+  function stat(data, unit, name) {
+    const u = data.units.get(unit);
+    const v = u && u.dataset ? u.dataset[name] : null;
+    return typeof v === 'number' && isFinite(v) ? v : null;
+  }
+
+  function sortedUnits(data, n, sort, asc) {
+    const units = Array.from({ length: n }, (_, u) => u);
+    if (!STATS.includes(sort)) return asc === false ? units.reverse() : units;
+    return units.sort((a, b) => {
+      const va = stat(data, a, sort);
+      const vb = stat(data, b, sort);
+      if (va == null && vb == null) return a - b;
+      if (va == null) return 1; // units without statistics last either way
+      if (vb == null) return -1;
+      return (asc ? va - vb : vb - va) || a - b;
+    });
+  }
+
+  function techniqueOf(atlas, params) {
+    const t = params.get('technique');
+    if (t && atlas.techniques.includes(t)) return t;
+    return atlas.techniques[0] || 'channel';
+  }
+
+  function markMissing(card, unit) {
+    if (card.classList.contains('missing')) return;
+    card.classList.add('missing');
+    const img = card.querySelector('img');
+    const ph = h('span', { class: 'placeholder', title: `unit ${unit}: no image yet`, text: String(unit) });
+    if (img) img.replaceWith(ph);
+    const label = card.querySelector('.label');
+    if (label) label.append(h('span', { class: 'tag', text: 'missing' }));
+  }
+
+  async function renderLayer(route_, token) {
+    const atlas = await loadAtlas();
+    if (token !== renderToken) return;
+    if (!atlas) return noAtlas();
+    const info = findLayer(atlas, route_.seg);
+    if (!info) {
+      setCrumbs([{ text: atlas.model.name || 'atlas', href: atlasHref() }]);
+      return show(message('No such layer', `This atlas has no layer “${route_.seg}”.`, h('p', {}, h('a', { href: atlasHref(), text: 'All layers' }))));
+    }
+    const seg = info.path;
+    let data;
+    try {
+      data = await loadLayer(info);
+    } catch (e) {
+      if (token !== renderToken) return;
+      return show(message('Could not read the layer', e.message));
+    }
+    if (token !== renderToken) return;
+
+    const params = route_.params;
+    const technique = techniqueOf(atlas, params);
+    const sort = data.hasStats && STATS.includes(params.get('sort')) ? params.get('sort') : 'unit';
+    const asc = params.get('order') === 'asc' ? true : params.get('order') === 'desc' ? false : sort === 'unit';
+    const keep = { technique: params.get('technique'), sort: sort === 'unit' ? null : sort, order: params.get('order') };
+    const n = unitCount(info);
+
+    setCrumbs([{ text: atlas.model.name || 'atlas', href: atlasHref() }, { text: info.name ?? seg }]);
+    document.title = `${info.name ?? seg} · ${atlas.model.name || 'loupe atlas'}`;
+
+    // Toolbar: technique, sort, jump.
+    const techniques = h(
+      'div',
+      { class: 'segmented', role: 'group', 'aria-label': 'Technique' },
+      atlas.techniques.map((t) =>
+        h('a', { href: layerHref(seg, { ...keep, technique: t }), class: t === technique ? 'on' : null, 'aria-current': t === technique ? 'true' : null, text: t })
+      )
+    );
+    let sorter = null;
+    if (data.hasStats) {
+      const select = h(
+        'select',
+        {
+          id: 'sort',
+          'aria-label': 'Sort units by',
+          onchange: (e) => {
+            location.hash = layerHref(seg, { ...keep, sort: e.target.value === 'unit' ? null : e.target.value, order: null });
+          },
+        },
+        ['unit', ...STATS].map((s) => h('option', { value: s, selected: s === sort, text: STAT_LABEL[s] }))
+      );
+      const flip = h('a', {
+        class: 'order',
+        href: layerHref(seg, { ...keep, order: asc ? 'desc' : 'asc' }),
+        title: asc ? 'lowest first (click for highest first)' : 'highest first (click for lowest first)',
+        text: asc ? '↑ low first' : '↓ high first',
+      });
+      sorter = h('label', { class: 'field' }, h('span', { text: 'sort' }), select, sort === 'unit' ? null : flip);
+    }
+    const jumpInput = h('input', {
+      id: 'jump',
+      type: 'number',
+      inputmode: 'numeric',
+      min: 0,
+      max: Math.max(0, n - 1),
+      placeholder: `0–${Math.max(0, n - 1)}`,
+      'aria-label': 'Jump to unit',
+    });
+    const jump = h(
+      'form',
+      {
+        class: 'field jump',
+        onsubmit: (e) => {
+          e.preventDefault();
+          const u = parseInt(jumpInput.value, 10);
+          if (Number.isInteger(u) && u >= 0 && u < n) {
+            location.hash = unitHref(seg, u, keep);
+          } else {
+            jumpInput.setCustomValidity(`a unit from 0 to ${n - 1}`);
+            jumpInput.reportValidity();
+          }
+        },
+      },
+      h('label', { for: 'jump', text: 'unit' }),
+      jumpInput,
+      h('button', { type: 'submit', text: 'Go' })
+    );
+    jumpInput.addEventListener('input', () => jumpInput.setCustomValidity(''));
+
+    const shape = Array.isArray(info.shape) ? info.shape.join(' × ') : '';
+    const notes = [];
+    if (!data.json) notes.push('This layer is still being written (no layer.json yet): showing the images there are so far.');
+    else if (data.listed < n) notes.push(`layer.json lists ${data.listed} of ${n} units; the others are looked for one by one.`);
+    const ds = data.dataset;
+    const head = h(
+      'header',
+      { class: 'page-head' },
+      h('h1', { text: info.name ?? seg }),
+      h(
+        'p',
+        { class: 'meta' },
+        h('span', { text: plural(n, 'unit') }),
+        shape ? h('span', { text: `activation ${shape}` }) : null,
+        ds && ds.receptive_field ? h('span', { text: `receptive field ${ds.receptive_field} px` }) : null,
+        ds && ds.images != null ? h('span', { text: `${Number(ds.images).toLocaleString()} dataset images` }) : null
+      ),
+      notes.map((t) => h('p', { class: 'notice', text: t }))
+    );
+    const toolbar = h('div', { class: 'toolbar' }, techniques, sorter, h('span', { class: 'grow' }), jump);
+
+    const order = sortedUnits(data, n, sort, asc);
+    const grid = h('ol', { class: 'grid', id: 'grid', 'aria-label': `units of ${info.name ?? seg}` });
+    const frag = document.createDocumentFragment();
+    for (const u of order) {
+      const entry = data.units.get(u);
+      const listed = entry && entry.techniques[technique];
+      const src = (listed && inLayer(seg, listed.image)) || unitImage(seg, u, technique);
+      const card = h('li', { class: 'unit', data: { unit: String(u) } });
+      const img = h('img', { alt: '', width: 128, height: 128 });
+      img.addEventListener('error', () => markMissing(card, u), { once: true });
+      lazy(img, src);
+      const label = h('span', { class: 'label' }, h('span', { class: 'num', text: String(u) }));
+      if (sort !== 'unit') label.append(h('span', { class: 'val', text: fmtStat(sort, stat(data, u, sort)) }));
+      card.append(h('a', { href: unitHref(seg, u, keep), title: `unit ${u}`, 'aria-label': `unit ${u}` }, img, label));
+      frag.append(card);
+    }
+    grid.append(frag);
+
+    show(head, toolbar, grid);
+  }
+
+  // ---------------------------------------------------------------- unit page
+
+  function ordinal(n) {
+    const s = ['th', 'st', 'nd', 'rd'];
+    const v = n % 100;
+    return n + (s[(v - 20) % 10] || s[v] || s[0]);
+  }
+
+  // The receptive-field square of an example on the whole image, as fractions of its
+  // side: the same box loupe cropped (dataset::crop_box), for feature maps [C, H, W].
+  function cropBox(atlas, info, rf, ex) {
+    const size = atlas.settings.input_size;
+    if (!Array.isArray(info.shape) || info.shape.length !== 3 || !size || !rf || rf >= size) return null;
+    if (!Number.isInteger(ex.y) || !Number.isInteger(ex.x)) return null;
+    const [, hh, ww] = info.shape;
+    const side = Math.min(rf, size);
+    const start = (pos, len) => {
+      const c = ((pos + 0.5) * size) / Math.max(1, len);
+      return Math.min(Math.max(Math.round(c - side / 2), 0), size - side);
+    };
+    return { top: start(ex.y, hh) / size, left: start(ex.x, ww) / size, side: side / size };
+  }
+
+  function exampleFigure(atlas, info, seg, rf, ex, kind, rank) {
+    const crop = inLayer(seg, ex.crop);
+    const whole = inLayer(seg, ex.image);
+    const fullImg = h('img', { class: 'whole', alt: '' });
+    const box = cropBox(atlas, info, rf, ex);
+    const frame = h(
+      'button',
+      {
+        type: 'button',
+        class: 'example-img',
+        title: whole ? 'hover or tap: the whole image' : null,
+        'aria-pressed': 'false',
+        onclick: (e) => {
+          const on = frame.classList.toggle('show-whole');
+          frame.setAttribute('aria-pressed', String(on));
+          loadWhole();
+          e.preventDefault();
+        },
+        onmouseenter: () => loadWhole(),
+        onfocus: () => loadWhole(),
+      },
+      crop ? h('img', { class: 'crop', src: crop, alt: `${kind} ${rank + 1}: ${ex.id}`, loading: 'lazy', width: 128, height: 128 }) : h('span', { class: 'placeholder', text: '—' }),
+      whole ? fullImg : null,
+      whole && box
+        ? h('span', {
+            class: 'rf-box',
+            style: `top:${(box.top * 100).toFixed(2)}%;left:${(box.left * 100).toFixed(2)}%;width:${(box.side * 100).toFixed(2)}%;height:${(box.side * 100).toFixed(2)}%`,
+          })
+        : null
+    );
+    function loadWhole() {
+      if (whole && !fullImg.getAttribute('src')) fullImg.src = whole;
+    }
+    if (!whole) frame.disabled = true;
+    const pos = Number.isInteger(ex.y) && Number.isInteger(ex.x) ? `at (${ex.y}, ${ex.x})` : '';
+    return h(
+      'figure',
+      { class: `example ${kind}` },
+      frame,
+      h(
+        'figcaption',
+        {},
+        h('span', { class: 'val', text: fmt(ex.value) }),
+        h('span', { class: 'id', title: `${ex.id} ${pos}`.trim(), text: String(ex.id ?? '') })
+      )
+    );
+  }
+
+  function rankOf(data, n, unit, name) {
+    const mine = stat(data, unit, name);
+    if (mine == null) return null;
+    let higher = 0;
+    let counted = 0;
+    for (let u = 0; u < n; u++) {
+      const v = stat(data, u, name);
+      if (v == null) continue;
+      counted++;
+      if (v > mine || (v === mine && u < unit)) higher++;
+    }
+    return { rank: higher + 1, of: counted };
+  }
+
+  async function renderUnit(route_, token) {
+    const atlas = await loadAtlas();
+    if (token !== renderToken) return;
+    if (!atlas) return noAtlas();
+    const info = findLayer(atlas, route_.seg);
+    if (!info) {
+      setCrumbs([{ text: atlas.model.name || 'atlas', href: atlasHref() }]);
+      return show(message('No such layer', `This atlas has no layer “${route_.seg}”.`, h('p', {}, h('a', { href: atlasHref(), text: 'All layers' }))));
+    }
+    const seg = info.path;
+    let data;
+    try {
+      data = await loadLayer(info);
+    } catch (e) {
+      if (token !== renderToken) return;
+      return show(message('Could not read the layer', e.message));
+    }
+    if (token !== renderToken) return;
+    const n = unitCount(info);
+    const unit = route_.unit;
+    const keep = layerParams(route_.params);
+    const name = info.name ?? seg;
+    setCrumbs([{ text: atlas.model.name || 'atlas', href: atlasHref() }, { text: name, href: layerHref(seg, keep) }, { text: `unit ${unit}` }]);
+    document.title = `${name} unit ${unit} · ${atlas.model.name || 'loupe atlas'}`;
+
+    if (unit >= n) {
+      return show(message(`No unit ${unit}`, `${name} has units 0 to ${n - 1}.`, h('p', {}, h('a', { href: layerHref(seg, keep), text: `Back to ${name}` }))));
+    }
+
+    const entry = data.units.get(unit) || { techniques: {}, dataset: null };
+    const prev = unit > 0 ? unitHref(seg, unit - 1, keep) : null;
+    const next = unit < n - 1 ? unitHref(seg, unit + 1, keep) : null;
+    const nav = h(
+      'nav',
+      { class: 'unit-nav', 'aria-label': 'Units' },
+      prev ? h('a', { href: prev, rel: 'prev', id: 'prev', title: 'previous unit (←)', text: `← ${unit - 1}` }) : h('span', { class: 'disabled', text: '←' }),
+      h('a', { href: layerHref(seg, keep), id: 'back', text: `all ${n} units` }),
+      next ? h('a', { href: next, rel: 'next', id: 'next', title: 'next unit (→)', text: `${unit + 1} →` }) : h('span', { class: 'disabled', text: '→' })
+    );
+    const head = h(
+      'header',
+      { class: 'page-head unit-head' },
+      h('h1', { text: `${name} · unit ${unit}` }),
+      nav
+    );
+
+    // Every technique of the atlas (and any other the layer lists for the unit).
+    const techs = [...atlas.techniques];
+    for (const t of Object.keys(entry.techniques)) if (!techs.includes(t)) techs.push(t);
+    const figures = techs.map((t) => {
+      const listed = entry.techniques[t];
+      const src = (listed && inLayer(seg, listed.image)) || unitImage(seg, unit, t);
+      const objective = h('span', { class: 'objective', title: 'the objective on the final image', text: listed && typeof listed.objective === 'number' ? `objective ${fmt(listed.objective)}` : '' });
+      const fig = h('figure', { class: 'technique', data: { technique: t } });
+      const img = h('img', { src, alt: `${name} unit ${unit}, ${t}`, width: atlas.settings.size || 256, height: atlas.settings.size || 256 });
+      img.addEventListener(
+        'error',
+        () => {
+          fig.classList.add('missing');
+          img.replaceWith(h('span', { class: 'placeholder', text: 'not rendered yet' }));
+        },
+        { once: true }
+      );
+      fig.append(img, h('figcaption', {}, h('span', { class: 'tname', text: t }), objective));
+      if (!listed || typeof listed.objective !== 'number') {
+        // Not in layer.json (yet): the unit record has the objective.
+        getJSON(layerDir(seg) + `units/${unit}/${encodeURIComponent(t)}.json`)
+          .then((rec) => {
+            if (rec && typeof rec.objective === 'number') objective.textContent = `objective ${fmt(rec.objective)}`;
+          })
+          .catch(() => {});
+      }
+      return fig;
+    });
+    const images = h('section', { class: 'techniques' }, figures);
+
+    const d = entry.dataset;
+    let statsPanel = null;
+    const below = [];
+    if (d) {
+      const rows = STATS.map((s) => {
+        const r = rankOf(data, n, unit, s);
+        return h(
+          'div',
+          {},
+          h('dt', { text: STAT_LABEL[s] }),
+          h(
+            'dd',
+            {},
+            h('span', { class: 'v', text: fmtStat(s, typeof d[s] === 'number' ? d[s] : null) }),
+            r ? h('span', { class: 'rank', title: `among the ${r.of} units of the layer`, text: `${ordinal(r.rank)} highest of ${r.of}` }) : null
+          )
+        );
+      });
+      const ds = data.dataset || {};
+      statsPanel = h(
+        'section',
+        { class: 'panel stats' },
+        h('h2', { text: 'Activations on the dataset' }),
+        h('dl', { class: 'facts' }, rows),
+        ds.images != null ? h('p', { class: 'muted small', text: `over ${Number(ds.images).toLocaleString()} images, every position` }) : null
+      );
+      const rf = ds.receptive_field;
+      const list = (kind, title, items) =>
+        Array.isArray(items) && items.length
+          ? h(
+              'section',
+              { class: `examples ${kind}`, data: { kind } },
+              h('h2', { text: title }),
+              h('div', { class: 'example-row' }, items.map((ex, i) => exampleFigure(atlas, info, seg, rf, ex || {}, kind, i)))
+            )
+          : null;
+      const top = list('top', 'Top dataset examples', d.top);
+      const bottom = list('bottom', 'Bottom dataset examples', d.bottom);
+      if (top || bottom) {
+        below.push(
+          h('div', { class: 'example-groups' }, top, bottom),
+          h(
+            'p',
+            { class: 'muted explain' },
+            rf ? `Each crop is the ${rf} px receptive field around where the unit responds most on that image. ` : '',
+            'Hover or tap a crop for the whole image. Values are the unit’s maximum over the image.'
+          )
+        );
+      }
+    } else if (data.dataset || atlas.dataset) {
+      statsPanel = h('section', { class: 'panel stats' }, h('p', { class: 'muted', text: 'No dataset statistics for this unit yet.' }));
+    }
+    show(head, h('div', { class: 'unit-body' }, images, statsPanel), below);
+  }
+
+  // ---------------------------------------------------------------- driver
+
+  const scrollAt = new Map();
+  let current = null; // { hash, view, seg }
+  if ('scrollRestoration' in history) history.scrollRestoration = 'manual';
+
+  async function route(force) {
+    const r = parseHash();
+    const rendered = location.hash;
+    const hash = rendered || '#/';
+    if (force) {
+      cache.atlasAt = 0;
+      cache.layers.clear();
+    }
+    if (current) scrollAt.set(current.hash, window.scrollY);
+    // Switching the technique or the sort of the same layer keeps the place on the page.
+    const sameLayer = current && current.view === 'layer' && r.view === 'layer' && current.seg === r.seg;
+    const y = scrollAt.has(hash) ? scrollAt.get(hash) : sameLayer ? window.scrollY : 0;
+    current = { hash, view: r.view, seg: r.seg };
+    const token = ++renderToken;
+    resetLazy(); // before the view observes its own images
+    document.body.dataset.view = r.view;
+    try {
+      if (r.view === 'atlas') await renderAtlas(token);
+      else if (r.view === 'layer') await renderLayer(r, token);
+      else if (r.view === 'unit') await renderUnit(r, token);
+      else {
+        setCrumbs([]);
+        show(message('Nothing here', 'This link names no view of the atlas.', h('p', {}, h('a', { href: atlasHref(), text: 'The atlas' }))));
+      }
+    } catch (e) {
+      if (token !== renderToken) return;
+      show(message('Something went wrong', e && e.message ? e.message : String(e), h('p', {}, h('button', { type: 'button', onclick: () => route(true), text: 'Try again' }))));
+    }
+    if (token === renderToken) {
+      window.scrollTo(0, y);
+      // For tests and scripts: which view is drawn, and for which hash.
+      document.body.dataset.ready = r.view;
+      document.body.dataset.rendered = rendered;
+    }
+  }
+
+  window.addEventListener('hashchange', () => {
+    delete document.body.dataset.ready;
+    route(false);
+  });
+
+  // Left and right arrows step through the units on a unit page.
+  document.addEventListener('keydown', (e) => {
+    if (e.defaultPrevented || e.altKey || e.ctrlKey || e.metaKey || e.shiftKey) return;
+    const t = e.target;
+    if (t && (t.isContentEditable || /^(INPUT|SELECT|TEXTAREA)$/.test(t.tagName))) return;
+    if (!current || current.view !== 'unit') return;
+    const link = e.key === 'ArrowLeft' ? document.getElementById('prev') : e.key === 'ArrowRight' ? document.getElementById('next') : null;
+    if (link) {
+      e.preventDefault();
+      location.hash = link.getAttribute('href');
+    }
+  });
+
+  route(false);
+})();

@@ -19,8 +19,9 @@ services:
 
 # Renders the demo model's complete atlas (every layer, every unit) on the CPU.
 demo: build
-	$(LOUPE) render --model models/demo/demo.pt --out atlas/demo --size 64 --device cpu
-	@echo "demo atlas: $(CURDIR)/atlas/demo (atlas.json, layers/<layer>/layer.json, layers/<layer>/units/<unit>/<technique>.png)"
+	$(LOUPE) render --model models/demo/demo.pt --out atlas/demo --size 64 --device cpu \
+	  --dataset tests/fixtures/dataset/images --examples 4
+	@echo "demo atlas: $(CURDIR)/atlas/demo; to browse it: $(LOUPE) serve atlas/demo"
 
 # Everything the README's test command runs. The end-to-end tests run the binaries.
 test: setup services

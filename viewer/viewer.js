@@ -509,24 +509,36 @@
     if (label) label.append(h('span', { class: 'tag', text: 'missing' }));
   }
 
-  async function renderLayer(route_, token) {
+  // The atlas, the route's layer and its index, or null once a message stands in for
+  // the page (no atlas, no such layer, an unreadable layer, or a newer route).
+  async function openLayer(route_, token) {
     const atlas = await loadAtlas();
-    if (token !== renderToken) return;
-    if (!atlas) return noAtlas();
+    if (token !== renderToken) return null;
+    if (!atlas) {
+      noAtlas();
+      return null;
+    }
     const info = findLayer(atlas, route_.seg);
     if (!info) {
       setCrumbs([{ text: atlas.model.name || 'atlas', href: atlasHref() }]);
-      return show(message('No such layer', `This atlas has no layer “${route_.seg}”.`, h('p', {}, h('a', { href: atlasHref(), text: 'All layers' }))));
+      show(message('No such layer', `This atlas has no layer “${route_.seg}”.`, h('p', {}, h('a', { href: atlasHref(), text: 'All layers' }))));
+      return null;
     }
-    const seg = info.path;
     let data;
     try {
       data = await loadLayer(info);
     } catch (e) {
-      if (token !== renderToken) return;
-      return show(message('Could not read the layer', e.message));
+      if (token === renderToken) show(message('Could not read the layer', e.message));
+      return null;
     }
-    if (token !== renderToken) return;
+    if (token !== renderToken) return null;
+    return { atlas, info, seg: info.path, data };
+  }
+
+  async function renderLayer(route_, token) {
+    const opened = await openLayer(route_, token);
+    if (!opened) return;
+    const { atlas, info, seg, data } = opened;
 
     const params = route_.params;
     const technique = techniqueOf(atlas, params);
@@ -725,23 +737,9 @@
   }
 
   async function renderUnit(route_, token) {
-    const atlas = await loadAtlas();
-    if (token !== renderToken) return;
-    if (!atlas) return noAtlas();
-    const info = findLayer(atlas, route_.seg);
-    if (!info) {
-      setCrumbs([{ text: atlas.model.name || 'atlas', href: atlasHref() }]);
-      return show(message('No such layer', `This atlas has no layer “${route_.seg}”.`, h('p', {}, h('a', { href: atlasHref(), text: 'All layers' }))));
-    }
-    const seg = info.path;
-    let data;
-    try {
-      data = await loadLayer(info);
-    } catch (e) {
-      if (token !== renderToken) return;
-      return show(message('Could not read the layer', e.message));
-    }
-    if (token !== renderToken) return;
+    const opened = await openLayer(route_, token);
+    if (!opened) return;
+    const { atlas, info, seg, data } = opened;
     const n = unitCount(info);
     const unit = route_.unit;
     const keep = layerParams(route_.params);

@@ -183,10 +183,10 @@ pub async fn fetch_examples(dataset: &dyn ArtifactStore, ids: &BTreeSet<String>)
 
 /// A dataset problem as a task error: store trouble may pass, anything else is the data's.
 pub fn dataset_error(e: loupe_dataset::Error) -> Error {
-    if e.retryable() {
-        Error::Torch(e.to_string())
-    } else {
-        Error::Model(e.to_string())
+    let retryable = e.retryable();
+    match e {
+        loupe_dataset::Error::Store(inner) if retryable => Error::Store(inner),
+        other => Error::Model(other.to_string()),
     }
 }
 
@@ -371,7 +371,7 @@ pub(crate) async fn run_reduce(
     Ok(())
 }
 
-fn dataset_spec(lease: &Lease) -> Result<&loupe_core::spec::DatasetSpec> {
+pub(crate) fn dataset_spec(lease: &Lease) -> Result<&loupe_core::spec::DatasetSpec> {
     lease.job.dataset.as_ref().ok_or_else(|| Error::Model(format!("task {} is a dataset task of a job without a dataset", lease.task.id())))
 }
 

@@ -111,13 +111,9 @@ impl Model {
         if x.kind() == self.kind { x.shallow_clone() } else { x.to_kind(self.kind) }
     }
 
-    /// Every layer's activation for a batch of inputs, in the order `forward` gives them.
+    /// Every layer's activation for a batch of inputs, in the order `forward` gives them:
+    /// `forward`'s dict, or an error that says what came back instead.
     pub fn activations(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
-        self.forward_dict(x)
-    }
-
-    /// Runs `forward` and returns its dict, or an error that says what came back instead.
-    fn forward_dict(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
         let out = self
             .module
             .forward_is(&[IValue::Tensor(self.input(x))])
@@ -155,7 +151,7 @@ impl Model {
                     other => Err(Error::Model(format!("tap returned {}", ivalue_kind(&other)))),
                 });
         }
-        self.forward_dict(x)?
+        self.activations(x)?
             .into_iter()
             .find(|(name, _)| name == layer)
             .map(|(_, t)| t)
@@ -170,7 +166,7 @@ impl Model {
         let s = input_size as i64;
         let x = Tensor::full([1, 3, s, s], 0.5, (self.kind, self.device));
         let mut layers = Vec::new();
-        for (name, t) in self.forward_dict(&x)? {
+        for (name, t) in self.activations(&x)? {
             let shape = t.size();
             if !(shape.len() == 2 || shape.len() == 4) || shape[0] != 1 {
                 return Err(Error::Model(format!(

@@ -349,8 +349,7 @@ async fn run_task(
 
 /// The dataset's store, for map and reduce tasks.
 async fn dataset_store(stores: &mut Stores, lease: &Lease) -> Result<Arc<dyn ArtifactStore>> {
-    let dataset = lease.job.dataset.as_ref().ok_or_else(|| Error::Model(format!("task {} is a dataset task of a job without a dataset", lease.task.id())))?;
-    stores.open(&dataset.uri).await
+    stores.open(&examples::dataset_spec(lease)?.uri).await
 }
 
 /// Runs `work` while renewing the lease every third of its time to live. A lease that

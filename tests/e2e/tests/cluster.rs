@@ -78,34 +78,22 @@ fn a_job_lands_in_s3_with_the_layout_loupe_render_writes_locally() {
     assert!(stdout(&o).contains(&job) && stdout(&o).contains("succeeded"), "{}", stdout(&o));
 
     // `loupe serve` reads the atlas and its viewer through from S3.
-    let mut serve = std::process::Command::new(binary("loupe"))
-        .args(["serve", "s3://atlas/run1", "--listen", "127.0.0.1:0"])
-        .envs(c.s3.env())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(serve.stdout.as_mut().unwrap()), &mut line).unwrap();
-    let addr = line.trim().rsplit("http://").next().unwrap().trim_end_matches('/').to_string();
-    let get = |path: &str| {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-        (String::from_utf8_lossy(&raw[..split]).into_owned(), raw[split + 4..].to_vec())
-    };
-    let (head, body) = get("/atlas.json");
+    let served = loupe_testsupport::Served::new(
+        std::process::Command::new(binary("loupe"))
+            .args(["serve", "s3://atlas/run1", "--listen", "127.0.0.1:0"])
+            .envs(c.s3.env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (_, head, body) = served.get("/atlas.json");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, c.get(&rt, "atlas", "run1/atlas.json"));
-    let (head, body) = get("/");
+    let (_, head, body) = served.get("/");
     assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/html"), "{head}");
     assert!(String::from_utf8_lossy(&body).contains("viewer.js"));
-    assert!(get("/../run1/atlas.json").0.starts_with("HTTP/1.1 400"));
-    let _ = serve.kill();
-    let _ = serve.wait();
+    assert!(served.get("/../run1/atlas.json").1.starts_with("HTTP/1.1 400"));
 }
 
 fn walk(dir: &std::path::Path) -> Vec<String> {

@@ -159,3 +159,40 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// A running `loupe serve` (started by the caller with its stdout piped), killed on drop.
+pub struct Served {
+    child: Child,
+    /// `127.0.0.1:PORT`, from the "serving ... at http://ADDR/" line it prints.
+    pub addr: String,
+}
+
+impl Served {
+    pub fn new(mut child: Child) -> Served {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout piped")), &mut line).unwrap();
+        let addr = line.trim().rsplit("http://").next().unwrap().trim_end_matches('/').to_string();
+        Served { child, addr }
+    }
+
+    /// Sends `GET <path>` exactly as written (no client-side normalisation of `..`);
+    /// returns the status, the head and the body.
+    pub fn get(&self, path: &str) -> (u16, String, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a full response");
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, head, raw[split + 4..].to_vec())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

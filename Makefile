@@ -30,6 +30,7 @@ test: setup services
 	.venv/bin/python -m pytest -q tests/python
 	LOUPE_VIEWER_SERVE='target/release/loupe serve {dir} --listen 127.0.0.1:{port}' \
 	  .venv/bin/python -m pytest -q tests/browser
+	tools/check-chart.sh
 
 bench-cpu: build
 	bench/cpu.sh

@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use loupe_core::job::{JobState, JobStatus};
 use loupe_proto::v1;
 use loupe_proto::v1::jobs_client::JobsClient;
-use loupe_worker::client::{channel, BearerToken};
+use loupe_worker::client::{channel, BearerToken, TlsOptions};
 
 use crate::job::{job_spec, JobArgs, Progress};
 
@@ -23,6 +23,13 @@ pub struct Connection {
     /// File holding the bearer token.
     #[arg(long, env = "LOUPE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs that sign an https:// coordinator's certificate.
+    #[arg(long, env = "LOUPE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate carries, when not the URL's host (e.g.
+    /// through `kubectl port-forward` to localhost).
+    #[arg(long, env = "LOUPE_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -49,7 +56,8 @@ type Client = JobsClient<InterceptedService<Channel, BearerToken>>;
 fn client(conn: &Connection) -> Result<Client> {
     let token = conn.token_file.as_deref().map(loupe_core::read_token_file).transpose()?;
     let token = BearerToken::new(token.as_deref()).map_err(|e| anyhow!(e))?;
-    Ok(JobsClient::with_interceptor(channel(&conn.coordinator).map_err(|e| anyhow!(e))?, token))
+    let tls = TlsOptions { ca: conn.tls_ca.clone(), domain: conn.tls_domain.clone() };
+    Ok(JobsClient::with_interceptor(channel(&conn.coordinator, &tls).map_err(|e| anyhow!(e))?, token))
 }
 
 /// The coordinator's refusal, as the user should read it.

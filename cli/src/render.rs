@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use loupe_coordinator::state::{JobState, MemoryStateStore};
 use loupe_coordinator::{Coordinator, CoordinatorConfig};
 use loupe_worker::device::{describe, parse_device};
+use loupe_worker::metrics::WorkerMetrics;
 use loupe_worker::runner::{run_worker, WorkerConfig};
 
 use crate::job::{job_spec, Progress};
@@ -53,6 +54,7 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
                 model_cache: std::env::temp_dir().join("loupe-models"),
                 render: true,
                 profile: args.profile,
+                metrics: Arc::new(WorkerMetrics::new(device)),
             };
             tokio::spawn(run_worker(coordinator.clone(), config, stop_rx.clone()))
         })

@@ -9,6 +9,7 @@
 //!
 //! It never links libtorch: layer shapes arrive in the job spec, found by the submitter.
 
+pub mod monitor;
 pub mod server;
 pub mod shard;
 pub mod state;
@@ -52,17 +53,20 @@ pub struct CoordinatorConfig {
     pub lease_ttl: Duration,
     /// Attempts per task, counting expired leases and retryable failures.
     pub max_attempts: u32,
+    /// When set, a job's atlas must lie under this URI (the cluster's bucket and prefix).
+    pub out_prefix: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
-        CoordinatorConfig { lease_ttl: Duration::from_secs(60), max_attempts: 3 }
+        CoordinatorConfig { lease_ttl: Duration::from_secs(60), max_attempts: 3, out_prefix: None }
     }
 }
 
 pub struct Coordinator {
     state: Arc<dyn StateStore>,
     policy: LeasePolicy,
+    out_prefix: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -76,7 +80,7 @@ fn rfc3339_now() -> String {
 impl Coordinator {
     pub fn new(state: Arc<dyn StateStore>, config: CoordinatorConfig) -> Self {
         let policy = LeasePolicy { ttl_ms: config.lease_ttl.as_millis() as u64, max_attempts: config.max_attempts.max(1) };
-        Coordinator { state, policy }
+        Coordinator { state, policy, out_prefix: config.out_prefix }
     }
 
     /// Validates the job, reconciles it with what the atlas already holds, lists its
@@ -85,6 +89,14 @@ impl Coordinator {
     /// Returns the job id.
     pub async fn submit(&self, mut spec: JobSpec) -> Result<String> {
         spec.validate()?;
+        if let Some(prefix) = &self.out_prefix {
+            if !is_under(&spec.out, prefix) {
+                return Err(Error::Invalid(loupe_core::Error::invalid(
+                    "out",
+                    format!("this cluster writes atlases under {prefix}; {} is not under it", spec.out),
+                )));
+            }
+        }
         spec.model.sha256 = model_digest(&spec.model).await?;
         let store = store::open(&spec.out).await?;
         let manifest = merged_manifest(store.as_ref(), &spec).await?;
@@ -142,6 +154,15 @@ impl Coordinator {
         self.state.finish(job_id, outcome).await?;
         Ok(())
     }
+}
+
+/// Whether `uri` is `prefix` or a path below it (`s3://b/atlases` holds
+/// `s3://b/atlases/run1`, not `s3://b/atlases2`).
+fn is_under(uri: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    let uri = uri.trim_end_matches('/');
+    let below = uri == prefix || uri.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
+    below && !uri.split('/').any(|segment| segment == "..")
 }
 
 /// The model's sha256, read from its URI. A digest given at submit must match: the
@@ -387,6 +408,16 @@ impl WorkerApi for Coordinator {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_atlas_must_lie_under_the_out_prefix() {
+        assert!(super::is_under("s3://b/atlases/run1", "s3://b/atlases"));
+        assert!(super::is_under("s3://b/atlases/run1", "s3://b/atlases/"));
+        assert!(super::is_under("s3://b/atlases", "s3://b/atlases"));
+        assert!(!super::is_under("s3://b/atlases2/run1", "s3://b/atlases"));
+        assert!(!super::is_under("s3://other/atlases/run1", "s3://b/atlases"));
+        assert!(!super::is_under("s3://b/atlases/../secrets", "s3://b/atlases"));
+    }
     use super::*;
     use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings};
     use loupe_core::task::Work;

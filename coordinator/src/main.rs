@@ -1,7 +1,7 @@
 //! `loupe-coordinator`: the cluster's coordinator, a gRPC server over a state store.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use clap::Parser;
 use tracing::info;
 
 use loupe_coordinator::state::{MemoryStateStore, RedisStateStore, StateStore};
+use loupe_coordinator::monitor::Monitor;
 use loupe_coordinator::{server, Coordinator, CoordinatorConfig};
 
 #[derive(Parser)]
@@ -30,6 +31,27 @@ struct Args {
     /// File holding the bearer token every RPC must carry.
     #[arg(long, env = "LOUPE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "LOUPE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "LOUPE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Address of the HTTP endpoints /metrics (Prometheus), /healthz and /readyz.
+    #[arg(long, env = "LOUPE_METRICS_LISTEN", default_value = "0.0.0.0:9600")]
+    metrics_listen: SocketAddr,
+    /// Refuse jobs whose atlas is not under this URI (e.g. s3://bucket/atlases): the
+    /// cluster's workers can write only there.
+    #[arg(long, env = "LOUPE_OUT_PREFIX")]
+    out_prefix: Option<String>,
+}
+
+fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))?;
+    if !pem.starts_with(b"-----BEGIN") && !String::from_utf8_lossy(&pem).contains("-----BEGIN") {
+        bail!("the {what} {} is not PEM (no -----BEGIN line)", path.display());
+    }
+    Ok(pem)
 }
 
 #[tokio::main]
@@ -43,6 +65,13 @@ async fn main() -> Result<()> {
         bail!("--max-attempts must be at least 1");
     }
     let token = args.token_file.as_deref().map(loupe_core::read_token_file).transpose()?;
+    // Both of rustls's providers are linked (aws-sdk-s3 brings aws-lc-rs), so neither is
+    // the default until one is chosen; tonic's TLS server needs a default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tonic::transport::Identity::from_pem(read_pem(cert, "TLS certificate")?, read_pem(key, "TLS key")?)),
+        _ => None,
+    };
     let state: Arc<dyn StateStore> = if args.state == "memory" {
         Arc::new(MemoryStateStore::new())
     } else if args.state.starts_with("redis://") {
@@ -50,15 +79,21 @@ async fn main() -> Result<()> {
     } else {
         bail!("--state {:?}: use memory or redis://HOST:PORT/DB", args.state);
     };
-    let coordinator = Arc::new(Coordinator::new(state, CoordinatorConfig { lease_ttl: args.lease_ttl, max_attempts: args.max_attempts }));
+    let coordinator = Arc::new(Coordinator::new(state, CoordinatorConfig { lease_ttl: args.lease_ttl, max_attempts: args.max_attempts, out_prefix: args.out_prefix }));
     coordinator.recover().await.context("recovering jobs left by a previous coordinator")?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    info!(listen = %listener.local_addr()?, state = %args.state.split('@').next_back().unwrap_or(""), auth = token.is_some(), "coordinator serving");
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
+    info!(
+        listen = %listener.local_addr()?, metrics = %metrics.local_addr()?,
+        state = %args.state.split('@').next_back().unwrap_or(""), auth = token.is_some(), tls = tls.is_some(),
+        "coordinator serving"
+    );
+    tokio::spawn(loupe_metrics::serve(metrics, Arc::new(Monitor(coordinator.clone())), std::future::pending()));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing the SIGTERM handler");
         tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
         info!("shutting down");
     };
-    server::serve(listener, coordinator, token, shutdown).await?;
+    server::serve(listener, coordinator, server::ServeOptions { token, tls }, shutdown).await?;
     Ok(())
 }

@@ -180,18 +180,27 @@ impl tonic::service::Interceptor for BearerAuth {
     }
 }
 
+/// How the gRPC server is reached: the bearer token every call must carry, and the TLS
+/// identity (certificate chain and key, PEM) when it serves TLS.
+#[derive(Default)]
+pub struct ServeOptions {
+    pub token: Option<String>,
+    pub tls: Option<tonic::transport::Identity>,
+}
+
 /// Serves the coordinator on `listener` until `shutdown` resolves. The health service
-/// answers without a token, so that Kubernetes probes can use it.
+/// answers without a token, so that Kubernetes probes can use it; the Jobs and Workers
+/// services are reported SERVING only while the state store answers
+/// ([`crate::monitor::keep_health`]).
 pub async fn serve(
     listener: TcpListener,
     coordinator: Arc<Coordinator>,
-    token: Option<String>,
+    options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<JobsServer<JobsApi>>().await;
-    health.set_serving::<WorkersServer<WorkersApi>>().await;
-    let auth = BearerAuth::new(token);
+    let health_task = tokio::spawn(crate::monitor::keep_health(coordinator.clone(), health));
+    let auth = BearerAuth::new(options.token);
     // Small request/response RPCs: without TCP_NODELAY, Nagle's algorithm and delayed
     // ACKs add tens of milliseconds to each one.
     let incoming = TcpListenerStream::new(listener).map(|conn| {
@@ -200,12 +209,18 @@ pub async fn serve(
         }
         conn
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = options.tls {
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let served = builder
         .add_service(health_service)
         .add_service(JobsServer::with_interceptor(JobsApi(coordinator.clone()), auth.clone()))
         .add_service(WorkersServer::with_interceptor(WorkersApi(coordinator), auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    health_task.abort();
+    served
 }
 
 #[cfg(test)]

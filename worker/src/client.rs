@@ -1,10 +1,13 @@
 //! The coordinator over gRPC, as the worker loop's [`WorkerApi`]. The channel connects
-//! lazily and reconnects by itself, so a restarted coordinator is found again.
+//! lazily and reconnects by itself, so a restarted coordinator is found again. The CLI's
+//! job commands use the same [`channel`] and [`BearerToken`].
 
 use async_trait::async_trait;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use std::path::PathBuf;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use loupe_core::api::{ApiError, ApiResult, WorkerApi};
@@ -34,8 +37,39 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-pub fn channel(url: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("coordinator URL {url:?}: {e}"))?;
+/// TLS settings for an `https://` coordinator URL.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// A PEM bundle of the CAs to trust (a cluster's own CA); without it, the system's.
+    pub ca: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry, when not the URL's host (a
+    /// port-forward to `localhost`, say).
+    pub domain: Option<String>,
+}
+
+/// A lazily connecting channel to the coordinator at `url`: `http://` is plaintext,
+/// `https://` is TLS (rustls) with `tls`.
+pub fn channel(url: &str, tls: &TlsOptions) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("coordinator URL {url:?}: {e}"))?;
+    if url.starts_with("https://") {
+        let mut config = ClientTlsConfig::new();
+        config = match &tls.ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| format!("reading the TLS CA bundle {}: {e}", path.display()))?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE") {
+                    return Err(format!("the TLS CA bundle {} holds no PEM certificate", path.display()));
+                }
+                config.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => config.with_native_roots(),
+        };
+        if let Some(domain) = &tls.domain {
+            config = config.domain_name(domain.clone());
+        }
+        endpoint = endpoint.tls_config(config).map_err(|e| format!("TLS for {url}: {e}"))?;
+    } else if tls.ca.is_some() || tls.domain.is_some() {
+        return Err(format!("--tls-ca and --tls-domain need an https:// coordinator URL, not {url:?}"));
+    }
     Ok(endpoint.connect_timeout(std::time::Duration::from_secs(5)).connect_lazy())
 }
 

@@ -6,10 +6,13 @@
 //! - [`png`]: deterministic PNG encoding.
 //! - [`runner`]: the worker loop, with the render thread and lease renewal beside it.
 //! - [`device`]: `auto`, `cpu`, `cuda:N`, checked at start-up.
+//! - [`metrics`]: the worker's Prometheus metrics and readiness.
+//! - [`client`]: the coordinator over gRPC (bearer token, TLS).
 
 pub mod client;
 pub mod device;
 pub mod examples;
+pub mod metrics;
 pub mod model;
 pub mod objective;
 pub mod param;

@@ -9,7 +9,8 @@ use clap::Parser;
 use tokio::sync::watch;
 use tracing::info;
 
-use loupe_worker::client::{channel, BearerToken, GrpcWorkerApi};
+use loupe_worker::client::{channel, BearerToken, GrpcWorkerApi, TlsOptions};
+use loupe_worker::metrics::WorkerMetrics;
 use loupe_worker::device::{describe, parse_device};
 use loupe_worker::runner::{run_worker, WorkerConfig};
 
@@ -25,6 +26,15 @@ struct Args {
     /// File holding the bearer token.
     #[arg(long, env = "LOUPE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs that sign an https:// coordinator's certificate.
+    #[arg(long, env = "LOUPE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate carries, when not the URL's host.
+    #[arg(long, env = "LOUPE_TLS_DOMAIN")]
+    tls_domain: Option<String>,
+    /// Address of the HTTP endpoints /metrics (Prometheus), /healthz and /readyz.
+    #[arg(long, env = "LOUPE_METRICS_LISTEN", default_value = "0.0.0.0:9600")]
+    metrics_listen: std::net::SocketAddr,
     /// This worker's name in the coordinator's messages; default: host name and process id.
     #[arg(long, env = "LOUPE_WORKER_NAME")]
     name: Option<String>,
@@ -46,10 +56,14 @@ async fn main() -> Result<()> {
     let device = parse_device(&args.device)?;
     let token = args.token_file.as_deref().map(loupe_core::read_token_file).transpose()?;
     let token = BearerToken::new(token.as_deref()).map_err(anyhow::Error::msg)?;
-    let api = Arc::new(GrpcWorkerApi::new(channel(&args.coordinator).map_err(anyhow::Error::msg)?, token));
+    let tls = TlsOptions { ca: args.tls_ca, domain: args.tls_domain };
+    let api = Arc::new(GrpcWorkerApi::new(channel(&args.coordinator, &tls).map_err(anyhow::Error::msg)?, token));
+    let metrics = Arc::new(WorkerMetrics::new(device));
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
     let name = args.name.unwrap_or_else(|| format!("{host}-{}", std::process::id()));
-    info!(worker = %name, device = %describe(device), coordinator = %args.coordinator, render = !args.no_render, "worker starting");
+    info!(worker = %name, device = %describe(device), coordinator = %args.coordinator, metrics = %listener.local_addr()?, render = !args.no_render, "worker starting");
+    tokio::spawn(loupe_metrics::serve(listener, metrics.clone(), std::future::pending()));
 
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -57,7 +71,7 @@ async fn main() -> Result<()> {
         info!("shutting down: the task in hand is handed back");
         let _ = stop.send(true);
     });
-    let config = WorkerConfig { name, device, idle_poll: Duration::from_millis(200), model_cache: args.model_cache, render: !args.no_render, profile: false };
+    let config = WorkerConfig { name, device, idle_poll: Duration::from_millis(200), model_cache: args.model_cache, render: !args.no_render, profile: false, metrics };
     let stats = run_worker(api, config, stop_rx).await.context("the coordinator refused this worker")?;
     info!(tasks = stats.tasks_done, images = stats.images_written, "worker stopped");
     Ok(())

@@ -19,6 +19,7 @@ use loupe_core::store::{self, ArtifactStore};
 use loupe_core::task::{Failure, Lease, LeaseState, Work};
 
 use crate::examples;
+use crate::metrics::{TaskOutcome, WorkerMetrics};
 use crate::model::Model;
 use crate::render::{render, RenderRequest, RenderedUnit, StepTimes};
 use crate::{Error, Result};
@@ -38,6 +39,8 @@ pub struct WorkerConfig {
     /// Time each step's phases (it synchronises the device, so it is off by default) and
     /// log the split per task; [`profile_totals`] sums them.
     pub profile: bool,
+    /// Counted as tasks end; served on `/metrics` by `loupe-worker`.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// What a worker did, for the caller's summary.
@@ -142,7 +145,7 @@ impl Loaded {
 }
 
 /// Renders one render task's units on the torch thread.
-fn render_units(l: &mut Loaded, lease: &Lease, profile: bool, cancel: &AtomicBool) -> Result<Vec<RenderedUnit>> {
+fn render_units(l: &mut Loaded, lease: &Lease, profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<RenderedUnit>> {
     let Work::Render { layer, technique, units } = &lease.task.work else { unreachable!("only render tasks are rendered") };
     let info = l.layer(layer)?;
     if let Some(u) = units.iter().find(|&&u| u >= info.units()) {
@@ -152,7 +155,9 @@ fn render_units(l: &mut Loaded, lease: &Lease, profile: bool, cancel: &AtomicBoo
     let req = RenderRequest { layer, technique: *technique, units, settings: &lease.job.settings };
     let max_batch = l.max_batch.entry(layer.clone()).or_default();
     let mut times = profile.then(StepTimes::default);
+    let started = std::time::Instant::now();
     let rendered = render(&l.model, &req, cancel, max_batch, times.as_mut())?;
+    metrics.rendered(units.len(), lease.job.settings.steps, started.elapsed());
     if let Some(times) = times {
         info!(task_id = lease.task.id(), layer, units = units.len(), "step time split: {times}");
         PROFILE.lock().expect("profile lock").add(&times);
@@ -237,11 +242,13 @@ pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutd
         }
         let lease = match api.lease(&config.name).await {
             Ok(lease) => {
+                config.metrics.set_registered(true);
                 backoff = Duration::from_millis(100);
                 lease
             }
             Err(e @ ApiError::Refused(_)) => return Err(e),
             Err(e) => {
+                config.metrics.set_registered(false);
                 // The coordinator may be restarting: back off and ask again.
                 warn!(worker = %config.name, error = %e, "leasing failed; retrying");
                 tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stopped(&mut shutdown) => break }
@@ -264,8 +271,8 @@ pub async fn run_worker(api: Arc<dyn WorkerApi>, config: WorkerConfig, mut shutd
                 if let Some(f) = finishing.take() {
                     stats.count(f.await.unwrap_or(None));
                 }
-                let (api, shutdown) = (api.clone(), shutdown.clone());
-                finishing = Some(tokio::spawn(async move { finish_render(api, store, lease, units, shutdown).await }));
+                let (api, shutdown, metrics) = (api.clone(), shutdown.clone(), config.metrics.clone());
+                finishing = Some(tokio::spawn(async move { finish_render(api, store, lease, units, shutdown, &metrics).await }));
             }
             Some(Outcome::Done) => stats.count(Some(0)),
             None => {}
@@ -316,8 +323,8 @@ async fn run_task(
         let model_path = local_model(lease, &config.model_cache).await?;
         match &lease.task.work {
             Work::Render { .. } => {
-                let (l, profile, cancel) = (lease.clone(), config.profile, cancel.clone());
-                let units = torch.run(lease, model_path, move |loaded| render_units(loaded, &l, profile, &cancel)).await?;
+                let (l, profile, cancel, metrics) = (lease.clone(), config.profile, cancel.clone(), config.metrics.clone());
+                let units = torch.run(lease, model_path, move |loaded| render_units(loaded, &l, profile, &cancel, &metrics)).await?;
                 Ok(Some((store, units)))
             }
             Work::Map { shard, source } => {
@@ -333,17 +340,23 @@ async fn run_task(
         }
     };
     let (result, shutting_down) = with_renewal(api.as_ref(), lease, &cancel, Some(shutdown), work).await;
-    let failure = match result {
+    let kind = lease.task.work.kind();
+    let (failure, outcome) = match result {
         Ok(Some((store, units))) => return Some(Outcome::Rendered(store, units)),
         Ok(None) => {
             report_complete(api.as_ref(), lease, shutdown).await;
+            config.metrics.task_ended(kind, TaskOutcome::Done, 0);
             return Some(Outcome::Done);
         }
-        Err(Error::Cancelled) if shutting_down => Failure { retryable: true, message: "the worker shut down".into() },
-        Err(Error::Cancelled) => return None,
-        Err(e) => Failure { retryable: e.retryable(), message: e.to_string() },
+        Err(Error::Cancelled) if shutting_down => (Failure { retryable: true, message: "the worker shut down".into() }, TaskOutcome::Released),
+        Err(Error::Cancelled) => {
+            config.metrics.task_ended(kind, TaskOutcome::Released, 0);
+            return None;
+        }
+        Err(e) => (Failure { retryable: e.retryable(), message: e.to_string() }, TaskOutcome::Failed),
     };
     report_failure(api.as_ref(), lease, failure).await;
+    config.metrics.task_ended(kind, outcome, 0);
     None
 }
 
@@ -397,7 +410,14 @@ async fn stopped_if(shutdown: Option<&mut watch::Receiver<bool>>) {
 
 /// Stores a rendered task's images and records and reports the task, renewing its lease
 /// meanwhile. Returns the number of images written when the task completed.
-async fn finish_render(api: Arc<dyn WorkerApi>, store: Arc<dyn ArtifactStore>, lease: Lease, units: Vec<RenderedUnit>, mut shutdown: watch::Receiver<bool>) -> Option<u64> {
+async fn finish_render(
+    api: Arc<dyn WorkerApi>,
+    store: Arc<dyn ArtifactStore>,
+    lease: Lease,
+    units: Vec<RenderedUnit>,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: &WorkerMetrics,
+) -> Option<u64> {
     // Storing is not interrupted by a shutdown: it is short, and the work is done. A lease
     // that ends (the job cancelled) stops it.
     let ended = AtomicBool::new(false);
@@ -405,11 +425,16 @@ async fn finish_render(api: Arc<dyn WorkerApi>, store: Arc<dyn ArtifactStore>, l
     match result {
         Ok(()) => {
             report_complete(api.as_ref(), &lease, &mut shutdown).await;
+            metrics.task_ended("render", TaskOutcome::Done, units.len() as u64);
             Some(units.len() as u64)
         }
-        Err(Error::Cancelled) => None,
+        Err(Error::Cancelled) => {
+            metrics.task_ended("render", TaskOutcome::Released, 0);
+            None
+        }
         Err(e) => {
             report_failure(api.as_ref(), &lease, Failure { retryable: true, message: e.to_string() }).await;
+            metrics.task_ended("render", TaskOutcome::Failed, 0);
             None
         }
     }

@@ -57,7 +57,7 @@ async fn run(units: u32, workers: usize, model: &Path) -> Result<()> {
     let port = free_port();
     let out = tempfile::tempdir()?;
     let coordinator = Command::new(binary("loupe-coordinator"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--state", &redis.url(), "--lease-ttl", "60s"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--state", &redis.url(), "--lease-ttl", "60s", "--metrics-listen", "127.0.0.1:0"])
         .env("LOUPE_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -68,7 +68,7 @@ async fn run(units: u32, workers: usize, model: &Path) -> Result<()> {
     let url = format!("http://127.0.0.1:{port}");
     for i in 0..workers {
         let w = Command::new(binary("loupe-worker"))
-            .args(["--coordinator", &url, "--device", "cpu", "--no-render", "--name", &format!("w{i}")])
+            .args(["--coordinator", &url, "--device", "cpu", "--no-render", "--name", &format!("w{i}"), "--metrics-listen", "127.0.0.1:0"])
             .env("LOUPE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

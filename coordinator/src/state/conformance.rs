@@ -4,7 +4,7 @@
 use loupe_core::spec::{DatasetSpec, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
 use loupe_core::task::{Failure, Lease, LeaseState, ShardSource, Work};
 
-use super::{JobState, LeasePolicy, NewTask, StateError, StateStore};
+use super::{JobState, LeasePolicy, NewTask, StateError, StateStore, StoreCounters};
 
 const POLICY: LeasePolicy = LeasePolicy { ttl_ms: 1_000, max_attempts: 3 };
 
@@ -68,6 +68,7 @@ pub async fn run_all_async<F: std::future::Future<Output = Box<dyn StateStore>>>
     a_map_retried_after_a_failure_still_gates_the_reduce(make().await.as_ref()).await;
     a_failed_or_cancelled_job_never_releases_its_reduces(make().await.as_ref(), make().await.as_ref()).await;
     a_task_may_wait_only_on_earlier_tasks(make().await.as_ref()).await;
+    the_counters_follow_queue_leases_expiries_retries_and_failures(make().await.as_ref()).await;
 }
 
 async fn each_task_is_leased_once_and_the_last_completion_ends_the_job(s: &dyn StateStore) {
@@ -272,4 +273,32 @@ async fn a_task_may_wait_only_on_earlier_tasks(s: &dyn StateStore) {
     assert!(!s.complete(&m.lease_id, 1).await.unwrap().job_done);
     let r = s.lease("w", 1, POLICY).await.unwrap().expect("released by its one prerequisite");
     assert!(s.complete(&r.lease_id, 2).await.unwrap().job_done);
+}
+
+async fn the_counters_follow_queue_leases_expiries_retries_and_failures(s: &dyn StateStore) {
+    s.ping().await.unwrap();
+    assert_eq!(s.counters().await.unwrap(), StoreCounters::default());
+    s.create_job(spec(), tasks(3), 0, 0).await.unwrap();
+    let counters = s.counters().await.unwrap();
+    assert_eq!((counters.queued, counters.leased), (3, 0));
+
+    // One lease expires and is retried; one task fails and is retried; one completes.
+    let expiring = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
+    let failing = s.lease("w1", 10, POLICY).await.unwrap().unwrap();
+    let counters = s.counters().await.unwrap();
+    assert_eq!((counters.queued, counters.leased), (1, 2));
+    s.fail(&failing.lease_id, Failure { retryable: true, message: "oom".into() }, 20, POLICY).await.unwrap();
+    let done = s.lease("w2", 2_000, POLICY).await.unwrap().unwrap(); // reclaims `expiring`
+    assert_ne!(done.lease_id, expiring.lease_id);
+    s.complete(&done.lease_id, 2_010).await.unwrap();
+    assert_eq!(
+        s.counters().await.unwrap(),
+        StoreCounters { queued: 2, leased: 0, lease_expiries: 1, retries: 2, failures: 1, images_rendered: 2 }
+    );
+
+    // A cancelled job's tasks are no longer queued; the totals stay.
+    let job = done.task.job_id.clone();
+    s.cancel(&job).await.unwrap();
+    let counters = s.counters().await.unwrap();
+    assert_eq!((counters.queued, counters.leased, counters.retries), (0, 0, 2));
 }

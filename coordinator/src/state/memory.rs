@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use loupe_core::spec::JobSpec;
 use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec, Work};
 
-use super::{count_dataset_tasks, Completion, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
 #[derive(Default)]
 pub struct MemoryStateStore {
@@ -33,6 +33,8 @@ struct Inner {
     pending: VecDeque<(String, u32)>,
     /// Lease id -> the leased task.
     leases: HashMap<String, Held>,
+    /// The monitoring totals; `queued` and `leased` are counted when asked.
+    totals: StoreCounters,
 }
 
 struct Job {
@@ -78,6 +80,7 @@ impl Inner {
         for id in expired {
             // Failing a job above drops its other leases, which may be in this list too.
             let Some(held) = self.leases.remove(&id) else { continue };
+            self.totals.lease_expiries += 1;
             let spec_id = format!("{}/{}", held.job_id, held.index);
             if held.attempt >= policy.max_attempts {
                 let msg = format!(
@@ -86,6 +89,7 @@ impl Inner {
                 );
                 self.fail_job(&held.job_id, msg);
             } else {
+                self.totals.retries += 1;
                 self.pending.push_front((held.job_id, held.index));
             }
         }
@@ -198,7 +202,8 @@ impl StateStore for MemoryStateStore {
         let job = inner.jobs.get_mut(&held.job_id).expect("leased task's job exists");
         job.status.tasks_done += 1;
         let task = &job.tasks[held.index as usize];
-        job.status.images_done += task.spec.work.images();
+        let images = task.spec.work.images();
+        job.status.images_done += images;
         match task.spec.work {
             Work::Map { .. } => job.status.maps_done += 1,
             Work::Reduce { .. } => job.status.reduces_done += 1,
@@ -219,6 +224,7 @@ impl StateStore for MemoryStateStore {
             job.status.state = JobState::Indexing;
         }
         inner.pending.extend(released);
+        inner.totals.images_rendered += images;
         Ok(Completion { lease: LeaseState::Held, job_done })
     }
 
@@ -229,7 +235,9 @@ impl StateStore for MemoryStateStore {
             return Ok(state);
         };
         let task_id = format!("{}/{}", held.job_id, held.index);
+        inner.totals.failures += 1;
         if failure.retryable && held.attempt < policy.max_attempts {
+            inner.totals.retries += 1;
             inner.pending.push_back((held.job_id, held.index));
         } else {
             let why = if failure.retryable { format!(" (after {} attempts)", held.attempt) } else { String::new() };
@@ -266,6 +274,16 @@ impl StateStore for MemoryStateStore {
     async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
         let inner = self.inner.lock().unwrap();
         Ok(inner.order.iter().map(|id| inner.jobs[id].status.clone()).collect())
+    }
+
+    async fn ping(&self) -> StateResult<()> {
+        Ok(())
+    }
+
+    async fn counters(&self) -> StateResult<StoreCounters> {
+        let inner = self.inner.lock().unwrap();
+        let queued = inner.pending.iter().filter(|(job, _)| inner.running(job)).count() as u64;
+        Ok(StoreCounters { queued, leased: inner.leases.len() as u64, ..inner.totals })
     }
 }
 

@@ -101,6 +101,24 @@ pub struct Completion {
     pub job_done: bool,
 }
 
+/// Counts for monitoring. The totals are kept by the store, not by a coordinator process,
+/// so every coordinator of a cluster reports the same ones and a restart keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Runnable tasks of running jobs, waiting for a worker.
+    pub queued: u64,
+    /// Tasks under a lease (an expired one counts until it is reclaimed).
+    pub leased: u64,
+    /// Leases that ran out without being renewed.
+    pub lease_expiries: u64,
+    /// Tasks put back in line after an expired lease or a retryable failure.
+    pub retries: u64,
+    /// Failures that workers reported, retryable or not.
+    pub failures: u64,
+    /// Images (unit x technique) of completed render tasks.
+    pub images_rendered: u64,
+}
+
 #[async_trait]
 pub trait StateStore: Send + Sync {
     /// Records a new job and its tasks (which may be none, when the atlas already holds
@@ -123,4 +141,7 @@ pub trait StateStore: Send + Sync {
     async fn cancel(&self, job_id: &str) -> StateResult<bool>;
     async fn job(&self, job_id: &str) -> StateResult<JobStatus>;
     async fn jobs(&self) -> StateResult<Vec<JobStatus>>;
+    /// Succeeds when the backend answers: the coordinator's readiness.
+    async fn ping(&self) -> StateResult<()>;
+    async fn counters(&self) -> StateResult<StoreCounters>;
 }

@@ -27,6 +27,8 @@
 //!   Expired leases go back at the front, retries at the back. A waiting task is in no
 //!   entry: the completion that brings its `w<index>` to 0 deletes that field and pushes
 //!   it at the back, in the same script, so no lease can grant it early.
+//! - `stats`: HASH of the monitoring totals (`lease_expiries`, `retries`, `failures`,
+//!   `images_rendered`), counted by the scripts that make those transitions.
 //! - `leases`: HASH lease id -> worker; `deadlines`: ZSET lease id -> deadline (ms), so
 //!   reclaiming reads only expired entries; `jobleases:<id>`: SET of a job's lease ids,
 //!   dropped when the job fails or is cancelled.
@@ -51,7 +53,7 @@ use redis::{FromRedisValue, Script, ScriptInvocation};
 use loupe_core::spec::{to_ranges, JobSpec};
 use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec, Work};
 
-use super::{count_dataset_tasks, Completion, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
 /// Tasks written per pipelined round trip when a job is submitted.
 const TASKS_PER_ROUND_TRIP: usize = 2_000;
@@ -66,6 +68,7 @@ local P = ARGV[1]
 local PENDING = P .. 'pending'
 local DEADLINES = P .. 'deadlines'
 local LEASES = P .. 'leases'
+local STATS = P .. 'stats'
 local function job_key(job) return P .. 'job:' .. job end
 local function tasks_key(job) return P .. 'tasks:' .. job end
 local function job_leases_key(job) return P .. 'jobleases:' .. job end
@@ -125,10 +128,12 @@ local function reclaim_expired(now, max_attempts)
       if worker and job then
         redis.call('HDEL', LEASES, id)
         redis.call('SREM', job_leases_key(job), id)
+        redis.call('HINCRBY', STATS, 'lease_expiries', 1)
         if tonumber(attempt) >= max_attempts then
           fail_job(job, 'task ' .. job .. '/' .. index .. ' lost its lease ' .. attempt
             .. ' times (last worker ' .. worker .. '): the worker died or stalled')
         else
+          redis.call('HINCRBY', STATS, 'retries', 1)
           redis.call('LPUSH', PENDING, job .. '/' .. index)
         end
       end
@@ -219,6 +224,7 @@ local tasks = tasks_key(job)
 local done = redis.call('HINCRBY', key, 'tasks_done', 1)
 local units = redis.call('HGET', tasks, 'n' .. index) or '0'
 redis.call('HINCRBY', key, 'images_done', units)
+redis.call('HINCRBY', STATS, 'images_rendered', units)
 local kind = redis.call('HGET', tasks, 'k' .. index)
 if kind then redis.call('HINCRBY', key, kind .. 's_done', 1) end
 local dependents = redis.call('HGET', tasks, 'd' .. index)
@@ -248,7 +254,9 @@ if state ~= 0 then return state end
 local job, index, attempt = parse_lease(id)
 drop_lease(id, job)
 local retryable = ARGV[3] == '1'
+redis.call('HINCRBY', STATS, 'failures', 1)
 if retryable and tonumber(attempt) < tonumber(ARGV[5]) then
+  redis.call('HINCRBY', STATS, 'retries', 1)
   redis.call('RPUSH', PENDING, job .. '/' .. index)
 else
   local why = ''
@@ -283,6 +291,29 @@ redis.call('UNLINK', tasks_key(job))
 return 1
 "#;
 
+/// ARGV: prefix. Returns {queued, leased, lease_expiries, retries, failures,
+/// images_rendered}. Queued counts the runnable tasks of running jobs: a run entry counts
+/// its length, and entries of jobs that ended stay in the list until a lease skips them.
+const COUNTERS: &str = r#"
+local running = {}
+local queued = 0
+for _, entry in ipairs(redis.call('LRANGE', PENDING, 0, -1)) do
+  local job, rest = string.match(entry, '^(.*)/([^/]*)$')
+  if job then
+    if running[job] == nil then
+      running[job] = redis.call('HGET', job_key(job), 'state') == 'running'
+    end
+    if running[job] then
+      local lo, hi = string.match(rest, '^(%d+):(%d+)$')
+      if lo then queued = queued + tonumber(hi) - tonumber(lo) else queued = queued + 1 end
+    end
+  end
+end
+local function total(field) return tonumber(redis.call('HGET', STATS, field) or '0') end
+return {queued, redis.call('ZCARD', DEADLINES), total('lease_expiries'), total('retries'),
+  total('failures'), total('images_rendered')}
+"#;
+
 /// The job hash fields [`RedisStateStore::job`] reads, in this order; the dataset task
 /// counters come last, as jobs stored before them lack them.
 const STATUS_FIELDS: [&str; 14] = [
@@ -310,6 +341,7 @@ struct Scripts {
     fail: Script,
     finish: Script,
     cancel: Script,
+    counters: Script,
 }
 
 impl Scripts {
@@ -323,6 +355,7 @@ impl Scripts {
             fail: s(FAIL),
             finish: s(FINISH),
             cancel: s(CANCEL),
+            counters: s(COUNTERS),
         }
     }
 }
@@ -614,6 +647,20 @@ impl StateStore for RedisStateStore {
 
     async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
         read_twice(|| self.jobs_once()).await
+    }
+
+    async fn ping(&self) -> StateResult<()> {
+        let pong: String = redis::cmd("PING").query_async(&mut self.conn.clone()).await.map_err(backend)?;
+        if pong != "PONG" {
+            return Err(backend(format!("PING answered {pong:?}")));
+        }
+        Ok(())
+    }
+
+    async fn counters(&self) -> StateResult<StoreCounters> {
+        let inv = self.invocation(&self.scripts.counters);
+        let (queued, leased, lease_expiries, retries, failures, images_rendered): (u64, u64, u64, u64, u64, u64) = self.invoke(&inv).await?;
+        Ok(StoreCounters { queued, leased, lease_expiries, retries, failures, images_rendered })
     }
 }
 

@@ -4,13 +4,14 @@
 //! The binaries are the workspace's own (`cargo build --release --bins`, which `make test`
 //! runs first), found next to the test executable.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-pub use loupe_testsupport::{free_port, wait_for, RedisServer, S3Server};
+pub use loupe_testsupport::{free_port, http_get, wait_for, RedisServer, S3Server};
 
 /// The tests share two cores: one cluster at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -32,10 +33,43 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A test CA and a coordinator certificate it signed, for `127.0.0.1` and
+/// `loupe-coordinator`, made with the `openssl` command.
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestTls {
+    pub fn make(dir: &Path) -> TestTls {
+        let run = |args: &[&str]| {
+            let o = Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl (apt-get install openssl)");
+            assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=loupe test CA"]].concat());
+        run(&[&["req"][..], &ec, &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=loupe-coordinator"]].concat());
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=DNS:loupe-coordinator,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "leaf.ext"]);
+        TestTls { ca: dir.join("ca.crt"), cert: dir.join("tls.crt"), key: dir.join("tls.key") }
+    }
+}
+
 pub struct Cluster {
     pub redis: RedisServer,
     pub s3: S3Server,
     pub port: u16,
+    /// The coordinator's /metrics, /healthz and /readyz port.
+    pub metrics_port: u16,
+    /// Each worker's metrics port, by worker index.
+    pub worker_metrics_ports: Vec<u16>,
+    /// Set: the coordinator serves TLS, and workers and the CLI trust its CA.
+    pub tls: Option<TestTls>,
     pub dir: tempfile::TempDir,
     pub token: Option<String>,
     coordinator: Option<Child>,
@@ -47,11 +81,20 @@ impl Cluster {
     /// Redis (AOF on, so it can restart without loss), S3 with buckets `models` and
     /// `atlas`, and a coordinator with a short lease TTL.
     pub fn start(token: Option<&str>) -> Cluster {
+        Self::start_with(token, false)
+    }
+
+    /// [`Cluster::start`], with the coordinator serving TLS when `tls`.
+    pub fn start_with(token: Option<&str>, tls: bool) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
             redis: RedisServer::start_with(true),
             s3: S3Server::start(&["models", "atlas"]),
             port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
+            metrics_port: free_port(),
+            worker_metrics_ports: Vec::new(),
+            tls: tls.then(|| TestTls::make(dir.path())),
+            dir,
             token: token.map(str::to_string),
             coordinator: None,
             workers: Vec::new(),
@@ -65,7 +108,16 @@ impl Cluster {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// `--tls-ca` for a client of a TLS cluster.
+    fn tls_ca_args(&self) -> Vec<String> {
+        match &self.tls {
+            Some(t) => vec!["--tls-ca".into(), t.ca.to_string_lossy().into_owned()],
+            None => vec![],
+        }
     }
 
     fn token_args(&self) -> Vec<String> {
@@ -87,6 +139,8 @@ impl Cluster {
     pub fn start_coordinator(&mut self) {
         let child = Command::new(binary("loupe-coordinator"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--state", &self.redis.url(), "--lease-ttl", self.lease_ttl])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
+            .args(self.tls.iter().flat_map(|t| [OsString::from("--tls-cert"), t.cert.clone().into(), "--tls-key".into(), t.key.clone().into()]))
             .args(self.token_args())
             .envs(self.s3.env())
             .stdout(Stdio::null())
@@ -110,11 +164,14 @@ impl Cluster {
     pub fn start_worker(&mut self) -> usize {
         let i = self.workers.len();
         let cache = self.dir.path().join(format!("cache-{i}"));
+        let metrics_port = free_port();
         let child = Command::new(binary("loupe-worker"))
             .args(["--coordinator", &self.url(), "--device", "cpu", "--name", &format!("w{i}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .arg("--model-cache")
             .arg(cache)
             .args(self.token_args())
+            .args(self.tls_ca_args())
             .envs(self.s3.env())
             .env("LOUPE_LOG", "info")
             .stdout(Stdio::null())
@@ -122,6 +179,7 @@ impl Cluster {
             .spawn()
             .unwrap();
         self.workers.push(child);
+        self.worker_metrics_ports.push(metrics_port);
         i
     }
 
@@ -135,6 +193,7 @@ impl Cluster {
         Command::new(binary("loupe"))
             .args(args)
             .env("LOUPE_COORDINATOR", self.url())
+            .envs(self.tls.as_ref().map(|t| ("LOUPE_TLS_CA", t.ca.clone())))
             .envs(self.token.as_ref().map(|_| ("LOUPE_TOKEN_FILE", self.dir.path().join("token"))))
             .envs(self.s3.env())
             .output()

@@ -86,6 +86,12 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Starts a killed server again on the same port and data.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "redis-server is still running");
+        self.spawn();
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -178,16 +184,22 @@ impl Served {
     /// Sends `GET <path>` exactly as written (no client-side normalisation of `..`);
     /// returns the status, the head and the body.
     pub fn get(&self, path: &str) -> (u16, String, Vec<u8>) {
-        use std::io::{Read, Write};
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a full response");
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, head, raw[split + 4..].to_vec())
+        http_get(&self.addr, path)
     }
+}
+
+/// A plain HTTP/1.1 `GET <path>` to `addr` (`HOST:PORT`), sent exactly as written;
+/// returns the status, the head and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a full response");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, raw[split + 4..].to_vec())
 }
 
 impl Drop for Served {

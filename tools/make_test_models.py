@@ -7,6 +7,8 @@
   not_dict.pt                valid TorchScript whose forward returns a Tensor [N,4,8,8], not a dict
   tiny.pt + tiny.json        a contract model (input_size 16): "conv" [N,4,16,16] (3->4 conv 3x3
                              pad 1 + ReLU) and "logits" [N,3] (linear head on the mean-pooled conv)
+  gray.pt + gray.json        a 1-channel contract model (input_size 16): "conv" [N,4,16,16] (1->4 conv
+                             3x3 pad 1 + ReLU) and "logits" [N,3], for grayscale renders
   evil_names.pt + .json      a contract model (input_size 16) whose layer names are hostile as
                              path segments: "../escape", "/abs/path", "..", "a/b", each [N,2,4,4]
 """
@@ -35,6 +37,17 @@ class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        a = F.relu(self.conv(x))
+        return {"conv": a, "logits": self.head(a.mean(dim=(2, 3)))}
+
+
+class Gray(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
@@ -92,11 +105,18 @@ def main() -> int:
              layers=["../escape", "/abs/path", "..", "a/b"], preprocessing="none",
              source="tools/make_test_models.py")
 
+    torch.manual_seed(4)
+    torch.jit.save(_script(Gray()), os.path.join(out, "gray.pt"))
+    _sidecar(os.path.join(out, "gray.json"), name="gray", input_size=16, layers=["conv", "logits"],
+             preprocessing="none", channels=1, source="tools/make_test_models.py")
+
     # Self-check.
     x = torch.rand(2, 3, 16, 16)
     assert torch.jit.load(os.path.join(out, "not_dict.pt"))(x).shape == (2, 4, 8, 8)
     tiny = torch.jit.load(os.path.join(out, "tiny.pt"))(x)
     assert list(tiny) == ["conv", "logits"] and tiny["conv"].shape == (2, 4, 16, 16) and tiny["logits"].shape == (2, 3)
+    gray = torch.jit.load(os.path.join(out, "gray.pt"))(torch.rand(2, 1, 16, 16))
+    assert gray["conv"].shape == (2, 4, 16, 16) and gray["logits"].shape == (2, 3)
     evil = torch.jit.load(os.path.join(out, "evil_names.pt"))(x)
     assert list(evil) == ["../escape", "/abs/path", "..", "a/b"] and all(v.shape == (2, 2, 4, 4) for v in evil.values())
     try:

@@ -13,6 +13,12 @@
   const STAT_LABEL = { unit: 'unit', max: 'max', mean: 'mean', std: 'std', frac_positive: 'fraction positive' };
   const FRESH_MS = 15000; // how long a fetched atlas.json / layer.json is reused
   const PREVIEW_UNITS = 16;
+  // Per-unit techniques, in the order a unit page shows them (others the atlas names come
+  // after), and the per-layer ones, whose images are the layer's `items`.
+  const UNIT_TECHNIQUES = ['channel', 'neuron', 'negative', 'diversity'];
+  const LAYER_TECHNIQUES = ['deepdream', 'caricature', 'direction'];
+  const ITEM_HEADING = { deepdream: 'DeepDream', caricature: 'Caricatures', direction: 'Directions' };
+  const DEAD_NOTE = 'dead unit: no start image excited it';
 
   const app = document.getElementById('app');
   const crumbs = document.getElementById('crumbs');
@@ -86,8 +92,50 @@
     return out;
   }
 
+  // A unit's image where loupe writes it (diversity: its first image, `diversity-0`).
   function unitImage(seg, unit, technique) {
-    return layerDir(seg) + `units/${unit}/${encodeURIComponent(technique)}.png`;
+    const name = technique === 'diversity' ? 'diversity-0' : technique;
+    return layerDir(seg) + `units/${unit}/${encodeURIComponent(name)}.png`;
+  }
+
+  // The per-unit techniques among `list`: channel, neuron, negative, diversity first, in
+  // that order, then any others; the per-layer techniques left out.
+  function orderTechniques(list) {
+    const ts = [...new Set(list.filter((t) => typeof t === 'string' && t && !LAYER_TECHNIQUES.includes(t)))];
+    return [...UNIT_TECHNIQUES.filter((t) => ts.includes(t)), ...ts.filter((t) => !UNIT_TECHNIQUES.includes(t))];
+  }
+  function unitTechniques(atlas) {
+    return orderTechniques(atlas.techniques);
+  }
+
+  // A technique's entry (layer.json) or item, as URLs: `images` (every final image: one,
+  // or diversity's N), `snapshots` ([{ step, images }] in step order) and `dead`. Paths
+  // that leave the layer directory are dropped.
+  function imagesOf(seg, entry) {
+    if (!entry || typeof entry !== 'object') return { images: [], snapshots: [], dead: false };
+    const paths = Array.isArray(entry.images) && entry.images.length ? entry.images : [entry.image];
+    const images = paths.map((p) => inLayer(seg, p)).filter(Boolean);
+    const snapshots = (Array.isArray(entry.snapshots) ? entry.snapshots : [])
+      .filter((s) => s && Number.isInteger(s.step) && Array.isArray(s.images))
+      .map((s) => ({ step: s.step, images: s.images.map((p) => inLayer(seg, p)).filter(Boolean) }))
+      .filter((s) => s.images.length)
+      .sort((a, b) => a.step - b.step);
+    return { images, snapshots, dead: entry.dead === true };
+  }
+
+  // A unit record (`units/<unit>/<technique>.json`) in layer.json's terms: its file names
+  // are beside it, so they become paths under the unit's directory.
+  function recordAsEntry(unit, rec) {
+    const beside = (name) => (typeof name === 'string' && !name.includes('/') ? `units/${unit}/${name}` : null);
+    return {
+      image: beside(rec.image),
+      images: Array.isArray(rec.images) ? rec.images.map(beside) : [],
+      snapshots: Array.isArray(rec.snapshots)
+        ? rec.snapshots.map((s) => s && { step: s.step, images: Array.isArray(s.images) ? s.images.map(beside) : [] })
+        : [],
+      objective: rec.objective,
+      dead: rec.dead === true,
+    };
   }
 
   // Fetches JSON; null when the file is not there (yet). S3 website hosting answers 403
@@ -190,7 +238,8 @@
     if (hit && Date.now() - hit.at < FRESH_MS) return hit.data;
     const dir = layerDir(seg);
     const json = await getJSON(dir + 'layer.json');
-    const units = new Map(); // unit -> { techniques: {t: {image, objective}}, dataset }
+    const units = new Map(); // unit -> { techniques: {t: {image, objective, ...}}, dataset }
+    const items = new Map(); // per-layer technique -> [{ item, image, objective, snapshots }]
     let dataset = null;
     if (json && Array.isArray(json.units)) {
       for (const u of json.units) {
@@ -198,6 +247,13 @@
         units.set(u.unit, { techniques: u.techniques || {}, dataset: u.dataset || null });
       }
       dataset = json.dataset || null;
+    }
+    if (json && json.items && typeof json.items === 'object') {
+      const order = [...LAYER_TECHNIQUES, ...Object.keys(json.items).filter((t) => !LAYER_TECHNIQUES.includes(t))];
+      for (const t of order) {
+        const list = Array.isArray(json.items[t]) ? json.items[t].filter((it) => it && typeof it === 'object' && typeof it.image === 'string') : [];
+        if (list.length) items.set(t, list);
+      }
     }
     const hasDataset = [...units.values()].some((u) => u.dataset);
     if (!hasDataset) {
@@ -219,7 +275,7 @@
         }
       }
     }
-    const data = { info, json, units, dataset };
+    const data = { info, json, units, items, dataset };
     data.hasStats = [...units.values()].some((u) => u.dataset && STATS.some((s) => typeof u.dataset[s] === 'number'));
     data.listed = [...units.values()].filter((u) => Object.keys(u.techniques).length > 0).length;
     cache.layers.set(seg, { data, at: Date.now() });
@@ -379,7 +435,10 @@
     const total = atlas.layers.reduce((a, l) => a + unitCount(l), 0);
     const overall = h('span', { class: 'muted', id: 'completeness', text: '' });
 
-    const technique = atlas.techniques[0] || 'channel';
+    // The previews show the first per-unit technique; none for an atlas of per-layer
+    // techniques only.
+    const unitTechs = unitTechniques(atlas);
+    const technique = unitTechs[0] || (atlas.techniques.length ? null : 'channel');
     const rows = atlas.layers.map((info) => {
       const seg = info.path;
       const n = unitCount(info);
@@ -388,7 +447,7 @@
       const previews = h(
         'div',
         { class: 'preview' },
-        Array.from({ length: Math.min(n, PREVIEW_UNITS) }, (_, u) =>
+        Array.from({ length: technique ? Math.min(n, PREVIEW_UNITS) : 0 }, (_, u) =>
           h(
             'a',
             { href: unitHref(seg, u), title: `unit ${u}`, tabindex: '-1' },
@@ -455,6 +514,12 @@
         if (!data.json) r.row.classList.add('partial');
         if (data.json) known += c.n;
         done += c.done;
+        const nItems = [...data.items.values()].reduce((a, l) => a + l.length, 0);
+        if (nItems && !r.row.querySelector('.items-count')) {
+          r.row.querySelector('.layer-head .grow')?.before(
+            h('span', { class: 'muted items-count', title: [...data.items.keys()].join(', '), text: plural(nItems, 'layer image') })
+          );
+        }
         if (data.dataset && data.dataset.receptive_field && !r.row.querySelector('.rf')) {
           r.row.querySelector('.layer-head .shape')?.after(
             h('span', { class: 'muted rf', title: 'receptive field (input pixels)', text: `rf ${data.dataset.receptive_field} px` })
@@ -470,6 +535,88 @@
           : `${done.toLocaleString()} of ${total.toLocaleString()} units have images`
         : `in progress: ${done.toLocaleString()} of ${total.toLocaleString()} units listed so far`;
     overall.title = 'units with at least one image, as the layers\' layer.json list them';
+  }
+
+  // ---------------------------------------------------------------- snapshots, items
+
+  function eager(img, src) {
+    img.src = src;
+    return img;
+  }
+
+  // The images kept during the optimisation (the job's thresholds), oldest first, each
+  // with its step: a strip shown before the final image. An empty one keeps the final
+  // images of a row level when only some techniques have snapshots.
+  function snapshotStrip(snapshots, alt, load) {
+    if (!snapshots.length) return h('div', { class: 'snapshots none', 'aria-hidden': 'true' });
+    return h(
+      'ol',
+      { class: 'snapshots', 'aria-label': 'during the optimisation' },
+      snapshots.map((s) =>
+        h(
+          'li',
+          { class: 'snapshot', data: { step: String(s.step) } },
+          h(
+            'span',
+            { class: 'snap-imgs' },
+            s.images.map((src, i) => {
+              const img = h('img', { alt: `${alt}, step ${s.step}${s.images.length > 1 ? ` (${i + 1})` : ''}`, width: 64, height: 64 });
+              img.addEventListener('error', () => img.replaceWith(h('span', { class: 'placeholder', title: 'not there' })), { once: true });
+              return load(img, src);
+            })
+          ),
+          h('span', { class: 'step', text: `step ${s.step}` })
+        )
+      )
+    );
+  }
+
+  // A layer's per-layer techniques (DeepDream, caricatures, directions): a section each,
+  // every item with its name, objective and snapshots.
+  function itemSections(seg, data, layerName) {
+    return [...data.items].map(([t, list]) =>
+      h(
+        'section',
+        { class: 'items', data: { technique: t } },
+        h('h2', { text: ITEM_HEADING[t] || t }),
+        h(
+          'ol',
+          { class: 'item-row' },
+          list.map((it) => {
+            const name = typeof it.item === 'string' ? it.item : '';
+            const { images, snapshots } = imagesOf(seg, it);
+            const card = h('li', { class: 'item', data: { item: name } });
+            const frame = h('div', { class: 'final' });
+            if (images.length) {
+              const img = h('img', { alt: `${layerName}, ${t} ${name}`, width: 256, height: 256 });
+              img.addEventListener(
+                'error',
+                () => {
+                  card.classList.add('missing');
+                  img.replaceWith(h('span', { class: 'placeholder', text: 'not there' }));
+                },
+                { once: true }
+              );
+              frame.append(lazy(img, images[0]));
+            } else {
+              card.classList.add('missing');
+              frame.append(h('span', { class: 'placeholder', text: '—' }));
+            }
+            card.append(
+              snapshotStrip(snapshots, `${layerName}, ${t} ${name}`, lazy),
+              frame,
+              h(
+                'div',
+                { class: 'caption' },
+                h('span', { class: 'iname', title: name, text: name }),
+                h('span', { class: 'objective', title: 'the objective on the final image', text: typeof it.objective === 'number' ? `objective ${fmt(it.objective)}` : '' })
+              )
+            );
+            return card;
+          })
+        )
+      )
+    );
   }
 
   // ---------------------------------------------------------------- layer page
@@ -494,9 +641,10 @@
   }
 
   function techniqueOf(atlas, params) {
+    const techs = unitTechniques(atlas);
     const t = params.get('technique');
-    if (t && atlas.techniques.includes(t)) return t;
-    return atlas.techniques[0] || 'channel';
+    if (t && techs.includes(t)) return t;
+    return techs[0] || 'channel';
   }
 
   function markMissing(card, unit) {
@@ -541,6 +689,9 @@
     const { atlas, info, seg, data } = opened;
 
     const params = route_.params;
+    const unitTechs = unitTechniques(atlas);
+    // An atlas of per-layer techniques only has no unit images to show.
+    const noUnitImages = unitTechs.length === 0 && atlas.techniques.length > 0;
     const technique = techniqueOf(atlas, params);
     const sort = data.hasStats && STATS.includes(params.get('sort')) ? params.get('sort') : 'unit';
     const asc = params.get('order') === 'asc' ? true : params.get('order') === 'desc' ? false : sort === 'unit';
@@ -551,10 +702,10 @@
     document.title = `${info.name ?? seg} · ${atlas.model.name || 'loupe atlas'}`;
 
     // Toolbar: technique, sort, jump.
-    const techniques = h(
+    const techniques = noUnitImages ? null : h(
       'div',
       { class: 'segmented', role: 'group', 'aria-label': 'Technique' },
-      atlas.techniques.map((t) =>
+      unitTechs.map((t) =>
         h('a', { href: layerHref(seg, { ...keep, technique: t }), class: t === technique ? 'on' : null, 'aria-current': t === technique ? 'true' : null, text: t })
       )
     );
@@ -643,12 +794,16 @@
       lazy(img, src);
       const label = h('span', { class: 'label' }, h('span', { class: 'num', text: String(u) }));
       if (sort !== 'unit') label.append(h('span', { class: 'val', text: fmtStat(sort, stat(data, u, sort)) }));
+      if (listed && listed.dead === true) label.append(h('span', { class: 'tag dead', title: DEAD_NOTE, text: 'dead' }));
       card.append(h('a', { href: unitHref(seg, u, keep), title: `unit ${u}`, 'aria-label': `unit ${u}` }, img, label));
       frag.append(card);
     }
     grid.append(frag);
 
-    show(head, toolbar, grid);
+    const items = itemSections(seg, data, info.name ?? seg);
+    const unitsHead = items.length ? h('h2', { class: 'units-head', text: plural(n, 'unit') }) : null;
+    const itemBox = items.length ? h('div', { class: 'layer-items', id: 'items' }, items) : null;
+    show(head, itemBox, unitsHead, toolbar, noUnitImages ? null : grid);
   }
 
   // ---------------------------------------------------------------- unit page
@@ -768,29 +923,67 @@
       nav
     );
 
-    // Every technique of the atlas (and any other the layer lists for the unit).
-    const techs = [...atlas.techniques];
-    for (const t of Object.keys(entry.techniques)) if (!techs.includes(t)) techs.push(t);
+    // Every per-unit technique of the atlas (and any other the layer lists for the unit),
+    // in the order channel, neuron, negative, diversity.
+    const techs = orderTechniques([...atlas.techniques, ...Object.keys(entry.techniques)]);
+    const size = atlas.settings.size || 256;
     const figures = techs.map((t) => {
       const listed = entry.techniques[t];
-      const src = (listed && inLayer(seg, listed.image)) || unitImage(seg, unit, t);
-      const objective = h('span', { class: 'objective', title: 'the objective on the final image', text: listed && typeof listed.objective === 'number' ? `objective ${fmt(listed.objective)}` : '' });
       const fig = h('figure', { class: 'technique', data: { technique: t } });
-      const img = h('img', { src, alt: `${name} unit ${unit}, ${t}`, width: atlas.settings.size || 256, height: atlas.settings.size || 256 });
-      img.addEventListener(
-        'error',
-        () => {
-          fig.classList.add('missing');
-          img.replaceWith(h('span', { class: 'placeholder', text: 'not rendered yet' }));
-        },
-        { once: true }
-      );
-      fig.append(img, h('figcaption', {}, h('span', { class: 'tname', text: t }), objective));
+      const objective = h('span', {
+        class: 'objective',
+        title: t === 'diversity' ? 'the mean of its images’ objectives' : 'the objective on the final image',
+        text: listed && typeof listed.objective === 'number' ? `objective ${fmt(listed.objective)}` : '',
+      });
+      // Snapshots, the final image (diversity: its N side by side), the caption and, for
+      // a dead unit, a note saying so.
+      const draw = (e) => {
+        const { images, snapshots, dead } = imagesOf(seg, e);
+        if (!images.length) images.push(unitImage(seg, unit, t));
+        const group = images.length > 1 || t === 'diversity';
+        fig.classList.toggle('group', group);
+        fig.classList.toggle('dead', dead);
+        fig.classList.remove('missing');
+        const alt = `${name} unit ${unit}, ${t}`;
+        const final = h(
+          'div',
+          { class: 'final', style: group ? `--n:${images.length}` : null },
+          images.map((src, i) => {
+            const img = h('img', { src, alt: group ? `${alt} ${i + 1} of ${images.length}` : alt, width: size, height: size });
+            img.addEventListener(
+              'error',
+              () => {
+                if (i === 0) fig.classList.add('missing');
+                img.replaceWith(h('span', { class: 'placeholder', text: 'not rendered yet' }));
+              },
+              { once: true }
+            );
+            return img;
+          })
+        );
+        fig.replaceChildren(
+          snapshotStrip(snapshots, alt, eager),
+          final,
+          h(
+            'figcaption',
+            {},
+            h('span', { class: 'tname', text: t }),
+            group ? h('span', { class: 'count', text: plural(images.length, 'image') }) : null,
+            objective
+          ),
+          ...(dead ? [h('p', { class: 'dead-note', role: 'note', text: DEAD_NOTE })] : [])
+        );
+      };
+      draw(listed);
       if (!listed || typeof listed.objective !== 'number') {
-        // Not in layer.json (yet): the unit record has the objective.
+        // Not in layer.json (yet): the unit record has the objective, and the images
+        // beyond the first, the snapshots and `dead`.
         getJSON(layerDir(seg) + `units/${unit}/${encodeURIComponent(t)}.json`)
           .then((rec) => {
-            if (rec && typeof rec.objective === 'number') objective.textContent = `objective ${fmt(rec.objective)}`;
+            if (!rec || typeof rec !== 'object' || token !== renderToken) return;
+            if (typeof rec.objective === 'number') objective.textContent = `objective ${fmt(rec.objective)}`;
+            const more = (Array.isArray(rec.images) && rec.images.length > 1) || (Array.isArray(rec.snapshots) && rec.snapshots.length) || rec.dead === true;
+            if (!listed && more) draw(recordAsEntry(unit, rec));
           })
           .catch(() => {});
       }

@@ -36,9 +36,10 @@ pub struct Connection {
 pub struct SubmitArgs {
     #[command(flatten)]
     pub job: JobArgs,
-    /// Where the atlas goes: s3://bucket/prefix, or a directory every worker shares.
+    /// Where the atlas goes: s3://bucket/prefix, or a directory every worker shares (or
+    /// `out` in the job file).
     #[arg(long)]
-    pub out: String,
+    pub out: Option<String>,
     #[command(flatten)]
     pub conn: Connection,
 }
@@ -71,7 +72,7 @@ fn status_of(s: v1::JobStatus) -> Result<JobStatus> {
 
 pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     // Cluster workers are GPUs: large tasks, which each worker splits to fit its memory.
-    let spec = job_spec(&args.job, &args.out, tch::Device::Cpu, 512).await?;
+    let spec = job_spec(&args.job, args.out.as_deref(), tch::Device::Cpu, 512).await?;
     let mut c = client(&args.conn)?;
     let resp = c.submit(v1::SubmitRequest { spec: Some((&spec).into()) }).await.map_err(|s| refused("submit refused", s))?;
     println!("{}", resp.into_inner().job_id);

@@ -4,6 +4,7 @@
 
 mod cluster;
 mod job;
+mod jobfile;
 mod render;
 mod serve;
 
@@ -48,9 +49,9 @@ enum Command {
 pub struct RenderArgs {
     #[command(flatten)]
     pub job: JobArgs,
-    /// Output directory of the atlas.
+    /// Output directory of the atlas (or `out` in the job file).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "LOUPE_DEVICE", default_value = "auto")]
     pub device: String,
@@ -73,6 +74,9 @@ struct InspectArgs {
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The model's input channels (3 for RGB, 1 for grayscale).
+    #[arg(long, default_value_t = 3)]
+    channels: u32,
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
@@ -80,7 +84,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
     let sidecar = Sidecar::read(&args.model)?;
     let input_size = args.input_size.or(sidecar.input_size).unwrap_or(224);
     let mut model = Model::load(&args.model, device)?;
-    let layers = model.layers(input_size)?;
+    let layers = model.layers(input_size, args.channels)?;
     println!("{} (input {input_size}x{input_size})", args.model.display());
     println!("{:<40} {:>8}  shape", "layer", "units");
     for l in layers {

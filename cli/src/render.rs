@@ -22,7 +22,9 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
         bail!("--workers must be at least 1");
     }
     let default_batch = if device == tch::Device::Cpu { 64 } else { 512 };
-    let spec = job_spec(&args.job, &args.out.to_string_lossy(), device, default_batch).await?;
+    let out = args.out.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let spec = job_spec(&args.job, out.as_deref(), device, default_batch).await?;
+    let spec_out = std::path::PathBuf::from(&spec.out);
     if args.workers > 1 && device == tch::Device::Cpu {
         // Worker loops share the cores instead of each taking all of them.
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u32;
@@ -39,7 +41,7 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
         status.spec.techniques.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "),
         status.spec.model.name,
         describe(device),
-        args.out.display(),
+        spec_out.display(),
         if status.images_skipped > 0 { format!("; {} already complete, skipped", status.images_skipped) } else { String::new() },
     );
 
@@ -92,7 +94,7 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
         eprintln!(
             "stopped with {done} of {} images complete in {}; run the same command again to resume",
             final_status.images_total,
-            args.out.display()
+            spec_out.display()
         );
         return Ok(ExitCode::from(130));
     }
@@ -102,7 +104,7 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
             let rendered = final_status.images_done;
             println!(
                 "atlas complete: {} ({} images; rendered {rendered} in {secs:.1} s, {:.2} units/s)",
-                args.out.join("atlas.json").display(),
+                spec_out.join("atlas.json").display(),
                 final_status.images_total,
                 rendered as f64 / secs
             );

@@ -75,9 +75,9 @@ fn shows_stripes(rgb: &[u8], degrees: f64) -> bool {
 }
 
 fn initial(unit: u32) -> Vec<u8> {
-    let settings = RenderSettings { steps: 256, size: SIZE, input_size: SIZE, seed: 0, learning_rate: 0.05, precision: Default::default() };
+    let settings = RenderSettings { steps: 256, size: SIZE, input_size: SIZE, seed: 0, learning_rate: 0.05, ..Default::default() };
     let req = RenderRequest { layer: "logits", technique: Technique::Channel, units: &[unit], settings: &settings };
-    initial_images(&req, Device::Cpu).remove(0).rgb
+    initial_images(&req, Device::Cpu).remove(0).images.remove(0).bytes
 }
 
 /// Renders the demo logits at `precision` and checks each against its class.

@@ -22,11 +22,12 @@ use async_trait::async_trait;
 use tracing::{info, warn};
 
 use loupe_core::api::{ApiError, ApiResult, WorkerApi};
-use loupe_core::atlas::{self, AtlasManifest, ImageEntry, LayerDataset, LayerEntry, LayerExamples, LayerIndex, ModelSummary, UnitEntry, UnitRecord};
+use loupe_core::atlas::{self, AtlasManifest, ImageEntry, ItemEntry, ItemRecord, LayerDataset, LayerEntry, LayerExamples, LayerIndex, ModelSummary, SnapshotEntry, UnitEntry, UnitRecord};
 use loupe_core::spec::{JobSpec, Technique};
 use loupe_core::store::{self, ArtifactStore};
 use loupe_core::task::{Failure, Lease, LeaseState, ShardSource};
 
+use shard::Done;
 use state::{JobState, JobStatus, LeasePolicy, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -238,7 +239,7 @@ async fn merged_manifest(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<At
             model: ModelSummary { name: spec.model.name.clone(), sha256: spec.model.sha256.clone() },
             settings: spec.settings.clone(),
             layers,
-            techniques: spec.techniques.clone(),
+            techniques: job_techniques(spec),
             created: rfc3339_now(),
             dataset: None,
         });
@@ -250,7 +251,7 @@ async fn merged_manifest(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<At
             existing.model.name, existing.model.sha256
         )));
     }
-    if existing.settings != spec.settings {
+    if look(&existing.settings) != look(&spec.settings) {
         return Err(Error::Conflict(format!(
             "{place} already holds an atlas rendered with other settings ({}), not ({}); choose another output",
             describe(&existing.settings),
@@ -263,36 +264,72 @@ async fn merged_manifest(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<At
             None => existing.layers.push(entry),
         }
     }
-    for t in &spec.techniques {
-        if !existing.techniques.contains(t) {
-            existing.techniques.push(*t);
+    for t in job_techniques(spec) {
+        if !existing.techniques.contains(&t) {
+            existing.techniques.push(t);
         }
     }
     existing.loupe_version = loupe_core::LOUPE_VERSION.to_string();
     Ok(existing)
 }
 
+/// Every technique of the job: the job's and the layers' own, in first-seen order.
+fn job_techniques(spec: &JobSpec) -> Vec<Technique> {
+    let mut all = spec.techniques.clone();
+    for plan in &spec.layers {
+        for &t in spec.techniques_for(plan) {
+            if !all.contains(&t) {
+                all.push(t);
+            }
+        }
+    }
+    all
+}
+
+/// The settings that decide how every image of an atlas looks. A technique's own options
+/// (diversity images, caricature inputs, directions) only decide its images, whose
+/// records carry them, so jobs that add techniques to an atlas may differ in them.
+fn look(s: &loupe_core::spec::RenderSettings) -> loupe_core::spec::RenderSettings {
+    loupe_core::spec::RenderSettings { options: Default::default(), ..s.clone() }
+}
+
 fn describe(s: &loupe_core::spec::RenderSettings) -> String {
     format!("steps {}, size {}, input size {}, seed {}, learning rate {}, precision {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate, s.precision)
 }
 
-/// The (layer, unit, technique) images of the job that the atlas already holds whole: a
-/// unit record for this model and settings, with its PNG beside it.
-async fn complete_images(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<HashSet<(String, u32, Technique)>> {
-    let mut done = HashSet::new();
+/// The images of the job that the atlas already holds whole: a record for this model and
+/// the layer's settings, with its image beside it.
+async fn complete_images(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Done> {
+    let mut done = Done::default();
     for plan in &spec.layers {
         let segment = atlas::layer_segment(&plan.layer.name)?;
-        let keys: HashSet<String> = store.list(&format!("layers/{segment}/units/")).await?.into_iter().collect();
-        for &unit in &plan.units {
-            for &technique in &spec.techniques {
-                let record_key = atlas::record_key(&segment, unit, technique);
-                if !keys.contains(&record_key) || !keys.contains(&atlas::image_key(&segment, unit, technique)) {
-                    continue;
+        let settings = spec.settings_for(plan);
+        let current = |sha: &str, s: &loupe_core::spec::RenderSettings| sha == spec.model.sha256 && *s == settings;
+        let keys: HashSet<String> = store.list(&format!("layers/{segment}/")).await?.into_iter().collect();
+        for &technique in spec.techniques_for(plan) {
+            if technique.per_unit() {
+                for &unit in &plan.units {
+                    let record_key = atlas::record_key(&segment, unit, technique);
+                    if !keys.contains(&record_key) || !keys.contains(&atlas::image_key(&segment, unit, technique)) {
+                        continue;
+                    }
+                    // An unreadable record means an unfinished image: render it again.
+                    if let Ok(Some(r)) = read_json::<UnitRecord>(store, &record_key).await {
+                        if current(&r.model_sha256, &r.settings) {
+                            done.units.insert((plan.layer.name.clone(), unit, technique));
+                        }
+                    }
                 }
-                // An unreadable record means an unfinished image: render it again.
-                if let Ok(Some(r)) = read_json::<UnitRecord>(store, &record_key).await {
-                    if r.model_sha256 == spec.model.sha256 && r.settings == spec.settings {
-                        done.insert((plan.layer.name.clone(), unit, technique));
+            } else {
+                for item in spec.layer_items(plan, technique) {
+                    let record_key = atlas::item_record_key(&segment, technique, &item);
+                    if !keys.contains(&record_key) || !keys.contains(&atlas::item_image_key(&segment, technique, &item, None)) {
+                        continue;
+                    }
+                    if let Ok(Some(r)) = read_json::<ItemRecord>(store, &record_key).await {
+                        if current(&r.model_sha256, &r.settings) {
+                            done.items.insert((plan.layer.name.clone(), technique, item));
+                        }
                     }
                 }
             }
@@ -316,13 +353,17 @@ async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
         for key in &keys {
             let Some((_, unit, technique)) = atlas::parse_record_key(key) else { continue };
             let Some(record) = read_json::<UnitRecord>(store.as_ref(), key).await? else { continue };
-            let image = format!("units/{unit}/{}", record.image);
-            units
-                .entry(unit)
-                .or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None })
-                .techniques
-                .insert(technique, ImageEntry { image, objective: record.objective });
+            let path = |name: &String| format!("units/{unit}/{name}");
+            let entry = ImageEntry {
+                image: path(&record.image),
+                objective: record.objective,
+                images: record.images.iter().map(path).collect(),
+                snapshots: record.snapshots.iter().map(|s| SnapshotEntry { step: s.step, images: s.images.iter().map(path).collect() }).collect(),
+                dead: record.dead,
+            };
+            units.entry(unit).or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None }).techniques.insert(technique, entry);
         }
+        let items = layer_items(store.as_ref(), &segment).await?;
         let examples = read_json::<LayerExamples>(store.as_ref(), &atlas::examples_key(&segment)).await?;
         let layer_dataset = examples.map(|examples| {
             for entry in examples.units {
@@ -343,6 +384,7 @@ async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
             name: plan.layer.name.clone(),
             shape: plan.layer.shape.clone(),
             units: units.into_values().collect(),
+            items,
             dataset: layer_dataset,
         };
         store.put(&atlas::layer_key(&segment), loupe_core::to_json(&index)).await?;
@@ -354,6 +396,31 @@ async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The item records of a layer's per-layer techniques, for `layer.json`.
+async fn layer_items(store: &dyn ArtifactStore, segment: &str) -> loupe_core::Result<BTreeMap<Technique, Vec<ItemEntry>>> {
+    let mut items: BTreeMap<Technique, Vec<ItemEntry>> = BTreeMap::new();
+    for technique in Technique::ALL.into_iter().filter(|t| !t.per_unit()) {
+        let dir = format!("layers/{segment}/{technique}/");
+        for key in store.list(&dir).await? {
+            if !key.ends_with(".json") {
+                continue;
+            }
+            let Some(r) = read_json::<ItemRecord>(store, &key).await? else { continue };
+            let path = |name: &String| format!("{technique}/{name}");
+            items.entry(technique).or_default().push(ItemEntry {
+                item: r.item.clone(),
+                image: path(&r.image),
+                objective: r.objective,
+                snapshots: r.snapshots.iter().map(|s| SnapshotEntry { step: s.step, images: s.images.iter().map(path).collect() }).collect(),
+            });
+        }
+    }
+    for list in items.values_mut() {
+        list.sort_by(|a, b| a.item.cmp(&b.item));
+    }
+    Ok(items)
 }
 
 fn api_err(e: impl std::fmt::Display) -> ApiError {
@@ -451,11 +518,11 @@ mod tests {
             JobSpec {
                 model: ModelRef { uri: self.path("model.pt"), name: "m".into(), sha256: String::new() },
                 layers: vec![
-                    LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3] },
-                    LayerPlan { layer: LayerInfo { name: "fc".into(), shape: vec![3] }, units: vec![0, 1, 2] },
+                    LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3], techniques: None, steps: None },
+                    LayerPlan { layer: LayerInfo { name: "fc".into(), shape: vec![3] }, units: vec![0, 1, 2], techniques: None, steps: None },
                 ],
                 techniques: vec![Technique::Channel],
-                settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, precision: Default::default() },
+                settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
                 batch: 2,
                 out: self.path("atlas"),
                 dataset: Some(DatasetSpec { uri: self.path(dataset), examples: 4, images_per_shard: 2 }),
@@ -480,7 +547,7 @@ mod tests {
         while let Some(lease) = c.lease_for("w").await.unwrap() {
             match &lease.task.work {
                 Work::Map { shard, source } => maps.push((*shard, source.clone())),
-                Work::Render { .. } => {}
+                Work::Render { .. } | Work::LayerRender { .. } => {}
                 Work::Reduce { .. } => panic!("a reduce leased before the maps were done"),
             }
             assert_eq!(lease.job.dataset, f.spec("images").dataset);

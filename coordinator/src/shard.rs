@@ -9,21 +9,51 @@ use loupe_core::task::{ShardSource, Work};
 
 use crate::state::NewTask;
 
-/// Splits the job into tasks, leaving out the (layer, unit, technique) images in `done`.
+/// What the atlas already holds whole for a job: per-unit images as (layer, unit,
+/// technique), per-layer items as (layer, technique, item).
+#[derive(Debug, Default)]
+pub struct Done {
+    pub units: HashSet<(String, u32, Technique)>,
+    pub items: HashSet<(String, Technique, String)>,
+}
+
+impl Done {
+    pub fn len(&self) -> usize {
+        self.units.len() + self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Splits the job into tasks, leaving out the images in `done`.
 /// Units keep their order, so a resumed job batches the remaining units the same way
 /// every time. Job id and index are filled in by the state store.
 ///
 /// `dataset_shards` are the job's dataset shards, in order; they give one map each,
 /// followed by one reduce per job layer that waits on all the maps. None (no dataset, or
 /// statistics the atlas already holds) gives no map and no reduce.
-pub fn shard(spec: &JobSpec, done: &HashSet<(String, u32, Technique)>, dataset_shards: &[ShardSource]) -> Vec<NewTask> {
+///
+/// A per-layer technique's items (deepdream starts, caricature inputs, directions) are
+/// batched like units.
+pub fn shard(spec: &JobSpec, done: &Done, dataset_shards: &[ShardSource]) -> Vec<NewTask> {
     let mut tasks = Vec::new();
+    let batch = spec.batch as usize;
     for plan in &spec.layers {
-        for &technique in &spec.techniques {
-            let todo: Vec<u32> =
-                plan.units.iter().copied().filter(|&u| !done.contains(&(plan.layer.name.clone(), u, technique))).collect();
-            for chunk in todo.chunks(spec.batch as usize) {
-                tasks.push(NewTask::runnable(Work::Render { layer: plan.layer.name.clone(), technique, units: chunk.to_vec() }));
+        let layer = &plan.layer.name;
+        for &technique in spec.techniques_for(plan) {
+            if technique.per_unit() {
+                let todo: Vec<u32> = plan.units.iter().copied().filter(|&u| !done.units.contains(&(layer.clone(), u, technique))).collect();
+                for chunk in todo.chunks(batch) {
+                    tasks.push(NewTask::runnable(Work::Render { layer: layer.clone(), technique, units: chunk.to_vec() }));
+                }
+            } else {
+                let todo: Vec<String> =
+                    spec.layer_items(plan, technique).into_iter().filter(|i| !done.items.contains(&(layer.clone(), technique, i.clone()))).collect();
+                for chunk in todo.chunks(batch) {
+                    tasks.push(NewTask::runnable(Work::LayerRender { layer: layer.clone(), technique, items: chunk.to_vec() }));
+                }
             }
         }
     }
@@ -50,11 +80,11 @@ mod tests {
         JobSpec {
             model: ModelRef { uri: "m".into(), name: "m".into(), sha256: "0".into() },
             layers: vec![
-                LayerPlan { layer: LayerInfo { name: "a".into(), shape: vec![10, 4, 4] }, units: (0..10).collect() },
-                LayerPlan { layer: LayerInfo { name: "b".into(), shape: vec![3] }, units: vec![0, 2] },
+                LayerPlan { layer: LayerInfo { name: "a".into(), shape: vec![10, 4, 4] }, units: (0..10).collect(), techniques: None, steps: None },
+                LayerPlan { layer: LayerInfo { name: "b".into(), shape: vec![3] }, units: vec![0, 2], techniques: None, steps: None },
             ],
             techniques: vec![Technique::Channel, Technique::Negative],
-            settings: RenderSettings { steps: 1, size: 8, input_size: 8, seed: 0, learning_rate: 0.05, precision: Default::default() },
+            settings: RenderSettings { steps: 1, size: 8, input_size: 8, seed: 0, learning_rate: 0.05, ..Default::default() },
             batch: 4,
             out: "o".into(),
             dataset: None,
@@ -63,7 +93,7 @@ mod tests {
 
     #[test]
     fn tasks_cover_every_requested_image_once_except_those_done() {
-        let done: HashSet<_> = [("a".to_string(), 5, Technique::Channel)].into_iter().collect();
+        let done = Done { units: [("a".to_string(), 5, Technique::Channel)].into_iter().collect(), ..Done::default() };
         let tasks = shard(&spec(), &done, &[]);
         assert!(tasks.iter().all(|t| t.after.is_empty()));
         let renders: Vec<(&String, Technique, &Vec<u32>)> = tasks
@@ -90,8 +120,8 @@ mod tests {
             ShardSource::Images { keys: vec!["2.jpg".into()] },
             ShardSource::Tar { key: "t.tar".into() },
         ];
-        let renders = shard(&spec, &HashSet::new(), &[]).len();
-        let tasks = shard(&spec, &HashSet::new(), &shards);
+        let renders = shard(&spec, &Done::default(), &[]).len();
+        let tasks = shard(&spec, &Done::default(), &shards);
         assert_eq!(tasks.len(), renders + 3 + 2);
         assert!(tasks[..renders].iter().all(|t| matches!(t.work, Work::Render { .. }) && t.after.is_empty()));
         for (i, source) in shards.iter().enumerate() {
@@ -101,16 +131,48 @@ mod tests {
         assert_eq!(tasks[renders + 3], NewTask { work: Work::Reduce { layer: "a".into() }, after: maps.clone() });
         assert_eq!(tasks[renders + 4], NewTask { work: Work::Reduce { layer: "b".into() }, after: maps });
         // Everything rendered already: the dataset tasks remain.
-        let mut all_done = HashSet::new();
+        let mut all_done = Done::default();
         for p in &spec.layers {
             for &u in &p.units {
                 for &t in &spec.techniques {
-                    all_done.insert((p.layer.name.clone(), u, t));
+                    all_done.units.insert((p.layer.name.clone(), u, t));
                 }
             }
         }
         let tasks = shard(&spec, &all_done, &shards);
         assert_eq!(tasks.len(), 5);
         assert_eq!(tasks[3].after, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn layer_techniques_render_items_and_a_layer_may_have_its_own_techniques() {
+        use loupe_core::spec::{Direction, NamedImage};
+        let mut spec = spec();
+        spec.techniques = vec![Technique::Channel, Technique::DeepDream];
+        spec.settings.options.caricature_inputs =
+            vec![NamedImage { name: "dog".into(), uri: "dog.png".into() }, NamedImage { name: "cat".into(), uri: "cat.png".into() }];
+        spec.settings.options.directions = vec![Direction { name: "up".into(), layer: "b".into(), vector: vec![1.0, 0.0, 0.0] }];
+        spec.layers[1].techniques = Some(vec![Technique::Caricature, Technique::Direction]);
+        spec.validate().unwrap();
+        let done = Done { items: [("b".to_string(), Technique::Caricature, "cat".to_string())].into_iter().collect(), ..Done::default() };
+        let tasks = shard(&spec, &done, &[]);
+        let items: Vec<(String, Technique, Vec<String>)> = tasks
+            .iter()
+            .filter_map(|t| match &t.work {
+                Work::LayerRender { layer, technique, items } => Some((layer.clone(), *technique, items.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            items,
+            vec![
+                ("a".into(), Technique::DeepDream, vec!["noise".to_string()]),
+                ("b".into(), Technique::Caricature, vec!["dog".to_string()]),
+                ("b".into(), Technique::Direction, vec!["up".to_string()]),
+            ]
+        );
+        // Layer b renders no channel images: it has its own techniques.
+        assert!(tasks.iter().all(|t| !matches!(&t.work, Work::Render { layer, .. } if layer == "b")));
+        assert_eq!(spec.total_images(), 10 + 1 + 2 + 1);
     }
 }

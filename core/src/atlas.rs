@@ -4,7 +4,11 @@
 //! atlas.json
 //! layers/<layer>/layer.json
 //! layers/<layer>/units/<unit>/<technique>.png
+//! layers/<layer>/units/<unit>/diversity-<i>.png   (diversity: N images)
+//! layers/<layer>/units/<unit>/<image>.step<N>.png (snapshots after N steps)
 //! layers/<layer>/units/<unit>/<technique>.json   (the unit record; written last)
+//! layers/<layer>/<technique>/<item>.png          (deepdream, caricature, direction)
+//! layers/<layer>/<technique>/<item>.json         (the item record; written last)
 //! ```
 //!
 //! Keys are relative, `/`-separated, and identical on a local disk and in S3.
@@ -52,7 +56,39 @@ pub fn layer_key(segment: &str) -> String {
 }
 
 pub fn image_key(segment: &str, unit: u32, technique: Technique) -> String {
-    format!("layers/{segment}/units/{unit}/{technique}.png")
+    format!("layers/{segment}/units/{unit}/{}", unit_image_name(technique, 0, None))
+}
+
+/// The file name of a per-unit technique's image: `channel.png`; for diversity, image `i`
+/// of the unit's N, `diversity-<i>.png`; with `step`, the snapshot after that many steps,
+/// `channel.step64.png`.
+pub fn unit_image_name(technique: Technique, i: u32, step: Option<u32>) -> String {
+    let base = match technique {
+        Technique::Diversity => format!("diversity-{i}"),
+        t => t.to_string(),
+    };
+    match step {
+        Some(n) => format!("{base}.step{n}.png"),
+        None => format!("{base}.png"),
+    }
+}
+
+/// `layers/<segment>/units/<unit>/<name>`.
+pub fn unit_file_key(segment: &str, unit: u32, name: &str) -> String {
+    format!("layers/{segment}/units/{unit}/{name}")
+}
+
+/// The image of a per-layer technique's item (a deepdream start, a caricature input, a
+/// direction), or with `step` its snapshot: `layers/<segment>/<technique>/<item>.png`.
+pub fn item_image_key(segment: &str, technique: Technique, item: &str, step: Option<u32>) -> String {
+    match step {
+        Some(n) => format!("layers/{segment}/{technique}/{item}.step{n}.png"),
+        None => format!("layers/{segment}/{technique}/{item}.png"),
+    }
+}
+
+pub fn item_record_key(segment: &str, technique: Technique, item: &str) -> String {
+    format!("layers/{segment}/{technique}/{item}.json")
 }
 
 pub fn record_key(segment: &str, unit: u32, technique: Technique) -> String {
@@ -119,10 +155,30 @@ pub struct UnitRecord {
     pub technique: Technique,
     /// File name of the image, beside the record.
     pub image: String,
-    /// The technique's objective on the final image, untransformed (see docs/techniques.md).
+    /// The technique's objective on the final image, untransformed (see docs/techniques.md);
+    /// for diversity, the mean of its images' channel objectives.
     pub objective: f64,
+    /// Every image's file name when the technique makes several (diversity), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
+    /// Each image's objective, with `images`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objectives: Vec<f64>,
+    /// Intermediate images (the job's thresholds), file names beside the record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotEntry>,
+    /// No initial image excited the unit, re-seeded or not: its image is the grey start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dead: bool,
     pub model_sha256: String,
     pub settings: RenderSettings,
+}
+
+/// The images kept after `step` optimisation steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub step: u32,
+    pub images: Vec<String>,
 }
 
 /// What one technique produced for one unit, as listed in `layer.json`.
@@ -131,6 +187,41 @@ pub struct ImageEntry {
     /// Path of the PNG relative to the layer directory.
     pub image: String,
     pub objective: f64,
+    /// Every image, when the technique makes several (diversity); relative paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
+    /// Snapshot images, paths relative to the layer directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotEntry>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dead: bool,
+}
+
+/// An item record, `layers/<layer>/<technique>/<item>.json`: one image of a per-layer
+/// technique. Written after its PNG.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemRecord {
+    pub format_version: u32,
+    pub layer: String,
+    pub technique: Technique,
+    pub item: String,
+    /// File name of the image, beside the record.
+    pub image: String,
+    pub objective: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotEntry>,
+    pub model_sha256: String,
+    pub settings: RenderSettings,
+}
+
+/// An item of a per-layer technique in `layer.json`; paths relative to the layer directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemEntry {
+    pub item: String,
+    pub image: String,
+    pub objective: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotEntry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -236,6 +327,9 @@ pub struct LayerIndex {
     pub name: String,
     pub shape: Vec<i64>,
     pub units: Vec<UnitEntry>,
+    /// The per-layer techniques' images (deepdream, caricature, direction), by technique.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub items: BTreeMap<Technique, Vec<ItemEntry>>,
     /// The layer's dataset pass: where its statistics table is, and what it covered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<LayerDataset>,

@@ -6,7 +6,12 @@ use std::str::FromStr;
 
 use crate::{Error, Result};
 
-/// What a unit's image is optimised for. See docs/techniques.md.
+/// What an image is optimised for. See docs/techniques.md.
+///
+/// The first four are per unit: each unit of a layer gets its own image(s) under
+/// `layers/<layer>/units/<unit>/`. The other three are per layer: each of their items (a
+/// start image, an input image, a named direction) gets an image under
+/// `layers/<layer>/<technique>/<item>.png`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Technique {
@@ -16,17 +21,46 @@ pub enum Technique {
     Neuron,
     /// Minimise the mean over space of one channel (the channel objective, sign flipped).
     Negative,
+    /// N images of one unit optimised together: the channel objective minus a penalty on
+    /// the cosine similarity of their Gram matrices.
+    Diversity,
+    /// The whole layer: the mean of its squared activations, from noise or a start image.
+    DeepDream,
+    /// An input image's activation at the layer, matched from noise: dot product times
+    /// cosine similarity to a power (lucid's caricature recipe).
+    Caricature,
+    /// A named direction over the layer's units: the dot product of the activation with
+    /// it, times cosine similarity to a power when asked.
+    Direction,
 }
 
 impl Technique {
-    pub const ALL: [Technique; 3] = [Technique::Channel, Technique::Neuron, Technique::Negative];
+    pub const ALL: [Technique; 7] = [
+        Technique::Channel,
+        Technique::Neuron,
+        Technique::Negative,
+        Technique::Diversity,
+        Technique::DeepDream,
+        Technique::Caricature,
+        Technique::Direction,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Technique::Channel => "channel",
             Technique::Neuron => "neuron",
             Technique::Negative => "negative",
+            Technique::Diversity => "diversity",
+            Technique::DeepDream => "deepdream",
+            Technique::Caricature => "caricature",
+            Technique::Direction => "direction",
         }
+    }
+
+    /// Whether each unit gets its own image(s); otherwise the technique renders items of
+    /// the whole layer.
+    pub fn per_unit(self) -> bool {
+        matches!(self, Technique::Channel | Technique::Neuron | Technique::Negative | Technique::Diversity)
     }
 
     /// Parses a comma-separated list such as `channel,neuron`, refusing duplicates.
@@ -56,9 +90,145 @@ impl FromStr for Technique {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         Technique::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            Error::invalid("technique", format!("unknown technique {s:?}; known: channel, neuron, negative"))
+            let known: Vec<&str> = Technique::ALL.iter().map(|t| t.as_str()).collect();
+            Error::invalid("technique", format!("unknown technique {s:?}; known: {}", known.join(", ")))
         })
     }
+}
+
+/// How the optimised image is represented (RECIPES.md "FFT parameterisation",
+/// "Decorrelated colour").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParamSettings {
+    /// `fft` (lucid's default: a spectrum scaled by 1/frequency^decay) or `pixel`.
+    pub kind: ParamKind,
+    /// The spectrum's 1/frequency exponent (lucid: 1).
+    pub decay: f64,
+    /// Decorrelated colour: pixels are `colour_matrix @ t`. Only for 3 channels.
+    pub decorrelate: bool,
+    /// The colour correlation square root (rows are RGB); `None` is lucid's ImageNet one.
+    /// A job with a dataset computes it from the dataset when asked.
+    pub color_matrix: Option<[[f32; 3]; 3]>,
+    /// Channels of the model's input: 3 for RGB, 1 for grayscale, or another count.
+    pub channels: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamKind {
+    Fft,
+    Pixel,
+}
+
+impl Default for ParamSettings {
+    fn default() -> Self {
+        ParamSettings { kind: ParamKind::Fft, decay: 1.0, decorrelate: true, color_matrix: None, channels: 3 }
+    }
+}
+
+/// The random transforms applied at every step, in this order (RECIPES.md "Standard
+/// transforms"); the defaults are lucid's and lucent's standard set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransformSettings {
+    /// Constant padding (value 0.5), in pixels.
+    pub pad: u32,
+    /// First jitter, up to this many pixels.
+    pub jitter: u32,
+    /// Scales drawn from, uniformly.
+    pub scales: Vec<f32>,
+    /// Rotation angles in degrees drawn from, uniformly (repeats weight a value).
+    pub angles: Vec<f32>,
+    /// Second jitter, up to this many pixels.
+    pub jitter_after: u32,
+}
+
+impl Default for TransformSettings {
+    fn default() -> Self {
+        let mut angles: Vec<f32> = (-10..=10).map(|a| a as f32).collect();
+        angles.extend([0.0; 5]);
+        TransformSettings {
+            pad: 12,
+            jitter: 8,
+            scales: (0..11).map(|i| (90 + 2 * i) as f32 / 100.0).collect(),
+            angles,
+            jitter_after: 4,
+        }
+    }
+}
+
+impl TransformSettings {
+    /// No transform at all: the image is only resized to the model's input.
+    pub fn none() -> Self {
+        TransformSettings { pad: 0, jitter: 0, scales: vec![1.0], angles: vec![0.0], jitter_after: 0 }
+    }
+}
+
+/// What to do about units whose objective has no gradient on the initial image (a ReLU
+/// that is off everywhere renders flat grey). lucid redirects ReLU gradients inside the
+/// graph, which a TorchScript model does not allow. See docs/techniques.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadUnits {
+    /// Leave them: the image stays near the initial grey.
+    Keep,
+    /// Detect and re-seed: a unit whose objective and gradient are zero on its initial
+    /// image gets new initial images, drawn from its own stream with growing amplitude,
+    /// until one excites it; a unit that none excites is recorded as dead.
+    Reseed,
+}
+
+/// Options of the techniques that have them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TechniqueOptions {
+    /// Images per unit for `diversity` (lucid: 4).
+    pub diversity_images: u32,
+    /// Weight of the diversity penalty (lucid: 1e2).
+    pub diversity_weight: f64,
+    /// Start images of `deepdream`; none: one image from noise.
+    pub deepdream_inputs: Vec<NamedImage>,
+    /// Input images of `caricature`.
+    pub caricature_inputs: Vec<NamedImage>,
+    /// The power of the cosine similarity in `caricature` (lucid's recipe: 1).
+    pub caricature_cossim_pow: f64,
+    /// Named directions for `direction`, each over one layer's units.
+    pub directions: Vec<Direction>,
+    /// The power of the cosine similarity in `direction` (0: the plain dot product).
+    pub direction_cossim_pow: f64,
+}
+
+impl Default for TechniqueOptions {
+    fn default() -> Self {
+        TechniqueOptions {
+            diversity_images: 4,
+            diversity_weight: 100.0,
+            deepdream_inputs: Vec::new(),
+            caricature_inputs: Vec::new(),
+            caricature_cossim_pow: 1.0,
+            directions: Vec::new(),
+            direction_cossim_pow: 0.0,
+        }
+    }
+}
+
+/// An image a technique starts from or matches: a name for its outputs, and where it is
+/// (a path or an s3:// URI, read by the worker).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedImage {
+    pub name: String,
+    pub uri: String,
+}
+
+/// A named direction over one layer's units (one value per unit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Direction {
+    pub name: String,
+    pub layer: String,
+    pub vector: Vec<f32>,
 }
 
 /// The settings that decide what a unit's image looks like. Two renders with equal
@@ -79,6 +249,53 @@ pub struct RenderSettings {
     /// The number format of the model's passes.
     #[serde(default)]
     pub precision: Precision,
+    #[serde(default)]
+    pub param: ParamSettings,
+    #[serde(default)]
+    pub transforms: TransformSettings,
+    /// Steps after which an intermediate image is kept as well as the final one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thresholds: Vec<u32>,
+    #[serde(default = "dead_units_default")]
+    pub dead_units: DeadUnits,
+    #[serde(default)]
+    pub options: TechniqueOptions,
+}
+
+fn dead_units_default() -> DeadUnits {
+    DeadUnits::Keep
+}
+
+/// An item name becomes a file name (`<name>.png`): letters, digits, `-`, `_`, `.`.
+fn check_item_name(what: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(what, format!("{name:?} is not a usable name: use letters, digits, '-', '_' and '.'")))
+    }
+}
+
+/// lucid's and lucent's defaults: 512 steps of Adam at 0.05 on a 128 px FFT image.
+impl Default for RenderSettings {
+    fn default() -> Self {
+        RenderSettings {
+            steps: 512,
+            size: 128,
+            input_size: 128,
+            seed: 0,
+            learning_rate: 0.05,
+            precision: Precision::Fp32,
+            param: ParamSettings::default(),
+            transforms: TransformSettings::default(),
+            thresholds: Vec::new(),
+            dead_units: DeadUnits::Keep,
+            options: TechniqueOptions::default(),
+        }
+    }
 }
 
 impl RenderSettings {
@@ -99,6 +316,67 @@ impl RenderSettings {
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(Error::invalid("learning rate", format!("{} is not a positive number", self.learning_rate)));
+        }
+        let p = &self.param;
+        if !(1..=16).contains(&p.channels) {
+            return Err(Error::invalid("param.channels", format!("{} input channels is outside 1..=16", p.channels)));
+        }
+        if p.decorrelate && p.channels != 3 {
+            return Err(Error::invalid("param.decorrelate", format!("colour decorrelation needs 3 channels, not {}; set decorrelate = false", p.channels)));
+        }
+        if !(p.decay.is_finite() && (0.0..=4.0).contains(&p.decay)) {
+            return Err(Error::invalid("param.decay", format!("{} is outside 0..=4", p.decay)));
+        }
+        if p.color_matrix.is_some_and(|m| m.iter().flatten().any(|v| !v.is_finite())) {
+            return Err(Error::invalid("param.color_matrix", "holds a value that is not finite"));
+        }
+        let t = &self.transforms;
+        if t.scales.is_empty() || t.scales.iter().any(|s| !(s.is_finite() && (0.1..=10.0).contains(s))) {
+            return Err(Error::invalid("transforms.scales", format!("{:?}: give at least one scale in 0.1..=10", t.scales)));
+        }
+        if t.angles.is_empty() || t.angles.iter().any(|a| !(a.is_finite() && a.abs() <= 360.0)) {
+            return Err(Error::invalid("transforms.angles", format!("{:?}: give at least one angle in -360..=360 degrees", t.angles)));
+        }
+        if t.pad > Self::MAX_SIZE || t.jitter > Self::MAX_SIZE || t.jitter_after > Self::MAX_SIZE {
+            return Err(Error::invalid("transforms", format!("pad and jitter must not exceed {} pixels", Self::MAX_SIZE)));
+        }
+        if let Some(bad) = self.thresholds.iter().find(|&&n| n == 0 || n > self.steps) {
+            return Err(Error::invalid("thresholds", format!("threshold {bad} is outside 1..={} (the steps)", self.steps)));
+        }
+        if self.thresholds.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::invalid("thresholds", format!("{:?} must be increasing", self.thresholds)));
+        }
+        let o = &self.options;
+        if !(2..=16).contains(&o.diversity_images) {
+            return Err(Error::invalid("options.diversity_images", format!("{} is outside 2..=16", o.diversity_images)));
+        }
+        for (name, v) in [("options.diversity_weight", o.diversity_weight), ("options.caricature_cossim_pow", o.caricature_cossim_pow), ("options.direction_cossim_pow", o.direction_cossim_pow)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::invalid(name, format!("{v} is not a number >= 0")));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (what, list) in [("deepdream_inputs", &o.deepdream_inputs), ("caricature_inputs", &o.caricature_inputs)] {
+            names.clear();
+            for i in list {
+                check_item_name(what, &i.name)?;
+                if !names.insert(i.name.as_str()) {
+                    return Err(Error::invalid(what, format!("the name {:?} is used twice", i.name)));
+                }
+                if i.uri.trim().is_empty() {
+                    return Err(Error::invalid(what, format!("{:?} has no uri", i.name)));
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for d in &o.directions {
+            check_item_name("directions", &d.name)?;
+            if !names.insert((d.layer.as_str(), d.name.as_str())) {
+                return Err(Error::invalid("directions", format!("direction {:?} of layer {:?} is given twice", d.name, d.layer)));
+            }
+            if d.vector.is_empty() || d.vector.iter().any(|v| !v.is_finite()) || d.vector.iter().all(|&v| v == 0.0) {
+                return Err(Error::invalid("directions", format!("direction {:?} must be a non-zero vector of finite numbers", d.name)));
+            }
         }
         Ok(())
     }
@@ -188,6 +466,19 @@ pub struct LayerPlan {
     /// units take a few bytes.
     #[serde(with = "unit_ranges")]
     pub units: Vec<u32>,
+    /// This layer's techniques, when not the job's (a job file's `[[layer]]` table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub techniques: Option<Vec<Technique>>,
+    /// This layer's optimisation steps, when not the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+}
+
+impl LayerPlan {
+    /// A plan of `units` with the job's techniques and steps.
+    pub fn new(layer: LayerInfo, units: Vec<u32>) -> LayerPlan {
+        LayerPlan { layer, units, techniques: None, steps: None }
+    }
 }
 
 /// Sorted unit indices as half-open ranges `[start, end)`, and back.
@@ -267,6 +558,9 @@ impl DatasetSpec {
     }
 }
 
+/// The item name of a deepdream started from noise.
+pub const DEEPDREAM_NOISE: &str = "noise";
+
 /// A whole atlas job, validated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -299,6 +593,33 @@ impl JobSpec {
         }
         for plan in &self.layers {
             crate::atlas::layer_segment(&plan.layer.name)?;
+            if let Some(steps) = plan.steps {
+                RenderSettings { steps, ..self.settings.clone() }.validate()?;
+            }
+            let techniques = self.techniques_for(plan);
+            if techniques.is_empty() {
+                return Err(Error::invalid("techniques", format!("no technique selected for layer {:?}", plan.layer.name)));
+            }
+            let name = &plan.layer.name;
+            for &t in techniques {
+                match t {
+                    Technique::Caricature if self.settings.options.caricature_inputs.is_empty() => {
+                        return Err(Error::invalid("caricature", format!("layer {name:?} asks for caricatures but no caricature input image is given")));
+                    }
+                    Technique::Direction if self.layer_items(plan, t).is_empty() => {
+                        return Err(Error::invalid("direction", format!("layer {name:?} asks for directions but no direction names that layer")));
+                    }
+                    _ => {}
+                }
+            }
+            for d in self.settings.options.directions.iter().filter(|d| &d.layer == name) {
+                if d.vector.len() != plan.layer.units() as usize {
+                    return Err(Error::invalid(
+                        "direction",
+                        format!("direction {:?} has {} values, but layer {name:?} has {} units", d.name, d.vector.len(), plan.layer.units()),
+                    ));
+                }
+            }
             if plan.units.is_empty() {
                 return Err(Error::invalid("units", format!("no unit selected in layer {:?}", plan.layer.name)));
             }
@@ -310,12 +631,49 @@ impl JobSpec {
         if let Some(d) = &self.dataset {
             d.validate()?;
         }
+        if let Some(d) = self.settings.options.directions.iter().find(|d| !self.layers.iter().any(|p| p.layer.name == d.layer)) {
+            return Err(Error::invalid("direction", format!("direction {:?} is over layer {:?}, which the job does not render", d.name, d.layer)));
+        }
         Ok(())
     }
 
-    /// How many (unit, technique) images the job asks for.
+    /// How many images the job asks for: (unit, technique) for per-unit techniques (a
+    /// unit's diversity images count once), items for per-layer ones.
     pub fn total_images(&self) -> u64 {
-        self.layers.iter().map(|l| l.units.len() as u64).sum::<u64>() * self.techniques.len() as u64
+        let mut total = 0;
+        for plan in &self.layers {
+            for &t in self.techniques_for(plan) {
+                total += if t.per_unit() { plan.units.len() as u64 } else { self.layer_items(plan, t).len() as u64 };
+            }
+        }
+        total
+    }
+
+    /// The layer's techniques: its own, or the job's.
+    pub fn techniques_for<'a>(&'a self, plan: &'a LayerPlan) -> &'a [Technique] {
+        plan.techniques.as_deref().unwrap_or(&self.techniques)
+    }
+
+    /// The settings the layer renders with: the job's, with the layer's steps.
+    pub fn settings_for(&self, plan: &LayerPlan) -> RenderSettings {
+        let mut s = self.settings.clone();
+        if let Some(steps) = plan.steps {
+            s.steps = steps;
+        }
+        s
+    }
+
+    /// The items a per-layer technique renders in a layer: deepdream's start images (or
+    /// one from `noise`), caricature's inputs, the layer's directions.
+    pub fn layer_items(&self, plan: &LayerPlan, technique: Technique) -> Vec<String> {
+        let o = &self.settings.options;
+        match technique {
+            Technique::DeepDream if o.deepdream_inputs.is_empty() => vec![DEEPDREAM_NOISE.to_string()],
+            Technique::DeepDream => o.deepdream_inputs.iter().map(|i| i.name.clone()).collect(),
+            Technique::Caricature => o.caricature_inputs.iter().map(|i| i.name.clone()).collect(),
+            Technique::Direction => o.directions.iter().filter(|d| d.layer == plan.layer.name).map(|d| d.name.clone()).collect(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -380,7 +738,8 @@ mod tests {
     fn techniques_parse_and_refuse_unknown_or_repeated() {
         assert_eq!(Technique::parse_list("channel,negative").unwrap(), vec![Technique::Channel, Technique::Negative]);
         assert!(Technique::parse_list("channel,channel").is_err());
-        assert!(Technique::parse_list("diversity").unwrap_err().to_string().contains("diversity"));
+        assert_eq!(Technique::parse_list("diversity, deepdream").unwrap(), vec![Technique::Diversity, Technique::DeepDream]);
+        assert!(Technique::parse_list("dreams").unwrap_err().to_string().contains("dreams"));
     }
 
     #[test]
@@ -388,7 +747,7 @@ mod tests {
         assert_eq!(to_ranges(&[0, 1, 2, 5, 7, 8]), vec![(0, 3), (5, 6), (7, 9)]);
         assert_eq!(from_ranges(&[(0, 3), (5, 6), (7, 9)], 10).unwrap(), vec![0, 1, 2, 5, 7, 8]);
         assert!(from_ranges(&[(0, 11)], 10).is_err() && from_ranges(&[(3, 3)], 10).is_err());
-        let plan = LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![1_000_000] }, units: (0..1_000_000).collect() };
+        let plan = LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![1_000_000] }, units: (0..1_000_000).collect(), techniques: None, steps: None };
         let json = serde_json::to_string(&plan).unwrap();
         assert!(json.len() < 100, "{json}");
         assert_eq!(serde_json::from_str::<LayerPlan>(&json).unwrap(), plan);
@@ -398,9 +757,9 @@ mod tests {
     fn a_dataset_is_optional_and_validated() {
         let mut spec = JobSpec {
             model: ModelRef { uri: "m".into(), name: "m".into(), sha256: String::new() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1] }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1], techniques: None, steps: None }],
             techniques: vec![Technique::Channel],
-            settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, precision: Default::default() },
+            settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
             batch: 2,
             out: "o".into(),
             dataset: None,
@@ -428,7 +787,7 @@ mod tests {
 
     #[test]
     fn zero_steps_is_refused() {
-        let s = RenderSettings { steps: 0, size: 128, input_size: 128, seed: 0, learning_rate: 0.05, precision: Default::default() };
+        let s = RenderSettings { steps: 0, size: 128, input_size: 128, seed: 0, learning_rate: 0.05, ..Default::default() };
         assert!(s.validate().unwrap_err().to_string().contains("--steps"));
     }
 }

@@ -50,6 +50,9 @@ impl TryFrom<StoredTaskSpec> for TaskSpec {
 pub enum Work {
     /// One optimisation of a batch of units of one layer with one technique.
     Render { layer: String, technique: Technique, units: Vec<u32> },
+    /// One optimisation of items of a per-layer technique (deepdream starts, caricature
+    /// inputs, directions), named as in the job's technique options.
+    LayerRender { layer: String, technique: Technique, items: Vec<String> },
     /// Statistics and examples of every job layer over one dataset shard; `shard` is its
     /// position in the job's shard list and names its partial results.
     Map { shard: u32, source: ShardSource },
@@ -61,7 +64,7 @@ impl Work {
     /// The layer a render or reduce works on; a map works on every job layer.
     pub fn layer(&self) -> Option<&str> {
         match self {
-            Work::Render { layer, .. } | Work::Reduce { layer } => Some(layer),
+            Work::Render { layer, .. } | Work::LayerRender { layer, .. } | Work::Reduce { layer } => Some(layer),
             Work::Map { .. } => None,
         }
     }
@@ -70,6 +73,7 @@ impl Work {
     pub fn images(&self) -> u64 {
         match self {
             Work::Render { units, .. } => units.len() as u64,
+            Work::LayerRender { items, .. } => items.len() as u64,
             Work::Map { .. } | Work::Reduce { .. } => 0,
         }
     }
@@ -77,7 +81,7 @@ impl Work {
     /// `render`, `map` or `reduce`, for logs and counters.
     pub fn kind(&self) -> &'static str {
         match self {
-            Work::Render { .. } => "render",
+            Work::Render { .. } | Work::LayerRender { .. } => "render",
             Work::Map { .. } => "map",
             Work::Reduce { .. } => "reduce",
         }
@@ -100,6 +104,15 @@ pub struct JobContext {
 }
 
 impl JobContext {
+    /// The settings a layer renders with: the job's, with the layer's own steps.
+    pub fn settings_for(&self, layer: &str) -> RenderSettings {
+        let mut s = self.settings.clone();
+        if let Some(steps) = self.layers.iter().find(|p| p.layer.name == layer).and_then(|p| p.steps) {
+            s.steps = steps;
+        }
+        s
+    }
+
     pub fn of(spec: &JobSpec) -> JobContext {
         JobContext {
             model: spec.model.clone(),

@@ -14,6 +14,8 @@ use image::{ImageBuffer, ImageReader, Rgb, RgbImage};
 use loupe_core::store::ArtifactStore;
 use loupe_core::task::ShardSource;
 
+pub mod color;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The dataset as a whole is unusable (nothing to read, bad arguments).
@@ -216,21 +218,13 @@ impl Preprocessed {
 /// bomb must not take the worker's memory).
 const MAX_SIDE: u32 = 16384;
 
-/// Decodes a JPEG or PNG, converts it to RGB (alpha is dropped, grey is spread over the
-/// three channels), resizes it so that its shorter side is `input_size` (bilinear, i.e.
-/// a triangle filter, antialiased when shrinking) and centre-crops `input_size` square.
-/// A file that is not a decodable JPEG/PNG gives [`Error::Undecodable`] (use
-/// [`RawImage::preprocess`] for the id in it).
-pub fn preprocess(bytes: &[u8], input_size: u32) -> Result<Preprocessed> {
+/// Decodes a JPEG or PNG into 8-bit RGB, within the size limit; anything else is
+/// [`Error::Undecodable`] under `id`.
+pub(crate) fn decode_rgb(bytes: &[u8], id: &str) -> Result<image::RgbImage> {
     let undecodable = |reason: String| Error::Undecodable {
-        id: "(unnamed)".to_string(),
+        id: id.to_string(),
         reason,
     };
-    if input_size == 0 {
-        return Err(Error::Invalid(
-            "the input size must be at least 1".to_string(),
-        ));
-    }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| undecodable(e.to_string()))?;
@@ -249,6 +243,22 @@ pub fn preprocess(bytes: &[u8], input_size: u32) -> Result<Preprocessed> {
     if w == 0 || h == 0 {
         return Err(undecodable(format!("{w}x{h} image")));
     }
+    Ok(img)
+}
+
+/// Decodes a JPEG or PNG, converts it to RGB (alpha is dropped, grey is spread over the
+/// three channels), resizes it so that its shorter side is `input_size` (bilinear, i.e.
+/// a triangle filter, antialiased when shrinking) and centre-crops `input_size` square.
+/// A file that is not a decodable JPEG/PNG gives [`Error::Undecodable`] (use
+/// [`RawImage::preprocess`] for the id in it).
+pub fn preprocess(bytes: &[u8], input_size: u32) -> Result<Preprocessed> {
+    if input_size == 0 {
+        return Err(Error::Invalid(
+            "the input size must be at least 1".to_string(),
+        ));
+    }
+    let img = decode_rgb(bytes, "(unnamed)")?;
+    let (w, h) = img.dimensions();
     // Scale so the shorter side is input_size; the longer side rounds to nearest.
     let s = input_size as u64;
     let (nw, nh) = if w <= h {

@@ -37,6 +37,10 @@ impl From<Technique> for v1::Technique {
             Technique::Channel => v1::Technique::Channel,
             Technique::Neuron => v1::Technique::Neuron,
             Technique::Negative => v1::Technique::Negative,
+            Technique::Diversity => v1::Technique::Diversity,
+            Technique::DeepDream => v1::Technique::Deepdream,
+            Technique::Caricature => v1::Technique::Caricature,
+            Technique::Direction => v1::Technique::Direction,
         }
     }
 }
@@ -46,26 +50,67 @@ pub fn technique_from_i32(t: i32) -> Result<Technique, Invalid> {
         Ok(v1::Technique::Channel) => Ok(Technique::Channel),
         Ok(v1::Technique::Neuron) => Ok(Technique::Neuron),
         Ok(v1::Technique::Negative) => Ok(Technique::Negative),
-        _ => Err(Invalid(format!("technique {t} is not one of channel, neuron, negative"))),
+        Ok(v1::Technique::Diversity) => Ok(Technique::Diversity),
+        Ok(v1::Technique::Deepdream) => Ok(Technique::DeepDream),
+        Ok(v1::Technique::Caricature) => Ok(Technique::Caricature),
+        Ok(v1::Technique::Direction) => Ok(Technique::Direction),
+        _ => Err(Invalid(format!("technique {t} is not a known technique"))),
     }
+}
+
+/// The settings `options_json` carries.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenderOptions {
+    param: spec::ParamSettings,
+    transforms: spec::TransformSettings,
+    thresholds: Vec<u32>,
+    dead_units: spec::DeadUnits,
+    options: spec::TechniqueOptions,
 }
 
 impl From<&RenderSettings> for v1::RenderSettings {
     fn from(s: &RenderSettings) -> Self {
-        v1::RenderSettings { steps: s.steps, size: s.size, input_size: s.input_size, seed: s.seed, learning_rate: s.learning_rate, bf16: s.precision == Precision::Bf16 }
+        let options = RenderOptions {
+            param: s.param.clone(),
+            transforms: s.transforms.clone(),
+            thresholds: s.thresholds.clone(),
+            dead_units: s.dead_units,
+            options: s.options.clone(),
+        };
+        v1::RenderSettings {
+            steps: s.steps,
+            size: s.size,
+            input_size: s.input_size,
+            seed: s.seed,
+            learning_rate: s.learning_rate,
+            bf16: s.precision == Precision::Bf16,
+            options_json: serde_json::to_string(&options).expect("render options serialise"),
+        }
     }
 }
 
-impl From<v1::RenderSettings> for RenderSettings {
-    fn from(s: v1::RenderSettings) -> Self {
-        RenderSettings {
+impl TryFrom<v1::RenderSettings> for RenderSettings {
+    type Error = Invalid;
+    fn try_from(s: v1::RenderSettings) -> Result<Self, Invalid> {
+        let mut settings = RenderSettings {
             steps: s.steps,
             size: s.size,
             input_size: s.input_size,
             seed: s.seed,
             learning_rate: s.learning_rate,
             precision: if s.bf16 { Precision::Bf16 } else { Precision::Fp32 },
+            ..RenderSettings::default()
+        };
+        if !s.options_json.is_empty() {
+            let o: RenderOptions = serde_json::from_str(&s.options_json).map_err(|e| Invalid(format!("settings.options_json: {e}")))?;
+            settings.param = o.param;
+            settings.transforms = o.transforms;
+            settings.thresholds = o.thresholds;
+            settings.dead_units = o.dead_units;
+            settings.options = o.options;
         }
+        Ok(settings)
     }
 }
 
@@ -122,6 +167,11 @@ impl From<&TaskSpec> for v1::Task {
                 m.technique = v1::Technique::from(*technique) as i32;
                 m.units = units.clone();
             }
+            Work::LayerRender { layer, technique, items } => {
+                m.layer = layer.clone();
+                m.technique = v1::Technique::from(*technique) as i32;
+                m.work = Some(v1::task::Work::LayerItems(v1::LayerItems { items: items.clone() }));
+            }
             Work::Map { shard, source } => {
                 m.work = Some(v1::task::Work::Map(v1::MapWork { shard: *shard, source: Some(source.into()) }));
             }
@@ -142,6 +192,7 @@ impl TryFrom<v1::Task> for TaskSpec {
                 Work::Map { shard: m.shard, source: m.source.ok_or_else(|| missing("task.map.source"))?.try_into()? }
             }
             Some(v1::task::Work::Reduce(r)) => Work::Reduce { layer: r.layer },
+            Some(v1::task::Work::LayerItems(i)) => Work::LayerRender { layer: t.layer, technique: technique_from_i32(t.technique)?, items: i.items },
         };
         Ok(TaskSpec { job_id: t.job_id, index: t.index, work })
     }
@@ -152,6 +203,8 @@ impl From<&LayerPlan> for v1::LayerPlan {
         v1::LayerPlan {
             layer: Some(v1::Layer { name: p.layer.name.clone(), shape: p.layer.shape.clone() }),
             units: spec::to_ranges(&p.units).into_iter().map(|(start, end)| v1::UnitRange { start, end }).collect(),
+            techniques: p.techniques.iter().flatten().map(|&t| v1::Technique::from(t) as i32).collect(),
+            steps: p.steps.unwrap_or(0),
         }
     }
 }
@@ -163,7 +216,13 @@ impl TryFrom<v1::LayerPlan> for LayerPlan {
         let count = l.shape.first().copied().unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
         let ranges: Vec<(u32, u32)> = p.units.iter().map(|r| (r.start, r.end)).collect();
         let units = spec::from_ranges(&ranges, count).map_err(|e| Invalid(format!("layer {:?}: {e}", l.name)))?;
-        Ok(LayerPlan { layer: LayerInfo { name: l.name, shape: l.shape }, units })
+        let techniques = p.techniques.into_iter().map(technique_from_i32).collect::<Result<Vec<_>, _>>()?;
+        Ok(LayerPlan {
+            layer: LayerInfo { name: l.name, shape: l.shape },
+            units,
+            techniques: (!techniques.is_empty()).then_some(techniques),
+            steps: (p.steps > 0).then_some(p.steps),
+        })
     }
 }
 
@@ -195,7 +254,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             model: s.model.ok_or_else(|| missing("model"))?.into(),
             layers,
             techniques: s.techniques.into_iter().map(technique_from_i32).collect::<Result<_, _>>()?,
-            settings: s.settings.ok_or_else(|| missing("settings"))?.into(),
+            settings: s.settings.ok_or_else(|| missing("settings"))?.try_into()?,
             batch: s.batch,
             out: s.out,
             dataset: s.dataset.map(Into::into),
@@ -233,7 +292,7 @@ impl TryFrom<v1::Lease> for Lease {
             deadline_ms: l.deadline_ms,
             job: JobContext {
                 model: j.model.ok_or_else(|| missing("lease.job.model"))?.into(),
-                settings: j.settings.ok_or_else(|| missing("lease.job.settings"))?.into(),
+                settings: j.settings.ok_or_else(|| missing("lease.job.settings"))?.try_into()?,
                 out: j.out,
                 dataset: j.dataset.map(Into::into),
                 layers: j.layers.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
@@ -325,9 +384,9 @@ mod tests {
     fn job() -> JobSpec {
         JobSpec {
             model: ModelRef { uri: "s3://b/m.pt".into(), name: "m".into(), sha256: "ab".into() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3] }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3], techniques: None, steps: None }],
             techniques: vec![Technique::Channel, Technique::Negative],
-            settings: RenderSettings { steps: 5, size: 16, input_size: 32, seed: 9, learning_rate: 0.05, precision: Default::default() },
+            settings: RenderSettings { steps: 5, size: 16, input_size: 32, seed: 9, learning_rate: 0.05, ..Default::default() },
             batch: 2,
             out: "s3://b/atlas".into(),
             dataset: None,
@@ -417,5 +476,36 @@ mod tests {
             reduces_done: 0,
         };
         assert_eq!(JobStatus::try_from(v1::JobStatus::from(&status)).unwrap(), status);
+    }
+
+    #[test]
+    fn render_options_per_layer_settings_and_layer_items_travel() {
+        use loupe_core::spec::{DeadUnits, Direction, NamedImage, ParamKind};
+        let mut settings = RenderSettings { steps: 9, size: 16, input_size: 16, ..Default::default() };
+        settings.param.kind = ParamKind::Pixel;
+        settings.param.color_matrix = Some([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 1.0]]);
+        settings.transforms.angles = vec![0.0, 5.0];
+        settings.thresholds = vec![3, 6];
+        settings.dead_units = DeadUnits::Reseed;
+        settings.options.caricature_inputs = vec![NamedImage { name: "dog".into(), uri: "s3://b/dog.jpg".into() }];
+        settings.options.directions = vec![Direction { name: "d".into(), layer: "conv".into(), vector: vec![0.5, -1.0] }];
+        let wire = v1::RenderSettings::from(&settings);
+        assert_eq!(RenderSettings::try_from(wire.clone()).unwrap(), settings);
+        let bad = v1::RenderSettings { options_json: "{\"param\": 3}".into(), ..wire };
+        assert!(RenderSettings::try_from(bad).unwrap_err().0.contains("options_json"));
+
+        let plan = LayerPlan {
+            layer: LayerInfo { name: "conv".into(), shape: vec![2, 4, 4] },
+            units: vec![0, 1],
+            techniques: Some(vec![Technique::Diversity, Technique::Direction]),
+            steps: Some(20),
+        };
+        assert_eq!(LayerPlan::try_from(v1::LayerPlan::from(&plan)).unwrap(), plan);
+        let task = TaskSpec {
+            job_id: "j".into(),
+            index: 3,
+            work: Work::LayerRender { layer: "conv".into(), technique: Technique::Caricature, items: vec!["dog".into()] },
+        };
+        assert_eq!(TaskSpec::try_from(v1::Task::from(&task)).unwrap(), task);
     }
 }

@@ -6,6 +6,10 @@ unless something (loupe itself) already put them there. A partial copy stands fo
 atlas still being written: conv1 without layer.json and with some images gone, conv2
 with a layer.json that lists fewer units than atlas.json.
 
+A second atlas, rendered from a job file, has the newer techniques: diversity (four
+images per unit) and snapshots on conv1 and conv3, and conv3's DeepDream, caricature and
+direction items.
+
 The server: $LOUPE_VIEWER_SERVE, a command template with `{dir}` and `{port}`, e.g.
     LOUPE_VIEWER_SERVE='target/release/loupe serve {dir} --listen 127.0.0.1:{port}'
 run from the repository root; unset, `python3 -m http.server {port} --bind 127.0.0.1
@@ -281,6 +285,12 @@ def test_layer_page_loads_every_unit_image(page, site):
         assert c["width"] == 32, c
 
 
+def test_old_layer_page_has_no_items(page, site):
+    open_view(page, site + "#/layer/conv3", "layer")
+    assert page.eval("document.querySelectorAll('.items, .units-head').length") == 0
+    assert page.eval("[...document.querySelectorAll('.segmented a')].map(a => a.textContent)") == TECHNIQUES
+
+
 def test_layer_page_sorts_by_a_statistic(page, site, atlas_dir):
     open_view(page, site + "#/layer/conv2?sort=max", "layer")
     units = layer_json(atlas_dir, "conv2")["units"]
@@ -314,7 +324,7 @@ def unit_page_state(page) -> dict:
       hash: location.hash,
       h1: document.querySelector('h1').textContent,
       images: [...document.querySelectorAll('.technique')].map(f => {
-        const img = f.querySelector('img');
+        const img = f.querySelector('.final img');
         return { technique: f.dataset.technique, src: img && img.getAttribute('src'),
                  width: img ? img.naturalWidth : 0,
                  objective: f.querySelector('.objective').textContent };
@@ -339,6 +349,8 @@ def test_deep_link_opens_the_unit(page, site, atlas_dir):
         assert img["objective"].startswith("objective ")
         assert float(img["objective"].split()[1]) == pytest.approx(entry["techniques"][img["technique"]]["objective"], rel=1e-2, abs=1e-3)
     assert page.eval("document.title").startswith("conv3 unit 5")
+    # An atlas without the newer fields: no snapshots, no dead-unit notes, no groups.
+    assert page.eval("document.querySelectorAll('.snapshot, .dead-note, .technique.group').length") == 0
     assert page.eval("document.getElementById('prev').getAttribute('href')") == "#/layer/conv3/unit/4"
     assert page.eval("document.getElementById('next').getAttribute('href')") == "#/layer/conv3/unit/6"
 
@@ -555,6 +567,230 @@ def test_a_layer_of_4096_units_loads_lazily(browser, wide_site):
         # Only channel images and no dataset here: the other techniques and examples.json
         # are asked for and not found.
         check_page(page, wide_site, allow_missing=True)
+    finally:
+        browser.send("Target.closeTarget", {"targetId": page.target})
+        browser.pages.remove(page)
+
+
+# ------------------------------------------------------------------ diversity, snapshots, per-layer techniques
+
+TECH_LAYERS = ["conv1", "conv3"]
+TECH_UNIT_TECHNIQUES = ["channel", "diversity"]
+ITEM_TECHNIQUES = ["deepdream", "caricature", "direction"]
+DIVERSITY = 4
+THRESHOLDS = [4, 8]
+
+
+def render_techniques_atlas(out: Path, job_dir: Path) -> None:
+    """A small job in the manner of docs/examples/demo-job.toml: conv1 and conv3, channel
+    and diversity with snapshots, and conv3's DeepDream, caricature and direction."""
+    if not LOUPE.exists():
+        pytest.fail(f"{LOUPE} is missing: build it first (make build)")
+    q = json.dumps  # a JSON string is a TOML basic string
+    job = job_dir / "job.toml"
+    job.write_text(f"""
+model = {q(str(ROOT / "models" / "demo" / "demo.pt"))}
+out = "atlas"
+layers = {q(TECH_LAYERS)}
+techniques = {q(TECH_UNIT_TECHNIQUES)}
+steps = 16
+size = 32
+thresholds = {q(THRESHOLDS)}
+dead_units = "reseed"
+
+[diversity]
+images = {DIVERSITY}
+
+[caricature]
+inputs = [ {{ name = "stripes", uri = {q(str(ROOT / "tests" / "fixtures" / "dataset" / "images" / "stripes-000.jpg"))} }} ]
+
+[[directions]]
+name = "unit4"
+layer = "conv3"
+vector = {q([1.0 if u == 4 else 0.0 for u in range(32)])}
+
+[[layer]]
+name = "conv3"
+techniques = {q(TECH_UNIT_TECHNIQUES + ITEM_TECHNIQUES)}
+""")
+    cmd = [str(LOUPE), "render", "--spec", str(job), "--out", str(out), "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"loupe render --spec failed:\n{r.stdout}\n{r.stderr}"
+    assert (out / "layers" / "conv3" / "layer.json").exists()
+
+
+@pytest.fixture(scope="session")
+def techniques_dir(tmp_path_factory) -> Path:
+    job_dir = tmp_path_factory.mktemp("viewer-techniques")
+    out = job_dir / "atlas"
+    render_techniques_atlas(out, job_dir)
+    install_viewer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def techniques_site(techniques_dir):
+    with cdp.serve(techniques_dir, cwd=ROOT) as base:
+        yield base
+
+
+@pytest.fixture
+def tech_page(browser, techniques_site):
+    p = browser.new_page(width=1280, height=800)
+    yield p
+    try:
+        # No dataset here: examples.json is asked for and not found, and nothing else.
+        check_page(p, techniques_site, allow_missing=True)
+        assert all(u.endswith("/examples.json") for u, _ in p.failed), p.failed
+    finally:
+        browser.send("Target.closeTarget", {"targetId": p.target})
+        browser.pages.remove(p)
+
+
+# A unit page's figures: technique, the final images, the snapshots with their steps.
+UNIT_FIGURES = """[...document.querySelectorAll('.technique')].map(f => ({
+  technique: f.dataset.technique,
+  group: f.classList.contains('group'),
+  dead: !!f.querySelector('.dead-note'),
+  caption: f.querySelector('figcaption').textContent,
+  final: [...f.querySelectorAll('.final img')].map(i => ({ src: i.getAttribute('src'), width: i.naturalWidth })),
+  snapshots: [...f.querySelectorAll('.snapshot')].map(s => ({
+    step: Number(s.dataset.step), label: s.querySelector('.step').textContent,
+    images: [...s.querySelectorAll('img')].map(i => ({ src: i.getAttribute('src'), width: i.naturalWidth })) })),
+}))"""
+
+ALL_IMAGES_LOADED = "[...document.images].filter(i => i.getAttribute('src')).every(i => i.complete && i.naturalWidth > 0)"
+
+
+def test_unit_page_shows_diversity_and_snapshots(tech_page, techniques_site, techniques_dir):
+    page = tech_page
+    unit = 1
+    open_view(page, techniques_site + f"#/layer/conv3/unit/{unit}", "unit")
+    page.wait_for(ALL_IMAGES_LOADED)
+    figures = page.eval(UNIT_FIGURES)
+    # Per-unit techniques only, channel before diversity; the per-layer ones are not units'.
+    assert [f["technique"] for f in figures] == TECH_UNIT_TECHNIQUES
+    entry = next(u for u in layer_json(techniques_dir, "conv3")["units"] if u["unit"] == unit)["techniques"]
+    base = f"layers/conv3/units/{unit}"
+    channel, diversity = figures
+
+    # channel: one final image, after its snapshots at each threshold.
+    assert not channel["group"]
+    assert channel["final"] == [{"src": f"{base}/channel.png", "width": 32}]
+    assert [s["step"] for s in channel["snapshots"]] == THRESHOLDS
+    assert [s["label"] for s in channel["snapshots"]] == [f"step {t}" for t in THRESHOLDS]
+    for s in channel["snapshots"]:
+        assert s["images"] == [{"src": f"{base}/channel.step{s['step']}.png", "width": 32}]
+
+    # diversity: its four images side by side, a labelled group.
+    assert diversity["group"]
+    assert diversity["caption"].startswith("diversity") and f"{DIVERSITY} images" in diversity["caption"]
+    assert diversity["final"] == [{"src": f"{base}/diversity-{i}.png", "width": 32} for i in range(DIVERSITY)]
+    assert ["layers/conv3/" + p for p in entry["diversity"]["images"]] == [f["src"] for f in diversity["final"]]
+    assert [s["step"] for s in diversity["snapshots"]] == THRESHOLDS
+    for s in diversity["snapshots"]:
+        assert s["images"] == [{"src": f"{base}/diversity-{i}.step{s['step']}.png", "width": 32} for i in range(DIVERSITY)]
+        assert s["label"] == f"step {s['step']}"
+    assert "objective " in diversity["caption"]
+
+    # A dead unit is said to be one, and only then.
+    for f in figures:
+        assert f["dead"] == bool(entry[f["technique"]].get("dead")), f["technique"]
+
+
+def test_layer_page_shows_per_layer_techniques(tech_page, techniques_site, techniques_dir):
+    page = tech_page
+    open_view(page, techniques_site + "#/layer/conv3", "layer")
+    layer = layer_json(techniques_dir, "conv3")
+    sections = page.eval("""[...document.querySelectorAll('.items')].map(s => ({
+      technique: s.dataset.technique, heading: s.querySelector('h2').textContent,
+      items: [...s.querySelectorAll('.item')].map(li => ({
+        item: li.dataset.item, name: li.querySelector('.iname').textContent,
+        objective: li.querySelector('.objective').textContent,
+        src: li.querySelector('.final img') && li.querySelector('.final img').getAttribute('src'),
+        steps: [...li.querySelectorAll('.snapshot .step')].map(s => s.textContent) })) }))""")
+    assert [s["technique"] for s in sections] == ITEM_TECHNIQUES
+    assert [s["heading"] for s in sections] == ["DeepDream", "Caricatures", "Directions"]
+    expected_names = {"deepdream": ["noise"], "caricature": ["stripes"], "direction": ["unit4"]}
+    for s in sections:
+        listed = layer["items"][s["technique"]]
+        assert [i["item"] for i in s["items"]] == [e["item"] for e in listed] == expected_names[s["technique"]]
+        for shown, e in zip(s["items"], listed):
+            assert shown["name"] == e["item"]
+            assert shown["src"] == "layers/conv3/" + e["image"]
+            assert float(shown["objective"].split()[1]) == pytest.approx(e["objective"], rel=1e-2, abs=1e-3)
+            assert shown["steps"] == [f"step {x['step']}" for x in e.get("snapshots", [])]
+    # Every item image (and snapshot) loads.
+    page.wait_for("document.querySelectorAll('.items img').length >= 3")
+    page.wait_for("[...document.querySelectorAll('.items img')].every(i => i.getAttribute('src') && i.complete && i.naturalWidth === 32)")
+
+    # The grid's technique switch offers the per-unit techniques; diversity shows its
+    # first image.
+    assert page.eval("[...document.querySelectorAll('.segmented a')].map(a => a.textContent)") == TECH_UNIT_TECHNIQUES
+    page.eval("document.querySelector('.segmented a:nth-child(2)').click()")
+    page.wait_for("location.hash === '#/layer/conv3?technique=diversity'")
+    wait_view(page, "layer")
+    cards = settle_grid(page)
+    assert [c["unit"] for c in cards] == list(range(32))
+    for c in cards:
+        assert c["src"] == f"layers/conv3/units/{c['unit']}/diversity-0.png"
+        assert c["width"] == 32 and not c["missing"], c
+
+    # conv1 has no per-layer techniques: no item sections.
+    open_view(page, techniques_site + "#/layer/conv1", "layer")
+    assert page.eval("document.querySelectorAll('.items').length") == 0
+    # The atlas page counts conv3's items.
+    open_view(page, techniques_site, "atlas")
+    page.wait_for("!!document.querySelector('.layer[data-layer=conv3] .items-count')")
+    n = sum(len(v) for v in layer["items"].values())
+    assert page.eval("document.querySelector('.layer[data-layer=conv3] .items-count').textContent") == f"{n} layer image{'s' if n != 1 else ''}"
+    page.wait_for(ALL_IMAGES_LOADED)
+
+
+@pytest.fixture(scope="session")
+def edited_site(techniques_dir, tmp_path_factory):
+    """The techniques atlas with conv3's unit 0 marked dead in layer.json, and conv1's
+    layer.json gone (a layer still being written: the unit records stand in for it)."""
+    out = tmp_path_factory.mktemp("viewer") / "edited"
+    shutil.copytree(techniques_dir, out)
+    path = out / "layers" / "conv3" / "layer.json"
+    layer = json.loads(path.read_text())
+    for u in layer["units"]:
+        for t in u["techniques"].values():
+            t.pop("dead", None)
+        if u["unit"] == 0:
+            u["techniques"]["channel"]["dead"] = True
+    path.write_text(json.dumps(layer))
+    (out / "layers" / "conv1" / "layer.json").unlink()
+    with cdp.serve(out, cwd=ROOT) as base:
+        yield base
+
+
+def test_dead_units_and_unit_records(browser, edited_site):
+    page = browser.new_page(width=1280, height=800)
+    try:
+        open_view(page, edited_site + "#/layer/conv3/unit/0", "unit")
+        figures = page.eval(UNIT_FIGURES)
+        assert [(f["technique"], f["dead"]) for f in figures] == [("channel", True), ("diversity", False)]
+        note = page.eval("document.querySelector('.technique[data-technique=channel] .dead-note').textContent")
+        assert note == "dead unit: no start image excited it"
+        open_view(page, edited_site + "#/layer/conv3?technique=channel", "layer")
+        assert page.eval("document.querySelector('#grid .unit[data-unit=\"0\"] .tag.dead').textContent") == "dead"
+        assert page.eval("document.querySelectorAll('#grid .tag.dead').length") == 1
+
+        # Without layer.json, the diversity images and snapshots come from the record.
+        open_view(page, edited_site + "#/layer/conv1/unit/1", "unit")
+        page.wait_for("document.querySelectorAll('.technique[data-technique=diversity] .final img').length === 4")
+        page.wait_for("document.querySelectorAll('.technique[data-technique=channel] .snapshot').length === 2")
+        page.wait_for(ALL_IMAGES_LOADED)
+        figures = page.eval(UNIT_FIGURES)
+        diversity = figures[1]
+        assert diversity["final"] == [{"src": f"layers/conv1/units/1/diversity-{i}.png", "width": 32} for i in range(DIVERSITY)]
+        assert [s["label"] for s in diversity["snapshots"]] == [f"step {t}" for t in THRESHOLDS]
+        page.wait_for("document.querySelector('.technique[data-technique=diversity] .objective').textContent.startsWith('objective ')")
+        # Only the missing layer.json (and examples.json: no dataset) were asked for in vain.
+        check_page(page, edited_site, allow_missing=True)
+        assert all(u.endswith(("/layer.json", "/examples.json")) for u, _ in page.failed), page.failed
     finally:
         browser.send("Target.closeTarget", {"targetId": page.target})
         browser.pages.remove(page)

@@ -161,10 +161,11 @@ impl Model {
     /// Each layer's name and per-example shape, from one forward pass on a blank image.
     /// It also notes whether the model's `tap` method agrees with `forward`, and uses it
     /// from then on.
-    pub fn layers(&mut self, input_size: u32) -> Result<Vec<LayerInfo>> {
+    /// `channels` is the model's input channels (3 for RGB).
+    pub fn layers(&mut self, input_size: u32, channels: u32) -> Result<Vec<LayerInfo>> {
         let _guard = tch::no_grad_guard();
         let s = input_size as i64;
-        let x = Tensor::full([1, 3, s, s], 0.5, (self.kind, self.device));
+        let x = Tensor::full([1, channels as i64, s, s], 0.5, (self.kind, self.device));
         let mut layers = Vec::new();
         for (name, t) in self.activations(&x)? {
             let shape = t.size();

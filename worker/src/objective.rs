@@ -28,9 +28,82 @@ pub fn objective(activation: &Tensor, technique: Technique, units: &Tensor, laye
         (4, Technique::Channel) => own.mean_dim([1i64, 2].as_slice(), false, Kind::Float),
         (4, Technique::Negative) => -own.mean_dim([1i64, 2].as_slice(), false, Kind::Float),
         (4, Technique::Neuron) => own.select(1, shape[2] / 2).select(1, shape[3] / 2),
+        (2 | 4, t) if !t.per_unit() || t == Technique::Diversity => {
+            return Err(Error::Model(format!("{t} is not a single unit's objective")));
+        }
         _ => return Err(Error::Model(format!("layer {layer:?} has activation shape {shape:?}; expected [N, C, H, W] or [N, C]"))),
     };
     Ok(value.to_kind(Kind::Float))
+}
+
+/// Each group's similarity for lucid's `diversity(layer)`: the batch holds `groups`
+/// groups of `n` consecutive images (one unit's diversity images each). Per image, the
+/// activation `[C, H, W]` is flattened to `A = [C, H*W]` and its Gram matrix `A Aᵀ`
+/// divided by its L2 norm; a group's similarity is the sum over ordered pairs i != j of
+/// the dot products of those normalised Grams (their cosine similarity), over n. For a
+/// `[B, C]` layer the activation vectors themselves are compared. Returns `[groups]`.
+///
+/// lucid's objective (maximised) is `channel - 1e2 * diversity` with this value, so the
+/// penalty grows as the images look alike (lucent returns its negative and minimises).
+pub fn diversity_similarity(activation: &Tensor, n: i64) -> Tensor {
+    let a = activation.to_kind(Kind::Float);
+    let b = a.size()[0];
+    let features = if a.dim() == 2 {
+        a
+    } else {
+        let c = a.size()[1];
+        let flat = a.reshape([b, c, -1]);
+        flat.matmul(&flat.transpose(1, 2)).reshape([b, -1])
+    };
+    let norm = features.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-10);
+    let unit = (&features / norm).reshape([b / n, n, -1]);
+    // [groups, n, n] of cosines; the diagonal (each image with itself) is left out.
+    let cos = unit.matmul(&unit.transpose(1, 2));
+    let all = cos.sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float);
+    let diagonal = cos.diagonal(0, 1, 2).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    (all - diagonal) / n as f64
+}
+
+/// lucid's deepdream: the mean of the squared activation of the whole layer, `[B]`.
+pub fn deepdream(activation: &Tensor) -> Tensor {
+    let a = activation.to_kind(Kind::Float);
+    let b = a.size()[0];
+    a.reshape([b, -1]).square().mean_dim([1i64].as_slice(), false, Kind::Float)
+}
+
+/// lucid's `_dot_cossim` over the last dimension of `x` and `y`: `dot(x, y) *
+/// max(0.1, cos(x, y))^pow`, with eps 1e-4 on the magnitudes; pow 0 is the plain dot.
+fn dot_cossim(x: &Tensor, y: &Tensor, pow: f64) -> Tensor {
+    let dot = (x * y).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
+    if pow == 0.0 {
+        return dot;
+    }
+    let mag = |t: &Tensor| t.square().sum_dim_intlist([-1i64].as_slice(), false, Kind::Float).sqrt() + 1e-4;
+    let cos = &dot / mag(x) / mag(y);
+    dot * cos.clamp_min(0.1).pow_tensor_scalar(pow)
+}
+
+/// Caricature (lucid `recipes/caricature.py`, Microscope): each image's whole flattened
+/// activation against its target's (`targets[b]`, the input image's activation, same
+/// shape): `dot * max(0.1, cossim)^pow`. `[B]`.
+pub fn caricature(activation: &Tensor, targets: &Tensor, pow: f64) -> Tensor {
+    let b = activation.size()[0];
+    let x = activation.to_kind(Kind::Float).reshape([b, -1]);
+    let y = targets.to_kind(Kind::Float).reshape([b, -1]);
+    dot_cossim(&x, &y, pow)
+}
+
+/// Direction (lucid `objectives.direction` with `cossim_pow`): at every position the dot
+/// product of the activation vector (over channels) with `vectors[b]` (`[B, C]`), times
+/// `max(0.1, cossim)^pow` when pow > 0, then the mean over positions. `[B]`.
+pub fn direction(activation: &Tensor, vectors: &Tensor, pow: f64) -> Tensor {
+    let a = activation.to_kind(Kind::Float);
+    let shape = a.size();
+    let (b, c) = (shape[0], shape[1]);
+    // [B, positions, C].
+    let x = if a.dim() == 2 { a.reshape([b, 1, c]) } else { a.reshape([b, c, -1]).transpose(1, 2) };
+    let v = vectors.to_kind(Kind::Float).reshape([b, 1, c]);
+    dot_cossim(&x, &v, pow).mean_dim([1i64].as_slice(), false, Kind::Float)
 }
 
 /// The unit indices as a tensor on the device.
@@ -79,5 +152,55 @@ mod tests {
         assert!((g.get(0).get(1).sum(Kind::Float).double_value(&[]) - 1.0).abs() < 1e-6);
         assert_eq!(g.get(0).get(0).abs().sum(Kind::Float).double_value(&[]), 0.0);
         assert!((g.get(1).get(2).sum(Kind::Float).double_value(&[]) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn diversity_is_the_mean_pairwise_gram_cosine_per_group() {
+        // Two groups of two: group 0 holds identical images (cosine 1), group 1 images
+        // whose channels do not overlap (cosine 0).
+        let mut v = vec![0f32; 4 * 2 * 4];
+        let mut set = |b: usize, c: usize, p: usize, x: f32| v[(b * 2 + c) * 4 + p] = x;
+        for b in 0..2 {
+            set(b, 0, 0, 1.0);
+            set(b, 1, 1, 2.0);
+        }
+        set(2, 0, 0, 1.0);
+        set(3, 1, 3, 1.0);
+        let a = Tensor::from_slice(&v).reshape([4, 2, 2, 2]);
+        let s = Vec::<f32>::try_from(diversity_similarity(&a, 2)).unwrap();
+        // lucid: sum over i != j (2 ordered pairs) / n = 2 * 1 / 2 = 1.
+        assert!((s[0] - 1.0).abs() < 1e-6 && s[1].abs() < 1e-6, "{s:?}");
+        // Vectors: cos([1, 0], [1, 1]) = 0.707.
+        let l = Tensor::from_slice(&[1.0f32, 0.0, 1.0, 1.0]).reshape([2, 2]);
+        let s = diversity_similarity(&l, 2).double_value(&[0]);
+        assert!((s - 2f64.sqrt() / 2.0).abs() < 1e-6, "{s}");
+        // A dead layer (all zeros) gives 0, not NaN.
+        assert_eq!(diversity_similarity(&Tensor::zeros([2, 2, 2, 2], (Kind::Float, Device::Cpu)), 2).double_value(&[0]), 0.0);
+    }
+
+    #[test]
+    fn deepdream_direction_and_caricature_values() {
+        let a = act(); // [2, 3, 3, 3]
+        let dd = Vec::<f32>::try_from(deepdream(&a)).unwrap();
+        let want0: f32 = (0..3).flat_map(|c| (0..9).map(move |p| ((c * 10 + p) as f32).powi(2))).sum::<f32>() / 27.0;
+        assert!((dd[0] - want0).abs() < 1e-3, "{dd:?}");
+        // A basis direction is the channel objective.
+        let v = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 0.0, 0.0, 1.0]).reshape([2, 3]);
+        let d = Vec::<f32>::try_from(direction(&a, &v, 0.0)).unwrap();
+        let ch = Vec::<f32>::try_from(objective(&a, Technique::Channel, &unit_tensor(&[1, 2], Device::Cpu), "l").unwrap()).unwrap();
+        assert_eq!(d, ch);
+        // With a cosine power, a direction along the activation keeps its dot product
+        // (cosine ~1) and one across it is floored at 0.1.
+        let x = Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2]);
+        let along = direction(&x, &Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2]), 1.0).double_value(&[0]);
+        assert!((along - 25.0).abs() < 1e-2, "{along}");
+        let across = direction(&x, &Tensor::from_slice(&[-4.0f32, 3.0]).reshape([1, 2]), 1.0).double_value(&[0]);
+        assert!(across.abs() < 1e-6);
+        // Caricature: the same activation as the target gives |a|^2 (cosine 1).
+        let c = caricature(&a, &a, 1.0).double_value(&[1]);
+        let sq = a.get(1).square().sum(Kind::Float).double_value(&[]);
+        assert!((c - sq).abs() / sq < 1e-4, "{c} vs {sq}");
+        let plain = caricature(&a, &a.ones_like(), 0.0).double_value(&[0]);
+        assert!((plain - a.get(0).sum(Kind::Float).double_value(&[])).abs() < 1e-3);
     }
 }

@@ -1,14 +1,19 @@
 //! PNG encoding. The encoder's settings are fixed, so equal pixels give equal bytes.
 
 pub fn encode_rgb(rgb: &[u8], width: u32, height: u32) -> Vec<u8> {
+    encode(rgb, 3, width, height)
+}
+
+/// 1 channel: grayscale; 3: RGB.
+pub fn encode(pixels: &[u8], channels: u8, width: u32, height: u32) -> Vec<u8> {
     let mut out = Vec::new();
     {
         let mut encoder = png::Encoder::new(&mut out, width, height);
-        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_color(if channels == 1 { png::ColorType::Grayscale } else { png::ColorType::Rgb });
         encoder.set_depth(png::BitDepth::Eight);
         encoder.set_compression(png::Compression::Default);
         let mut writer = encoder.write_header().expect("writing to a Vec cannot fail");
-        writer.write_image_data(rgb).expect("rgb has width * height * 3 bytes");
+        writer.write_image_data(pixels).expect("pixels has width * height * channels bytes");
     }
     out
 }

@@ -1,6 +1,15 @@
-//! One optimisation: a batch of FFT-parameterised images, one per unit, each pushed up its
-//! unit's objective by Adam through the standard transforms (RECIPES.md "The standard
-//! render").
+//! Optimisations: batches of parameterised images, each pushed up its objective by Adam
+//! through the random transforms (RECIPES.md "The standard render").
+//!
+//! - [`render`]: the per-unit techniques (channel, neuron, negative: one image per unit;
+//!   diversity: N images per unit optimised together against each other).
+//! - [`render_layer`]: the per-layer techniques (deepdream, caricature, direction), one
+//!   image per named item.
+//!
+//! Every image has its own SplitMix64 stream (from the job seed and the unit's or item's
+//! identity): its initial values are drawn first, then, under `DeadUnits::Reseed`, any
+//! re-drawn initial values, then every step's transform. Which images share an
+//! optimisation never changes what is drawn.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -8,15 +17,16 @@ use std::time::{Duration, Instant};
 use tch::{nn, Device, Kind, Tensor};
 
 use loupe_core::seed::{unit_seed, SplitMix64};
-use loupe_core::spec::{RenderSettings, Technique};
+use loupe_core::spec::{DeadUnits, RenderSettings, Technique};
 
 use crate::model::Model;
-use crate::objective::{objective, unit_tensor};
-use crate::param::FftImage;
+use crate::objective::{caricature, deepdream, direction, diversity_similarity, objective, unit_tensor};
+use crate::param::{ParamImage, INIT_SD};
 use crate::transform;
 use crate::{Error, Result};
 
-/// What to render: each unit of `units` in `layer` under `technique`.
+/// What to render: each unit of `units` in `layer` under a per-unit `technique`
+/// (channel, neuron, negative or diversity).
 #[derive(Debug, Clone)]
 pub struct RenderRequest<'a> {
     pub layer: &'a str,
@@ -25,36 +35,181 @@ pub struct RenderRequest<'a> {
     pub settings: &'a RenderSettings,
 }
 
-/// One unit's image, `size x size` RGB bytes, and the objective on it untransformed.
+/// One rendered image, `size x size`, row-major, `channels` bytes a pixel: 3 (RGB) for a
+/// model of 3 or more input channels (its first three), 1 (grey) for fewer (its first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pixels {
+    pub channels: u8,
+    pub bytes: Vec<u8>,
+}
+
+/// The images of an optimisation after `step` steps (`settings.thresholds`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub step: u32,
+    pub images: Vec<Pixels>,
+}
+
+/// One unit's images: one, or `options.diversity_images` for diversity.
 #[derive(Debug, Clone)]
 pub struct RenderedUnit {
     pub unit: u32,
-    pub rgb: Vec<u8>,
+    pub images: Vec<Pixels>,
+    /// Per image, the objective on the final image resampled to the input size without
+    /// transforms; for diversity each image's channel objective (the penalty left out).
+    pub objectives: Vec<f64>,
+    /// One per threshold, each with as many images as `images`.
+    pub snapshots: Vec<Snapshot>,
+    /// Under `DeadUnits::Reseed`: no initial image (however bright) gave the unit's
+    /// objective a gradient, so it was rendered as `Keep` renders it.
+    pub dead: bool,
+}
+
+/// A decoded input image: `channels x size x size` floats in [0, 1], row-major CHW.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputImage {
+    pub channels: u32,
+    pub size: u32,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub enum LayerItemKind {
+    /// Deepdream from noise (`start: None`) or from a start image.
+    DeepDream { start: Option<InputImage> },
+    /// The caricature of an input image.
+    Caricature { input: InputImage },
+    /// A direction over the layer's units, one value per unit.
+    Direction { vector: Vec<f32> },
+}
+
+/// One item of a per-layer technique; `name` also seeds its stream.
+#[derive(Debug, Clone)]
+pub struct LayerItem {
+    pub name: String,
+    pub kind: LayerItemKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct RenderedItem {
+    pub name: String,
+    pub image: Pixels,
+    /// The item's objective on the final image without transforms.
     pub objective: f64,
+    pub snapshots: Vec<Snapshot>,
 }
 
-/// Each unit's random stream: the initial spectrum is drawn first, then the transforms.
-fn unit_streams(req: &RenderRequest) -> Vec<SplitMix64> {
-    req.units.iter().map(|&u| SplitMix64::new(unit_seed(req.settings.seed, req.layer, u, req.technique))).collect()
+/// Decodes a JPEG or PNG into an [`InputImage`] of `channels` at `size x size`: resized
+/// so its shorter side is `size` (bilinear, antialiased when shrinking) and centre-cropped
+/// (loupe_dataset's `preprocess`, as for dataset examples). 3 channels are RGB; 1 is the
+/// luma (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B); other counts take R, G, B for their
+/// first channels and the luma for any beyond the third. `what` names the image in errors
+/// (they read `<what>: <reason>`).
+pub fn decode_input(bytes: &[u8], channels: u32, size: u32, what: &str) -> Result<InputImage> {
+    if channels == 0 || size == 0 {
+        return Err(Error::Model(format!("{what}: {channels} channels at {size} px is not an image")));
+    }
+    let img = loupe_dataset::preprocess(bytes, size).map_err(|e| Error::Model(format!("{what}: {e}")))?;
+    let plane = (size * size) as usize;
+    let mut data = vec![0f32; channels as usize * plane];
+    for (i, px) in img.rgb.chunks_exact(3).enumerate() {
+        let [r, g, b] = [px[0], px[1], px[2]].map(|v| v as f32 / 255.0);
+        let luma = 0.299 * r + 0.587 * g + 0.114 * b;
+        for c in 0..channels as usize {
+            data[c * plane + i] = match (channels, c) {
+                (1, _) => luma,
+                (_, 0) => r,
+                (_, 1) => g,
+                (_, 2) => b,
+                _ => luma,
+            };
+        }
+    }
+    Ok(InputImage { channels, size, data })
 }
 
-/// The transformed batch at the model's input size: one affine resampling per image.
-/// Sampling `x - 0.5` with zero padding and adding 0.5 back makes everything outside the
-/// image 0.5, the padding colour.
+/// The stable number of a layer item for its seed: FNV-1a of its name, so adding or
+/// removing other items changes nothing.
+pub fn item_index(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// How an image starts.
+enum Init {
+    /// Values drawn from the image's stream, N(0, 0.01).
+    Noise,
+    /// A given image, `[C, S, S]` on the CPU (deepdream's start image).
+    Image(Tensor),
+}
+
+/// One image of an optimisation: its stream and its start.
+struct ImageSpec {
+    rng: SplitMix64,
+    init: Init,
+    /// The unit or item, for error messages.
+    label: String,
+}
+
+/// The streams of a per-unit request: per unit one image from the unit's stream, or for
+/// diversity N images, each with a stream seeded by the unit's stream in turn.
+fn unit_specs(req: &RenderRequest, units: &[u32]) -> Vec<ImageSpec> {
+    let s = req.settings;
+    let mut out = Vec::new();
+    for &u in units {
+        let mut rng = SplitMix64::new(unit_seed(s.seed, req.layer, u, req.technique));
+        if req.technique == Technique::Diversity {
+            for k in 0..s.options.diversity_images {
+                let label = format!("unit {u} (diversity image {k})");
+                out.push(ImageSpec { rng: SplitMix64::new(rng.next_u64()), init: Init::Noise, label });
+            }
+        } else {
+            out.push(ImageSpec { rng, init: Init::Noise, label: format!("unit {u}") });
+        }
+    }
+    out
+}
+
+/// Images per unit of a request.
+fn images_per_unit(req: &RenderRequest) -> usize {
+    if req.technique == Technique::Diversity { req.settings.options.diversity_images as usize } else { 1 }
+}
+
+/// The batch at the model's input size: one affine resampling per image. Sampling
+/// `x - 0.5` with zero padding and adding 0.5 back makes everything outside the image
+/// 0.5, the padding colour.
 fn transformed(images: &Tensor, theta: &Tensor, input_size: i64) -> Tensor {
-    let b = images.size()[0];
-    let grid = Tensor::affine_grid_generator(theta, [b, 3, input_size, input_size], false);
+    let shape = images.size();
+    let grid = Tensor::affine_grid_generator(theta, [shape[0], shape[1], input_size, input_size], false);
     (images - 0.5).grid_sampler(&grid, 0, 0, false) + 0.5
 }
 
-/// The images of a request before any step: what the optimisation starts from.
+/// `[B, C, S, S]` resampled to `side` without transforms.
+fn resized(images: &Tensor, side: i64) -> Tensor {
+    let b = images.size()[0];
+    let identity = Tensor::from_slice(&transform::IDENTITY).reshape([1, 2, 3]).repeat([b, 1, 1]).to_device(images.device());
+    transformed(images, &identity, side)
+}
+
+/// The images of a request before any step: what the optimisation starts from (without
+/// any re-seeding, which needs the model).
 pub fn initial_images(req: &RenderRequest, device: Device) -> Vec<RenderedUnit> {
-    let mut rngs = unit_streams(req);
-    let size = req.settings.size as usize;
-    let init = FftImage::initial_spectrum(size, &mut rngs);
-    let spectrum = Tensor::from_slice(&init).reshape(FftImage::spectrum_shape(req.units.len(), size)).to_device(device);
-    let images = FftImage::new(spectrum, size, device).image();
-    to_units(req.units, &images, &vec![f64::NAN; req.units.len()])
+    let s = req.settings;
+    let size = s.size as usize;
+    let mut specs = unit_specs(req, req.units);
+    let values: Vec<f32> = specs.iter_mut().flat_map(|spec| ParamImage::draw(&s.param, size, INIT_SD, &mut spec.rng)).collect();
+    let param = Tensor::from_slice(&values).reshape(ParamImage::shape(&s.param, specs.len(), size).as_slice()).to_device(device);
+    let images = to_pixels(&ParamImage::new(param, &s.param, size, device).image());
+    let n = images_per_unit(req);
+    req.units
+        .iter()
+        .zip(images.chunks(n))
+        .map(|(&unit, images)| RenderedUnit { unit, images: images.to_vec(), objectives: vec![f64::NAN; n], snapshots: Vec::new(), dead: false })
+        .collect()
 }
 
 /// Where one task's optimisation time went, summed over its steps. Measuring it
@@ -121,33 +276,169 @@ impl Stopwatch<'_> {
 
 /// Renders the request's units, in as few optimisations as the device's memory allows.
 ///
-/// `max_batch` is the largest batch known to fit (`None`: not yet known). A batch that
-/// runs out of memory is halved and run again, and the limit is lowered for the caller's
-/// next request; so the batch follows the device's free memory unless the job's batch is
-/// smaller. Each unit has its own seeded stream, so grouping never changes what is drawn.
+/// `max_batch` is the largest batch, in images, known to fit (`None`: not yet known). A
+/// batch that runs out of memory is halved and run again, and the limit is lowered for the
+/// caller's next request; so the batch follows the device's free memory unless the job's
+/// batch is smaller. A diversity unit's N images always share an optimisation. Each image
+/// has its own seeded stream, so grouping never changes what is drawn.
 pub fn render(model: &Model, req: &RenderRequest, cancel: &AtomicBool, max_batch: &mut Option<usize>, times: Option<&mut StepTimes>) -> Result<Vec<RenderedUnit>> {
+    if !req.technique.per_unit() {
+        return Err(Error::Model(format!("{} renders items of a layer; use render_layer", req.technique)));
+    }
     let mut times = times;
-    in_batches(req.units, max_batch, |units| {
-        let chunk = RenderRequest { units, ..req.clone() };
-        optimise(model, &chunk, cancel, times.as_deref_mut())
+    let n = images_per_unit(req);
+    let s = req.settings;
+    in_batches(req.units, n, max_batch, |units| {
+        let specs = unit_specs(req, units);
+        let device = model.device();
+        let goal = if req.technique == Technique::Diversity {
+            let repeated: Vec<u32> = units.iter().flat_map(|&u| std::iter::repeat(u).take(n)).collect();
+            Goal::Diversity { units: unit_tensor(&repeated, device), n: n as i64, weight: s.options.diversity_weight }
+        } else {
+            Goal::Unit { technique: req.technique, units: unit_tensor(units, device) }
+        };
+        let done = optimise(model, req.layer, s, &goal, specs, cancel, times.as_deref_mut())?;
+        let pixels = to_pixels(&done.images);
+        let snapshots: Vec<(u32, Vec<Pixels>)> = done.snapshots.iter().map(|(step, t)| (*step, to_pixels(t))).collect();
+        Ok(units
+            .iter()
+            .enumerate()
+            .map(|(i, &unit)| {
+                let range = i * n..(i + 1) * n;
+                RenderedUnit {
+                    unit,
+                    images: pixels[range.clone()].to_vec(),
+                    objectives: done.objectives[range.clone()].to_vec(),
+                    snapshots: snapshots.iter().map(|(step, p)| Snapshot { step: *step, images: p[range.clone()].to_vec() }).collect(),
+                    dead: done.dead[range].iter().all(|&d| d),
+                }
+            })
+            .collect())
     })
 }
 
-/// Runs `f` over `units` in batches of at most `*max_batch`, halving the batch (and the
-/// limit) when `f` runs out of memory.
-fn in_batches<T>(units: &[u32], max_batch: &mut Option<usize>, mut f: impl FnMut(&[u32]) -> Result<Vec<T>>) -> Result<Vec<T>> {
-    let mut out = Vec::with_capacity(units.len());
-    let mut rest = units;
+/// Renders one per-layer technique's items (deepdream, caricature, direction), one image
+/// each, batched like [`render`]. Each item's stream is seeded by the job seed, the
+/// layer, the technique and its name ([`item_index`]).
+#[allow(clippy::too_many_arguments)]
+pub fn render_layer(
+    model: &Model,
+    layer: &str,
+    technique: Technique,
+    items: &[LayerItem],
+    settings: &RenderSettings,
+    cancel: &AtomicBool,
+    max_batch: &mut Option<usize>,
+    times: Option<&mut StepTimes>,
+) -> Result<Vec<RenderedItem>> {
+    let s = settings;
+    let (size, channels) = (s.size as i64, s.param.channels);
+    let device = model.device();
+    for item in items {
+        let fits = |img: &InputImage| -> Result<()> {
+            if img.channels != channels || img.data.len() != (img.channels * img.size * img.size) as usize || img.size == 0 {
+                return Err(Error::Model(format!(
+                    "{technique} item {:?}: the image has {} channels at {} px ({} values); the model takes {channels} channels",
+                    item.name,
+                    img.channels,
+                    img.size,
+                    img.data.len()
+                )));
+            }
+            Ok(())
+        };
+        match (&item.kind, technique) {
+            (LayerItemKind::DeepDream { start }, Technique::DeepDream) => start.as_ref().map(fits).transpose().map(|_| ())?,
+            (LayerItemKind::Caricature { input }, Technique::Caricature) => fits(input)?,
+            (LayerItemKind::Direction { vector }, Technique::Direction) => {
+                if vector.is_empty() || vector.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::Model(format!("direction {:?} must be a vector of finite numbers", item.name)));
+                }
+            }
+            _ => return Err(Error::Model(format!("item {:?} is not a {technique} item", item.name))),
+        }
+    }
+    // An input image as a [1, C, side, side] tensor on the device.
+    let tensor = |img: &InputImage, side: i64| -> Tensor {
+        let t = Tensor::from_slice(&img.data).reshape([1, img.channels as i64, img.size as i64, img.size as i64]).to_device(device);
+        if img.size as i64 == side { t } else { resized(&t, side) }
+    };
+    let mut times = times;
+    in_batches(items, 1, max_batch, |items| {
+        let specs: Vec<ImageSpec> = items
+            .iter()
+            .map(|item| {
+                let rng = SplitMix64::new(unit_seed(s.seed, layer, item_index(&item.name), technique));
+                let init = match &item.kind {
+                    LayerItemKind::DeepDream { start: Some(img) } => Init::Image(tensor(img, size).squeeze_dim(0).to_device(Device::Cpu)),
+                    _ => Init::Noise,
+                };
+                ImageSpec { rng, init, label: format!("{technique} item {:?}", item.name) }
+            })
+            .collect();
+        let goal = match technique {
+            Technique::DeepDream => Goal::DeepDream,
+            Technique::Caricature => {
+                let inputs: Vec<Tensor> = items
+                    .iter()
+                    .map(|item| match &item.kind {
+                        LayerItemKind::Caricature { input } => tensor(input, s.input_size as i64),
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                let _no_grad = tch::no_grad_guard();
+                let targets = model.activation(&Tensor::cat(&inputs, 0), layer)?.to_kind(Kind::Float);
+                Goal::Caricature { targets, pow: s.options.caricature_cossim_pow }
+            }
+            Technique::Direction => {
+                let rows: Vec<Tensor> = items
+                    .iter()
+                    .map(|item| match &item.kind {
+                        LayerItemKind::Direction { vector } => Tensor::from_slice(vector).reshape([1, -1]),
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                let len = rows[0].size()[1];
+                if let Some(bad) = items.iter().zip(&rows).find(|(_, r)| r.size()[1] != len) {
+                    return Err(Error::Model(format!("direction {:?} has {} values; the others {len}", bad.0.name, bad.1.size()[1])));
+                }
+                Goal::Direction { vectors: Tensor::cat(&rows, 0).to_device(device), pow: s.options.direction_cossim_pow }
+            }
+            _ => unreachable!("checked above"),
+        };
+        let done = optimise(model, layer, s, &goal, specs, cancel, times.as_deref_mut())?;
+        let pixels = to_pixels(&done.images);
+        let snapshots: Vec<(u32, Vec<Pixels>)> = done.snapshots.iter().map(|(step, t)| (*step, to_pixels(t))).collect();
+        Ok(items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| RenderedItem {
+                name: item.name.clone(),
+                image: pixels[i].clone(),
+                objective: done.objectives[i],
+                snapshots: snapshots.iter().map(|(step, p)| Snapshot { step: *step, images: vec![p[i].clone()] }).collect(),
+            })
+            .collect())
+    })
+}
+
+/// Runs `f` over `items` in batches of at most `*max_batch` images, each item taking
+/// `per_item` images (at least one item a batch), halving the batch (and the limit) when
+/// `f` runs out of memory.
+fn in_batches<I, T>(items: &[I], per_item: usize, max_batch: &mut Option<usize>, mut f: impl FnMut(&[I]) -> Result<Vec<T>>) -> Result<Vec<T>> {
+    let per_item = per_item.max(1);
+    let mut out = Vec::with_capacity(items.len());
+    let mut rest = items;
     while !rest.is_empty() {
-        let n = max_batch.unwrap_or(usize::MAX).min(rest.len()).max(1);
+        let n = (max_batch.unwrap_or(usize::MAX) / per_item).min(rest.len()).max(1);
         match f(&rest[..n]) {
             Ok(done) => {
                 out.extend(done);
                 rest = &rest[n..];
             }
             Err(Error::OutOfMemory(msg)) if n > 1 => {
-                tracing::info!(batch = n, "out of memory ({msg}); halving the batch");
-                *max_batch = Some(n / 2);
+                tracing::info!(batch = n * per_item, "out of memory ({msg}); halving the batch");
+                *max_batch = Some(n / 2 * per_item);
             }
             Err(e) => return Err(e),
         }
@@ -155,25 +446,154 @@ fn in_batches<T>(units: &[u32], max_batch: &mut Option<usize>, mut f: impl FnMut
     Ok(out)
 }
 
-/// One optimisation of all the request's units together.
-fn optimise(model: &Model, req: &RenderRequest, cancel: &AtomicBool, times: Option<&mut StepTimes>) -> Result<Vec<RenderedUnit>> {
+/// What one optimisation maximises, per batch element.
+enum Goal {
+    /// Element b's objective for unit `units[b]` (channel, neuron, negative).
+    Unit { technique: Technique, units: Tensor },
+    /// Groups of `n` consecutive elements share a unit: each element's channel objective,
+    /// and a penalty of `weight` times each group's similarity.
+    Diversity { units: Tensor, n: i64, weight: f64 },
+    DeepDream,
+    /// `targets[b]`: element b's input image's activation.
+    Caricature { targets: Tensor, pow: f64 },
+    /// `vectors[b]`: element b's direction.
+    Direction { vectors: Tensor, pow: f64 },
+}
+
+impl Goal {
+    /// The objective each element reports, `[B]`.
+    fn values(&self, act: &Tensor, layer: &str) -> Result<Tensor> {
+        let shape = act.size();
+        if !(shape.len() == 2 || shape.len() == 4) {
+            return Err(Error::Model(format!("layer {layer:?} has activation shape {shape:?}; expected [N, C, H, W] or [N, C]")));
+        }
+        match self {
+            Goal::Unit { technique, units } => objective(act, *technique, units, layer),
+            Goal::Diversity { units, .. } => objective(act, Technique::Channel, units, layer),
+            Goal::DeepDream => Ok(deepdream(act)),
+            Goal::Caricature { targets, pow } => Ok(caricature(act, targets, *pow)),
+            Goal::Direction { vectors, pow } => {
+                if vectors.size()[1] != shape[1] {
+                    return Err(Error::Model(format!("a direction has {} values, but layer {layer:?} has {} units", vectors.size()[1], shape[1])));
+                }
+                Ok(direction(act, vectors, *pow))
+            }
+        }
+    }
+
+    /// What Adam minimises: minus the sum of the values, plus the diversity penalty.
+    fn loss(&self, act: &Tensor, layer: &str) -> Result<Tensor> {
+        let value = self.values(act, layer)?.sum(Kind::Float);
+        Ok(match self {
+            Goal::Diversity { n, weight, .. } => -(value - diversity_similarity(act, *n).sum(Kind::Float) * *weight),
+            _ => -value,
+        })
+    }
+
+    /// Element b's own objective, alone in a batch of one: what the dead-unit check asks
+    /// to move (diversity's channel objective, without the penalty).
+    fn single(&self, b: i64) -> Goal {
+        match self {
+            Goal::Unit { technique, units } => Goal::Unit { technique: *technique, units: units.narrow(0, b, 1) },
+            Goal::Diversity { units, .. } => Goal::Unit { technique: Technique::Channel, units: units.narrow(0, b, 1) },
+            Goal::DeepDream => Goal::DeepDream,
+            Goal::Caricature { targets, pow } => Goal::Caricature { targets: targets.narrow(0, b, 1), pow: *pow },
+            Goal::Direction { vectors, pow } => Goal::Direction { vectors: vectors.narrow(0, b, 1), pow: *pow },
+        }
+    }
+}
+
+/// An optimisation's result, in the order of its images.
+struct Optimised {
+    /// `[B, C, S, S]` in [0, 1], on the CPU.
+    images: Tensor,
+    objectives: Vec<f64>,
+    /// After each threshold's steps, the images.
+    snapshots: Vec<(u32, Tensor)>,
+    dead: Vec<bool>,
+}
+
+/// The amplitudes, as multiples of the initial N(0, 0.01), of the re-drawn initial images
+/// of `DeadUnits::Reseed`. The default initial image is nearly flat grey (pixel standard
+/// deviation about 0.0025 at 32 px), which cannot turn on a ReLU unit whose bias wants more
+/// contrast. Measured pixel standard deviations: x10 about 0.02 (a faint pattern), x50
+/// about 0.1 (full contrast), x250 about 0.33 (the sigmoid saturated over most pixels).
+/// On the demo model every unit that is off on the default image came on by x20 at most
+/// (conv1 2, 5, 7 at x2 to x5; conv3 2 at x10, conv3 14 at x20). A unit that none of the
+/// three excites is taken as dead for this model.
+pub const RESEED_AMPLITUDES: [f64; 3] = [10.0, 50.0, 250.0];
+
+/// Whether an image gives `goal` (of one element) a zero value and a zero gradient.
+fn unexcited(model: &Model, layer: &str, s: &RenderSettings, goal: &Goal, values: &[f32]) -> Result<bool> {
     let device = model.device();
-    let s = req.settings;
-    let (size, batch, input_size) = (s.size as usize, req.units.len(), s.input_size as i64);
-    let mut rngs = unit_streams(req);
-    let init = FftImage::initial_spectrum(size, &mut rngs);
+    let size = s.size as usize;
+    let param = Tensor::from_slice(values).reshape(ParamImage::shape(&s.param, 1, size).as_slice()).to_device(device).set_requires_grad(true);
+    let image = ParamImage::new(param.shallow_clone(), &s.param, size, device);
+    let value = goal.values(&model.activation(&resized(&image.image(), s.input_size as i64), layer)?, layer)?.sum(Kind::Float);
+    if value.double_value(&[]) != 0.0 {
+        return Ok(false);
+    }
+    value.f_backward().map_err(torch)?;
+    Ok(param.grad().abs().max().double_value(&[]) == 0.0)
+}
+
+/// One optimisation of all the given images together.
+fn optimise(model: &Model, layer: &str, s: &RenderSettings, goal: &Goal, mut specs: Vec<ImageSpec>, cancel: &AtomicBool, times: Option<&mut StepTimes>) -> Result<Optimised> {
+    let device = model.device();
+    if s.param.decorrelate && s.param.channels != 3 {
+        return Err(Error::Model(format!("colour decorrelation needs 3 channels, not {}", s.param.channels)));
+    }
+    let (size, batch, input_size) = (s.size as usize, specs.len(), s.input_size as i64);
+    let shape = ParamImage::shape(&s.param, batch, size);
+    let blank = ParamImage::new(Tensor::zeros([1].as_slice(), (Kind::Float, Device::Cpu)), &s.param, size, Device::Cpu);
+    let mut dead = vec![false; batch];
+    let mut init: Vec<f32> = Vec::with_capacity(batch * ParamImage::values_per_image(&s.param, size));
+    for (b, spec) in specs.iter_mut().enumerate() {
+        match &spec.init {
+            Init::Image(img) => init.extend(Vec::<f32>::try_from(blank.invert(&img.unsqueeze(0)).flatten(0, -1)).map_err(torch)?),
+            Init::Noise => {
+                let mut values = ParamImage::draw(&s.param, size, INIT_SD, &mut spec.rng);
+                if s.dead_units == DeadUnits::Reseed {
+                    let single = goal.single(b as i64);
+                    if unexcited(model, layer, s, &single, &values)? {
+                        // Keep's image and stream, in case no amplitude excites the unit.
+                        let kept = spec.rng.clone();
+                        dead[b] = true;
+                        for k in RESEED_AMPLITUDES {
+                            if cancel.load(Ordering::Relaxed) {
+                                return Err(Error::Cancelled);
+                            }
+                            let again = ParamImage::draw(&s.param, size, INIT_SD * k, &mut spec.rng);
+                            if !unexcited(model, layer, s, &single, &again)? {
+                                tracing::debug!(image = %spec.label, amplitude = k, "re-seeded an unexcited initial image");
+                                values = again;
+                                dead[b] = false;
+                                break;
+                            }
+                        }
+                        if dead[b] {
+                            tracing::debug!(image = %spec.label, "no initial image excites it: dead");
+                            spec.rng = kept;
+                        }
+                    }
+                }
+                init.extend(values);
+            }
+        }
+    }
+    let mut rngs: Vec<SplitMix64> = specs.iter().map(|spec| spec.rng.clone()).collect();
     // Every step's transform for every image, drawn up front and moved once, so the loop
     // never waits on the host.
-    let thetas = Tensor::from_slice(&transform::thetas(s.steps, s.size, &mut rngs))
+    let thetas = Tensor::from_slice(&transform::thetas(s.steps, s.size, &s.transforms, &mut rngs))
         .reshape([s.steps as i64, batch as i64, 2, 3])
         .to_device(device);
 
     let vs = nn::VarStore::new(device);
-    let init = Tensor::from_slice(&init).reshape(FftImage::spectrum_shape(batch, size)).to_device(device);
-    let image = FftImage::new(vs.root().var_copy("spectrum", &init), size, device);
+    let init = Tensor::from_slice(&init).reshape(shape.as_slice()).to_device(device);
+    let image = ParamImage::new(vs.root().var_copy("spectrum", &init), &s.param, size, device);
     let mut adam = nn::OptimizerConfig::build(nn::Adam::default(), &vs, s.learning_rate).map_err(torch)?;
-    let units = unit_tensor(req.units, device);
 
+    let mut snapshots = Vec::with_capacity(s.thresholds.len());
     let mut watch = Stopwatch { times, device, mark: Instant::now() };
     for step in 0..s.steps as i64 {
         if cancel.load(Ordering::Relaxed) {
@@ -181,14 +601,19 @@ fn optimise(model: &Model, req: &RenderRequest, cancel: &AtomicBool, times: Opti
         }
         let x = transformed(&image.image(), &thetas.get(step), input_size);
         watch.lap(|t| &mut t.transforms);
-        let value = objective(&model.activation(&x, req.layer)?, req.technique, &units, req.layer)?;
-        let loss = -value.sum(Kind::Float);
+        let loss = goal.loss(&model.activation(&x, layer)?, layer)?;
         watch.lap(|t| &mut t.forward);
         adam.zero_grad();
         loss.f_backward().map_err(torch)?;
         watch.lap(|t| &mut t.backward);
         adam.step();
         watch.lap(|t| &mut t.optimiser);
+        let done = step as u32 + 1;
+        if s.thresholds.contains(&done) {
+            let _no_grad = tch::no_grad_guard();
+            snapshots.push((done, image.image().to_device(Device::Cpu)));
+            watch.mark = Instant::now();
+        }
     }
     if let Some(t) = watch.times.as_deref_mut() {
         t.steps += s.steps as u64;
@@ -196,26 +621,24 @@ fn optimise(model: &Model, req: &RenderRequest, cancel: &AtomicBool, times: Opti
 
     let _no_grad = tch::no_grad_guard();
     let images = image.image();
-    let identity = Tensor::from_slice(&transform::IDENTITY).reshape([1, 2, 3]).repeat([batch as i64, 1, 1]).to_device(device);
-    let value = objective(&model.activation(&transformed(&images, &identity, input_size), req.layer)?, req.technique, &units, req.layer)?;
+    let value = goal.values(&model.activation(&resized(&images, input_size), layer)?, layer)?;
     let objectives: Vec<f64> = Vec::<f32>::try_from(&value.to_device(Device::Cpu)).map_err(torch)?.into_iter().map(f64::from).collect();
     if let Some(i) = objectives.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Torch(format!("unit {} of layer {:?}: the objective is not finite ({})", req.units[i], req.layer, objectives[i])));
+        return Err(Error::Torch(format!("{} of layer {layer:?}: the objective is not finite ({})", specs[i].label, objectives[i])));
     }
-    Ok(to_units(req.units, &images, &objectives))
+    Ok(Optimised { images: images.to_device(Device::Cpu), objectives, snapshots, dead })
 }
 
-/// `[B, 3, S, S]` in [0, 1] -> per-unit RGB bytes, rounded to nearest.
-fn to_units(units: &[u32], images: &Tensor, objectives: &[f64]) -> Vec<RenderedUnit> {
+/// `[B, C, S, S]` in [0, 1] -> per-image bytes, rounded to nearest: RGB from the first
+/// three channels, or grey from the first when there are fewer than three.
+fn to_pixels(images: &Tensor) -> Vec<Pixels> {
+    let c = images.size()[1];
+    let (channels, images) = if c >= 3 { (3u8, images.narrow(1, 0, 3)) } else { (1u8, images.narrow(1, 0, 1)) };
     let bytes = (images.to_device(Device::Cpu) * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous();
-    let per_unit = bytes.numel() / units.len().max(1);
+    let b = bytes.size()[0] as usize;
     let flat = Vec::<u8>::try_from(bytes.flatten(0, -1)).expect("a uint8 tensor converts to bytes");
-    units
-        .iter()
-        .zip(flat.chunks(per_unit))
-        .zip(objectives)
-        .map(|((&unit, rgb), &objective)| RenderedUnit { unit, rgb: rgb.to_vec(), objective })
-        .collect()
+    let per_image = flat.len() / b.max(1);
+    flat.chunks(per_image.max(1)).take(b).map(|bytes| Pixels { channels, bytes: bytes.to_vec() }).collect()
 }
 
 fn torch(e: tch::TchError) -> Error {
@@ -236,7 +659,7 @@ mod tests {
         let units: Vec<u32> = (0..10).collect();
         let mut limit = None;
         let mut tried = Vec::new();
-        let out = in_batches(&units, &mut limit, |chunk| {
+        let out = in_batches(&units, 1, &mut limit, |chunk| {
             tried.push(chunk.len());
             if chunk.len() > 3 { Err(Error::OutOfMemory("too big".into())) } else { Ok(chunk.to_vec()) }
         })
@@ -246,7 +669,7 @@ mod tests {
         assert_eq!(tried, vec![10, 5, 2, 2, 2, 2, 2]);
         // The next request starts from the remembered limit.
         tried.clear();
-        in_batches(&units[..4], &mut limit, |c| {
+        in_batches(&units[..4], 1, &mut limit, |c| {
             tried.push(c.len());
             Ok(c.to_vec())
         })
@@ -257,11 +680,424 @@ mod tests {
     #[test]
     fn out_of_memory_at_one_unit_and_other_errors_are_returned() {
         let mut limit = Some(1);
-        let e = in_batches(&[1, 2], &mut limit, |_| Err::<Vec<u32>, _>(Error::OutOfMemory("x".into()))).unwrap_err();
+        let e = in_batches(&[1, 2], 1, &mut limit, |_| Err::<Vec<u32>, _>(Error::OutOfMemory("x".into()))).unwrap_err();
         assert!(matches!(e, Error::OutOfMemory(_)));
         let mut limit = None;
-        let e = in_batches(&[1, 2], &mut limit, |_| Err::<Vec<u32>, _>(Error::Model("bad".into()))).unwrap_err();
+        let e = in_batches(&[1, 2], 1, &mut limit, |_| Err::<Vec<u32>, _>(Error::Model("bad".into()))).unwrap_err();
         assert!(matches!(e, Error::Model(_)));
         assert_eq!(limit, None);
+    }
+
+    use loupe_core::spec::{ParamKind, ParamSettings, Precision, TransformSettings};
+
+    fn model(path: &str) -> Model {
+        Model::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path), Device::Cpu).unwrap()
+    }
+
+    fn settings(steps: u32, size: u32) -> RenderSettings {
+        RenderSettings { steps, size, input_size: size, seed: 7, learning_rate: 0.05, ..Default::default() }
+    }
+
+    fn run(m: &Model, layer: &str, technique: Technique, units: &[u32], s: &RenderSettings) -> Vec<RenderedUnit> {
+        render(m, &RenderRequest { layer, technique, units, settings: s }, &AtomicBool::new(false), &mut None, None).unwrap()
+    }
+
+    fn run_layer(m: &Model, layer: &str, technique: Technique, items: &[LayerItem], s: &RenderSettings) -> Vec<RenderedItem> {
+        render_layer(m, layer, technique, items, s, &AtomicBool::new(false), &mut None, None).unwrap()
+    }
+
+    /// The objective of `technique` for `unit` on given pixels (resized to the input).
+    fn score(m: &Model, layer: &str, technique: Technique, unit: u32, p: &Pixels, s: &RenderSettings) -> f64 {
+        let _g = tch::no_grad_guard();
+        let x = pixels_tensor(p, s.size);
+        let act = m.activation(&resized(&x, s.input_size as i64), layer).unwrap();
+        objective(&act, technique, &unit_tensor(&[unit], Device::Cpu), layer).unwrap().double_value(&[0])
+    }
+
+    /// `[1, C, S, S]` in [0, 1] from bytes.
+    fn pixels_tensor(p: &Pixels, size: u32) -> Tensor {
+        let c = p.channels as i64;
+        let s = size as i64;
+        Tensor::from_slice(&p.bytes).reshape([s, s, c]).permute([2, 0, 1]).unsqueeze(0).to_kind(Kind::Float) / 255.0
+    }
+
+    /// lucid's diversity similarity of a unit's images at the layer.
+    fn similarity(m: &Model, layer: &str, images: &[Pixels], s: &RenderSettings) -> f64 {
+        let _g = tch::no_grad_guard();
+        let x = Tensor::cat(&images.iter().map(|p| pixels_tensor(p, s.size)).collect::<Vec<_>>(), 0);
+        let act = m.activation(&resized(&x, s.input_size as i64), layer).unwrap();
+        diversity_similarity(&act, images.len() as i64).double_value(&[0])
+    }
+
+    fn l1(a: &Pixels, b: &Pixels) -> f64 {
+        a.bytes.iter().zip(&b.bytes).map(|(&x, &y)| (x as f64 - y as f64).abs()).sum::<f64>() / a.bytes.len() as f64 / 255.0
+    }
+
+    fn mean_pairwise_l1(images: &[Pixels]) -> f64 {
+        let mut total = 0.0;
+        let mut n = 0;
+        for i in 0..images.len() {
+            for j in i + 1..images.len() {
+                total += l1(&images[i], &images[j]);
+                n += 1;
+            }
+        }
+        total / n as f64
+    }
+
+    /// A 3-channel input: `f(y, x)` in [0, 1] as grey.
+    fn synthetic(size: u32, f: impl Fn(u32, u32) -> f32) -> InputImage {
+        let plane: Vec<f32> = (0..size).flat_map(|y| (0..size).map(move |x| (y, x))).map(|(y, x)| f(y, x)).collect();
+        InputImage { channels: 3, size, data: [plane.clone(), plane.clone(), plane].concat() }
+    }
+
+    fn grey(p: &Pixels) -> Vec<f64> {
+        p.bytes.chunks(p.channels as usize).map(|px| px.iter().map(|&v| v as f64).sum::<f64>() / px.len() as f64 / 255.0).collect()
+    }
+
+    fn correlation(a: &[f64], b: &[f64]) -> f64 {
+        let n = a.len() as f64;
+        let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+        let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+        let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+        cov / (va * vb).sqrt().max(1e-12)
+    }
+
+    /// The variance of the row means over that of the column means: large for
+    /// horizontal stripes, about 1 for no orientation.
+    fn row_col_ratio(g: &[f64], size: usize) -> f64 {
+        let rows: Vec<f64> = (0..size).map(|y| g[y * size..(y + 1) * size].iter().sum::<f64>() / size as f64).collect();
+        let cols: Vec<f64> = (0..size).map(|x| (0..size).map(|y| g[y * size + x]).sum::<f64>() / size as f64).collect();
+        let var = |v: &[f64]| {
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64
+        };
+        var(&rows) / var(&cols).max(1e-12)
+    }
+
+    fn input_grey(img: &InputImage) -> Vec<f64> {
+        img.data[..(img.size * img.size) as usize].iter().map(|&v| v as f64).collect()
+    }
+
+    /// Images rendered with the default settings before the parameterisation, transforms,
+    /// techniques and dead units became settings (sha256 of each unit's RGB bytes; seed 7,
+    /// 20 steps): the defaults must keep rendering exactly these.
+    #[test]
+    fn default_settings_render_the_images_loupe_always_rendered() {
+        let cases: [(&str, &str, Technique, &[u32], u32, Precision, &[&str]); 4] = [
+            ("tests/fixtures/tiny.pt", "conv", Technique::Channel, &[0, 1, 2, 3], 16, Precision::Fp32, &[
+                "782ce7183ac09ebcfffb66d11aa46622b1d6c5e9f89ea193fa16f18b8f6ce9d0",
+                "5b46777878b97a2420e4897711aa6e037a70b7eb4605c479eef07d16a7cffbb0",
+                "6d4490f356ea3fccb71e5d7372ab72cc49ff054c5c8819420d847b476972e56d",
+                "53d74f8636a822341fb51106f12b1ad8540ee3dbcd89f0adba1254c48bd9ecac",
+            ]),
+            ("tests/fixtures/tiny.pt", "conv", Technique::Neuron, &[0, 1, 2, 3], 16, Precision::Fp32, &[
+                "3f99c6acc02d808511c0f661aac61181239c4a4ad10b23c547f4ddab896878b8",
+                "6f0fa0b7058d98151173a9d3aa3d19ad8725ed26acf6f029f40747967092e103",
+                "d53b6470fb204dbd7184a7d4f6ebbac64a00fd703bdd1eb0c9f67030b30a7961",
+                "418a8b049384f57fec211a060815885222f6e1721e3296a36453e2e53f73b1f9",
+            ]),
+            ("tests/fixtures/tiny.pt", "logits", Technique::Negative, &[0, 2], 16, Precision::Bf16, &[
+                "520cd9dfd22680888321920e10089c954d5079b8100be4bc6da87071c47b46b6",
+                "c66cc1b1b9ad8156deb30dafa7aea5504bf454743022b8c7d5c8c4cf58921c5f",
+            ]),
+            ("models/demo/demo.pt", "conv3", Technique::Channel, &[0, 1, 3], 32, Precision::Fp32, &[
+                "70e478b030371102ccd6504447f7bbecab250c5cf14493f6e30ece8457cdb89d",
+                "54efd35a82ca917f672537830889fada78f1def7184d53e723bd25490f9e9dc8",
+                "172f087bfe3fb4810304155a1847a7bb66b8281217f90037322b16a881352d31",
+            ]),
+        ];
+        for (path, layer, technique, units, size, precision, want) in cases {
+            let mut m = model(path);
+            m.set_precision(precision);
+            let s = RenderSettings { precision, ..settings(20, size) };
+            let out = run(&m, layer, technique, units, &s);
+            for (u, want) in out.iter().zip(want) {
+                assert_eq!((u.images.len(), u.images[0].channels, u.snapshots.len(), u.dead), (1, 3, 0, false));
+                assert_eq!(loupe_core::sha256_bytes(&u.images[0].bytes), *want, "{path} {layer} {technique} unit {}", u.unit);
+            }
+        }
+    }
+
+    /// Every image's draws come from its own stream, so grouping does not change any
+    /// image: diversity units (whose N images always stay together), the pixel
+    /// parameterisation, re-seeded units and layer items.
+    #[test]
+    fn batching_does_not_change_any_image() {
+        let demo = model("models/demo/demo.pt");
+        let mut s = settings(12, 16);
+        s.options.diversity_images = 3;
+        s.dead_units = DeadUnits::Reseed;
+        let req = |units: &'static [u32], technique, s: &'static RenderSettings| RenderRequest { layer: "conv3", technique, units, settings: s };
+        let s: &'static RenderSettings = Box::leak(Box::new(s));
+        let pixel: &'static RenderSettings = Box::leak(Box::new(RenderSettings { param: ParamSettings { kind: ParamKind::Pixel, ..Default::default() }, ..s.clone() }));
+        for (technique, s) in [(Technique::Diversity, s), (Technique::Channel, pixel), (Technique::Channel, s)] {
+            let r = req(&[0, 14, 1], technique, s);
+            let together = render(&demo, &r, &AtomicBool::new(false), &mut None, None).unwrap();
+            let per = images_per_unit(&r);
+            let mut limit = Some(per);
+            let alone = render(&demo, &r, &AtomicBool::new(false), &mut limit, None).unwrap();
+            for (a, b) in together.iter().zip(&alone) {
+                assert_eq!(a.images, b.images, "{technique} unit {}", a.unit);
+                assert_eq!(a.images.len(), per);
+            }
+        }
+        let items: Vec<LayerItem> =
+            ["a", "b", "c"].iter().map(|n| LayerItem { name: n.to_string(), kind: LayerItemKind::DeepDream { start: None } }).collect();
+        let together = run_layer(&demo, "conv2", Technique::DeepDream, &items, s);
+        let alone = render_layer(&demo, "conv2", Technique::DeepDream, &items[1..2], s, &AtomicBool::new(false), &mut None, None).unwrap();
+        assert_eq!(together[1].image, alone[0].image, "an item's image does not depend on the others");
+        assert_ne!(together[0].image, together[1].image, "items have their own streams");
+    }
+
+    /// Diversity pushes a unit's images apart: lucid's similarity (the summed pairwise
+    /// cosine of their Gram matrices at the layer, over N; at most N - 1 = 3) falls from
+    /// about 3 (measured 2.99 for these images without the penalty: the images differ
+    /// only in detail) to about 1.2 at the default weight. Each image still excites the
+    /// unit: its channel objective stays above its initial image's, and their mean is
+    /// several times it.
+    #[test]
+    fn diversity_images_differ_and_each_excites_the_unit() {
+        let demo = model("models/demo/demo.pt");
+        let layer = "conv3";
+        let mut plain = settings(64, 32);
+        plain.options.diversity_weight = 0.0;
+        let diverse = settings(64, 32);
+        assert_eq!((diverse.options.diversity_images, diverse.options.diversity_weight), (4, 100.0));
+        let without = run(&demo, layer, Technique::Diversity, &[0], &plain).remove(0);
+        let with = run(&demo, layer, Technique::Diversity, &[0], &diverse).remove(0);
+        let (sim_without, sim_with) = (similarity(&demo, layer, &without.images, &plain), similarity(&demo, layer, &with.images, &diverse));
+        assert!(sim_without > 2.9 && sim_with < 0.5 * sim_without, "similarity {sim_with} with the penalty, {sim_without} without");
+        let init = initial_images(&RenderRequest { layer, technique: Technique::Diversity, units: &[0], settings: &diverse }, Device::Cpu).remove(0);
+        assert_eq!((with.images.len(), with.objectives.len()), (4, 4));
+        let mut mean = (0.0, 0.0);
+        for (i, (img, obj)) in with.images.iter().zip(&with.objectives).enumerate() {
+            let start = score(&demo, layer, Technique::Channel, 0, &init.images[i], &diverse);
+            let now = score(&demo, layer, Technique::Channel, 0, img, &diverse);
+            assert!((now - obj).abs() < 0.05 * obj.abs() + 0.01, "the reported objective is the image's channel objective: {obj} vs {now}");
+            assert!(now > 1.5 * start, "image {i}: channel objective {now}, initially {start}");
+            mean.0 += now / 4.0;
+            mean.1 += start / 4.0;
+        }
+        assert!(mean.0 > 4.0 * mean.1, "mean channel objective {} vs initially {}", mean.0, mean.1);
+        // The images start from different noise, and end different.
+        assert!(mean_pairwise_l1(&with.images) > 0.05);
+    }
+
+    /// The caricature of a bright square shows a square where the input has it (pixel
+    /// correlation with the input 0.54 measured; the stripes' caricature correlates
+    /// negatively with it), and the caricature of horizontal stripes varies more along
+    /// y than along x.
+    #[test]
+    fn caricature_keeps_the_structure_of_its_input() {
+        let demo = model("models/demo/demo.pt");
+        let square = synthetic(32, |y, x| if (6..18).contains(&y) && (4..16).contains(&x) { 1.0 } else { 0.1 });
+        let stripes = synthetic(32, |y, _| if (y / 4) % 2 == 0 { 0.9 } else { 0.1 });
+        let items = vec![
+            LayerItem { name: "square".into(), kind: LayerItemKind::Caricature { input: square.clone() } },
+            LayerItem { name: "stripes".into(), kind: LayerItemKind::Caricature { input: stripes } },
+        ];
+        let out = run_layer(&demo, "conv2", Technique::Caricature, &items, &settings(64, 32));
+        let sq = input_grey(&square);
+        let (car_square, car_stripes) = (grey(&out[0].image), grey(&out[1].image));
+        let (mine, other) = (correlation(&car_square, &sq), correlation(&car_stripes, &sq));
+        assert!(mine > 0.3 && mine > other + 0.3, "correlation with the square: its caricature {mine}, the stripes' {other}");
+        let (rows_stripes, rows_square) = (row_col_ratio(&car_stripes, 32), row_col_ratio(&car_square, 32));
+        assert!(rows_stripes > 1.5 && rows_stripes > rows_square, "row/column variance: stripes {rows_stripes}, square {rows_square}");
+        assert!(out.iter().all(|o| o.objective > 0.0));
+    }
+
+    /// A direction that is one unit's basis vector is that unit's channel objective: from
+    /// the same stream it renders the same image (the gradients are equal exactly).
+    #[test]
+    fn a_basis_direction_renders_the_channel_image() {
+        let demo = model("models/demo/demo.pt");
+        let (layer, unit, units) = ("conv2", 3u32, 32usize);
+        let s = settings(32, 32);
+        let channel = run(&demo, layer, Technique::Channel, &[unit], &s).remove(0);
+        let mut basis = vec![0f32; units];
+        basis[unit as usize] = 1.0;
+        let spec = ImageSpec { rng: SplitMix64::new(unit_seed(s.seed, layer, unit, Technique::Channel)), init: Init::Noise, label: "d".into() };
+        let goal = Goal::Direction { vectors: Tensor::from_slice(&basis).reshape([1, -1]), pow: 0.0 };
+        let done = optimise(&demo, layer, &s, &goal, vec![spec], &AtomicBool::new(false), None).unwrap();
+        let image = to_pixels(&done.images).remove(0);
+        assert!(l1(&image, &channel.images[0]) < 1.0 / 255.0, "mean difference {}", l1(&image, &channel.images[0]));
+        assert!((done.objectives[0] - channel.objectives[0]).abs() < 1e-4 * channel.objectives[0].abs());
+        // Through the public API (the item's own stream) it excites the unit as well.
+        let item = LayerItem { name: "basis".into(), kind: LayerItemKind::Direction { vector: basis } };
+        let out = run_layer(&demo, layer, Technique::Direction, &[item], &s).remove(0);
+        let start = initial_images(&RenderRequest { layer, technique: Technique::Channel, units: &[unit], settings: &s }, Device::Cpu).remove(0);
+        let now = score(&demo, layer, Technique::Channel, unit, &out.image, &s);
+        assert!((now - out.objective).abs() < 0.05 * now.abs());
+        assert!(now > 0.5 * channel.objectives[0] && now > 3.0 * score(&demo, layer, Technique::Channel, unit, &start.images[0], &s), "{now}");
+        // A wrong length is an error.
+        let bad = LayerItem { name: "short".into(), kind: LayerItemKind::Direction { vector: vec![1.0; 3] } };
+        assert!(render_layer(&demo, layer, Technique::Direction, &[bad], &s, &AtomicBool::new(false), &mut None, None).is_err());
+    }
+
+    #[test]
+    fn snapshots_are_kept_at_every_threshold() {
+        let demo = model("models/demo/demo.pt");
+        let mut s = settings(24, 16);
+        s.thresholds = vec![1, 8, 24];
+        s.options.diversity_images = 2;
+        for technique in [Technique::Channel, Technique::Diversity] {
+            let out = run(&demo, "conv3", technique, &[0, 1], &s);
+            for u in &out {
+                let steps: Vec<u32> = u.snapshots.iter().map(|x| x.step).collect();
+                assert_eq!(steps, vec![1, 8, 24]);
+                assert!(u.snapshots.iter().all(|x| x.images.len() == u.images.len()));
+                assert_ne!(u.snapshots[0].images, u.images, "after 1 step the image is not the final one");
+                assert_ne!(u.snapshots[1].images, u.images);
+                assert_ne!(u.snapshots[0].images, u.snapshots[1].images);
+                assert_eq!(u.snapshots[2].images, u.images, "the last threshold is the final image");
+            }
+        }
+        let items = [LayerItem { name: "noise".into(), kind: LayerItemKind::DeepDream { start: None } }];
+        let out = run_layer(&demo, "conv2", Technique::DeepDream, &items, &s).remove(0);
+        assert_eq!(out.snapshots.len(), 3);
+        assert_ne!(out.snapshots[1].images[0], out.image);
+    }
+
+    /// Both parameterisations raise the objective well above the initial image's; the
+    /// decay and the colour decorrelation change the image.
+    #[test]
+    fn parameterisations_raise_the_objective_and_their_settings_matter() {
+        let demo = model("models/demo/demo.pt");
+        let (layer, unit) = ("conv3", 1u32);
+        let base = settings(32, 32);
+        let variants = [
+            ("fft", ParamSettings::default()),
+            ("pixel", ParamSettings { kind: ParamKind::Pixel, ..Default::default() }),
+            ("decay 2", ParamSettings { decay: 2.0, ..Default::default() }),
+            ("no decorrelation", ParamSettings { decorrelate: false, ..Default::default() }),
+            ("colour matrix", ParamSettings { color_matrix: Some([[0.3, 0.1, 0.0], [0.3, 0.0, 0.1], [0.3, -0.1, 0.0]]), ..Default::default() }),
+        ];
+        let mut images = Vec::new();
+        for (name, param) in variants {
+            let s = RenderSettings { param, ..base.clone() };
+            let out = run(&demo, layer, Technique::Channel, &[unit], &s).remove(0);
+            let start = initial_images(&RenderRequest { layer, technique: Technique::Channel, units: &[unit], settings: &s }, Device::Cpu).remove(0);
+            let before = score(&demo, layer, Technique::Channel, unit, &start.images[0], &s);
+            assert!(out.objectives[0] > 3.0 * before.max(0.1), "{name}: objective {} from {before}", out.objectives[0]);
+            images.push((name, out.images[0].clone()));
+        }
+        for (name, img) in &images[1..] {
+            assert!(l1(img, &images[0].1) > 0.02, "{name} renders another image than the default");
+        }
+    }
+
+    #[test]
+    fn grayscale_renders_with_a_one_channel_model() {
+        let gray = model("tests/fixtures/gray.pt");
+        let mut s = settings(64, 16);
+        s.param = ParamSettings { decorrelate: false, channels: 1, ..Default::default() };
+        for kind in [ParamKind::Fft, ParamKind::Pixel] {
+            s.param.kind = kind;
+            let out = run(&gray, "conv", Technique::Channel, &[0, 1, 2, 3], &s);
+            let start = initial_images(&RenderRequest { layer: "conv", technique: Technique::Channel, units: &[0, 1, 2, 3], settings: &s }, Device::Cpu);
+            let mut raised = 0;
+            for (u, st) in out.iter().zip(&start) {
+                assert_eq!((u.images[0].channels, u.images[0].bytes.len()), (1, 16 * 16));
+                let before = score(&gray, "conv", Technique::Channel, u.unit, &st.images[0], &s);
+                assert!(u.objectives[0] >= before - 1e-3, "{kind:?} unit {}: {} from {before}", u.unit, u.objectives[0]);
+                if u.objectives[0] > 1.2 * before + 0.01 {
+                    raised += 1;
+                }
+            }
+            // Units 1 and 3 (unit 0 is off on grey; unit 2 rises only slowly).
+            assert!(raised >= 2, "{kind:?}: {:?}", out.iter().map(|u| u.objectives[0]).collect::<Vec<_>>());
+        }
+        // A start image of the model's channel count, and a mismatched one.
+        let start = InputImage { channels: 1, size: 16, data: (0..256).map(|i| (i % 16) as f32 / 15.0).collect() };
+        let item = LayerItem { name: "ramp".into(), kind: LayerItemKind::DeepDream { start: Some(start) } };
+        assert_eq!(run_layer(&gray, "conv", Technique::DeepDream, &[item], &s)[0].image.channels, 1);
+        let rgb = LayerItem { name: "rgb".into(), kind: LayerItemKind::Caricature { input: synthetic(16, |_, _| 0.5) } };
+        assert!(render_layer(&gray, "conv", Technique::Caricature, &[rgb], &s, &AtomicBool::new(false), &mut None, None).is_err());
+    }
+
+    /// Deepdream from a start image begins at that image (within 1/255: the
+    /// parameterisation is inverted), and from noise raises the layer's mean square.
+    #[test]
+    fn deepdream_starts_from_its_image_and_raises_the_layer() {
+        let demo = model("models/demo/demo.pt");
+        let start = synthetic(32, |y, x| ((x as f32 / 31.0) * 0.8 + if (y / 5) % 2 == 0 { 0.1 } else { 0.0 }).min(1.0));
+        let start = InputImage { data: start.data.iter().enumerate().map(|(i, v)| if i < 1024 { *v } else { 1.0 - v }).collect(), ..start };
+        let item = |name: &str, start: Option<InputImage>| LayerItem { name: name.into(), kind: LayerItemKind::DeepDream { start } };
+        for param in [ParamSettings::default(), ParamSettings { kind: ParamKind::Pixel, decorrelate: false, ..Default::default() }] {
+            // No step: the image is the start image.
+            let s = RenderSettings { param, ..settings(0, 32) };
+            let out = run_layer(&demo, "conv2", Technique::DeepDream, &[item("start", Some(start.clone()))], &s).remove(0);
+            let want: Vec<u8> = (0..1024).flat_map(|p| (0..3).map(move |c| p + c * 1024)).map(|i| (start.data[i] * 255.0).round() as u8).collect();
+            let worst = out.image.bytes.iter().zip(&want).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+            assert!(worst <= 1, "{:?}: the initial image is {worst}/255 off the start image", s.param.kind);
+        }
+        let s = settings(32, 32);
+        let out = run_layer(&demo, "conv2", Technique::DeepDream, &[item("noise", None), item("start", Some(start))], &s);
+        let init = {
+            let _g = tch::no_grad_guard();
+            let spec = SplitMix64::new(unit_seed(s.seed, "conv2", item_index("noise"), Technique::DeepDream));
+            let v = ParamImage::draw(&s.param, 32, INIT_SD, &mut spec.clone());
+            let img = ParamImage::new(Tensor::from_slice(&v).reshape(ParamImage::shape(&s.param, 1, 32).as_slice()), &s.param, 32, Device::Cpu).image();
+            deepdream(&demo.activation(&img, "conv2").unwrap()).double_value(&[0])
+        };
+        assert!(out[0].objective > 3.0 * init, "deepdream objective {} from {init}", out[0].objective);
+        assert!(out[1].objective > out[0].objective * 0.1);
+    }
+
+    /// Demo-model units that are off on the near-grey initial image (conv3 14: objective
+    /// exactly 0 under Keep) are re-seeded brighter and then render; units that were not
+    /// off render exactly as under Keep; a unit that no amplitude excites (the tiny
+    /// model's conv unit 3 at the centre neuron) is marked dead and rendered as Keep.
+    #[test]
+    fn reseeding_wakes_units_that_start_off_and_marks_the_dead() {
+        let demo = model("models/demo/demo.pt");
+        let keep = settings(32, 32);
+        let reseed = RenderSettings { dead_units: DeadUnits::Reseed, ..keep.clone() };
+        let k = run(&demo, "conv3", Technique::Channel, &[0, 14], &keep);
+        let r = run(&demo, "conv3", Technique::Channel, &[0, 14], &reseed);
+        assert_eq!(k[0].images, r[0].images, "an excited unit is not re-seeded");
+        assert_eq!(k[1].objectives[0], 0.0);
+        assert!(r[1].objectives[0] > 0.1 && !r[1].dead, "re-seeded: {:?}", r[1].objectives);
+        let tiny = model("tests/fixtures/tiny.pt");
+        let s = RenderSettings { dead_units: DeadUnits::Reseed, ..settings(8, 16) };
+        let k = run(&tiny, "conv", Technique::Neuron, &[3], &settings(8, 16)).remove(0);
+        let r = run(&tiny, "conv", Technique::Neuron, &[3], &s).remove(0);
+        assert!(r.dead && !k.dead);
+        assert_eq!((k.images, k.objectives), (r.images, r.objectives), "a dead unit renders as Keep renders it");
+    }
+
+    #[test]
+    fn input_images_decode_to_the_models_channels() {
+        // A 4x2 PNG: left half red, right half white; cropped to its centre 2x2, then 4x4.
+        let rgb: Vec<u8> = (0..8).flat_map(|i| if i % 4 < 2 { [255, 0, 0] } else { [255, 255, 255] }).collect();
+        let png = crate::png::encode_rgb(&rgb, 4, 2);
+        let img = decode_input(&png, 3, 2, "t").unwrap();
+        assert_eq!((img.channels, img.size, img.data.len()), (3, 2, 12));
+        assert_eq!(&img.data[..4], &[1.0; 4], "red everywhere");
+        assert!(img.data[4] < 0.1 && img.data[5] > 0.9, "green: red on the left, white on the right: {:?}", &img.data[4..8]);
+        let grey = decode_input(&png, 1, 2, "t").unwrap();
+        assert!((grey.data[0] - 0.299).abs() < 0.02 && grey.data[1] > 0.98, "{:?}", grey.data);
+        assert_eq!(decode_input(&png, 5, 2, "t").unwrap().data.len(), 20);
+        assert!(decode_input(b"not an image", 3, 8, "input image x").unwrap_err().to_string().starts_with("input image x: "));
+    }
+
+    #[test]
+    fn cancelling_and_misuse_are_errors() {
+        let tiny = model("tests/fixtures/tiny.pt");
+        let s = settings(4, 16);
+        let req = RenderRequest { layer: "conv", technique: Technique::Channel, units: &[0], settings: &s };
+        assert!(matches!(render(&tiny, &req, &AtomicBool::new(true), &mut None, None), Err(Error::Cancelled)));
+        let req = RenderRequest { technique: Technique::DeepDream, ..req };
+        assert!(render(&tiny, &req, &AtomicBool::new(false), &mut None, None).is_err());
+        let item = LayerItem { name: "x".into(), kind: LayerItemKind::Direction { vector: vec![1.0; 4] } };
+        assert!(render_layer(&tiny, "conv", Technique::DeepDream, &[item], &s, &AtomicBool::new(false), &mut None, None).is_err());
+        // No transform at all works too, and profiling counts the steps.
+        let mut times = StepTimes::default();
+        let s = RenderSettings { transforms: TransformSettings::none(), ..s };
+        let req = RenderRequest { layer: "conv", technique: Technique::Channel, units: &[1, 2], settings: &s };
+        render(&tiny, &req, &AtomicBool::new(false), &mut None, Some(&mut times)).unwrap();
+        assert_eq!(times.steps, 4);
     }
 }

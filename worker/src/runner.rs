@@ -13,15 +13,15 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use loupe_core::api::{ApiError, WorkerApi};
-use loupe_core::atlas::{self, UnitRecord};
-use loupe_core::spec::{LayerInfo, ModelRef};
+use loupe_core::atlas::{self, ItemRecord, SnapshotEntry, UnitRecord};
+use loupe_core::spec::{LayerInfo, ModelRef, NamedImage, RenderSettings, Technique, DEEPDREAM_NOISE};
 use loupe_core::store::{self, ArtifactStore};
 use loupe_core::task::{Failure, Lease, LeaseState, Work};
 
 use crate::examples;
 use crate::metrics::{TaskOutcome, WorkerMetrics};
 use crate::model::Model;
-use crate::render::{render, RenderRequest, RenderedUnit, StepTimes};
+use crate::render::{decode_input, render, render_layer, LayerItem, LayerItemKind, Pixels, RenderRequest, RenderedItem, RenderedUnit, StepTimes};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -93,12 +93,12 @@ impl TorchThread {
         f: impl FnOnce(&mut Loaded) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
-        let (device, want, input_size) = (self.device, lease.job.model.clone(), lease.job.settings.input_size);
+        let (device, want, input_size, channels) = (self.device, lease.job.model.clone(), lease.job.settings.input_size, lease.job.settings.param.channels);
         let job: TorchJob = Box::new(move |loaded: &mut Option<Loaded>| {
             // tch panics on some libtorch errors; one bad task must not take the worker
             // down with it.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                load(loaded, device, &model_path, &want, input_size).and_then(f)
+                load(loaded, device, &model_path, &want, input_size, channels).and_then(f)
             }))
             .unwrap_or_else(|panic| {
                 *loaded = None;
@@ -117,7 +117,7 @@ impl TorchThread {
 }
 
 /// The lease's model, loaded once per digest and checked against it.
-fn load<'a>(loaded: &'a mut Option<Loaded>, device: Device, path: &Path, want: &ModelRef, input_size: u32) -> Result<&'a mut Loaded> {
+fn load<'a>(loaded: &'a mut Option<Loaded>, device: Device, path: &Path, want: &ModelRef, input_size: u32, channels: u32) -> Result<&'a mut Loaded> {
     if loaded.as_ref().map(|l| l.sha256.as_str()) != Some(want.sha256.as_str()) {
         *loaded = None;
         let digest = loupe_core::sha256_file(path).map_err(|e| Error::Model(format!("model {}: {e}", path.display())))?;
@@ -129,7 +129,7 @@ fn load<'a>(loaded: &'a mut Option<Loaded>, device: Device, path: &Path, want: &
             )));
         }
         let mut model = Model::load(path, device)?;
-        let layers = model.layers(input_size)?;
+        let layers = model.layers(input_size, channels)?;
         *loaded = Some(Loaded { sha256: digest, model, layers, max_batch: HashMap::new() });
     }
     Ok(loaded.as_mut().expect("loaded above"))
@@ -151,18 +151,69 @@ fn render_units(l: &mut Loaded, lease: &Lease, profile: bool, cancel: &AtomicBoo
     if let Some(u) = units.iter().find(|&&u| u >= info.units()) {
         return Err(Error::Model(format!("unit {u} is out of range: layer {layer:?} has {} units", info.units())));
     }
-    l.model.set_precision(lease.job.settings.precision);
-    let req = RenderRequest { layer, technique: *technique, units, settings: &lease.job.settings };
-    let max_batch = l.max_batch.entry(layer.clone()).or_default();
+    let settings = lease.job.settings_for(layer);
+    l.model.set_precision(settings.precision);
+    let req = RenderRequest { layer, technique: *technique, units, settings: &settings };
+    let max_batch = l.max_batch.entry(format!("{layer}/{technique}")).or_default();
+    timed(lease, units.len(), settings.steps, profile, metrics, |times| render(&l.model, &req, cancel, max_batch, times))
+}
+
+/// Renders one per-layer technique's items on the torch thread.
+fn render_items(l: &mut Loaded, lease: &Lease, items: &[LayerItem], profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<RenderedItem>> {
+    let Work::LayerRender { layer, technique, .. } = &lease.task.work else { unreachable!("only layer renders render items") };
+    let info = l.layer(layer)?;
+    if let Some(LayerItemKind::Direction { vector }) = items.iter().map(|i| &i.kind).find(|k| matches!(k, LayerItemKind::Direction { vector } if vector.len() != info.units() as usize)) {
+        return Err(Error::Model(format!("a direction has {} values, but layer {layer:?} has {} units", vector.len(), info.units())));
+    }
+    let settings = lease.job.settings_for(layer);
+    l.model.set_precision(settings.precision);
+    let max_batch = l.max_batch.entry(format!("{layer}/{technique}")).or_default();
+    timed(lease, items.len(), settings.steps, profile, metrics, |times| render_layer(&l.model, layer, *technique, items, &settings, cancel, max_batch, times))
+}
+
+/// Runs a render, counting its speed for the metrics and its step split when profiling.
+fn timed<T>(lease: &Lease, images: usize, steps: u32, profile: bool, metrics: &WorkerMetrics, f: impl FnOnce(Option<&mut StepTimes>) -> Result<T>) -> Result<T> {
     let mut times = profile.then(StepTimes::default);
     let started = std::time::Instant::now();
-    let rendered = render(&l.model, &req, cancel, max_batch, times.as_mut())?;
-    metrics.rendered(units.len(), lease.job.settings.steps, started.elapsed());
+    let rendered = f(times.as_mut())?;
+    metrics.rendered(images, steps, started.elapsed());
     if let Some(times) = times {
-        info!(task_id = lease.task.id(), layer, units = units.len(), "step time split: {times}");
+        info!(task_id = lease.task.id(), layer = lease.task.work.layer().unwrap_or("-"), images, "step time split: {times}");
         PROFILE.lock().expect("profile lock").add(&times);
     }
     Ok(rendered)
+}
+
+/// The items of a layer render, with the input images they need fetched and decoded.
+async fn layer_items(lease: &Lease) -> Result<Vec<LayerItem>> {
+    let Work::LayerRender { layer, technique, items } = &lease.task.work else { unreachable!("only layer renders have items") };
+    let settings = &lease.job.settings;
+    let o = &settings.options;
+    let input = |list: &[NamedImage], name: &str| {
+        list.iter().find(|i| i.name == name).cloned().ok_or_else(|| Error::Model(format!("{technique} item {name:?} is not among the job's inputs")))
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for name in items {
+        let kind = match technique {
+            Technique::DeepDream if name == DEEPDREAM_NOISE && o.deepdream_inputs.is_empty() => LayerItemKind::DeepDream { start: None },
+            Technique::DeepDream => LayerItemKind::DeepDream { start: Some(fetch_input(&input(&o.deepdream_inputs, name)?, settings).await?) },
+            Technique::Caricature => LayerItemKind::Caricature { input: fetch_input(&input(&o.caricature_inputs, name)?, settings).await? },
+            Technique::Direction => {
+                let d = o.directions.iter().find(|d| &d.layer == layer && &d.name == name);
+                let d = d.ok_or_else(|| Error::Model(format!("direction {name:?} of layer {layer:?} is not among the job's directions")))?;
+                LayerItemKind::Direction { vector: d.vector.clone() }
+            }
+            other => unreachable!("{other} is a per-unit technique"),
+        };
+        out.push(LayerItem { name: name.clone(), kind });
+    }
+    Ok(out)
+}
+
+/// An input image of a technique, read from its URI and decoded at the render's size.
+async fn fetch_input(image: &NamedImage, settings: &RenderSettings) -> Result<crate::render::InputImage> {
+    let bytes = store::fetch(&image.uri).await?.ok_or_else(|| Error::Model(format!("input image {:?} ({}) does not exist", image.name, image.uri)))?;
+    decode_input(&bytes, settings.param.channels, settings.size, &format!("input image {:?} ({})", image.name, image.uri))
 }
 
 /// Step times summed over every task this process rendered with profiling on.
@@ -294,10 +345,25 @@ impl WorkerStats {
     }
 }
 
+/// What a render task rendered.
+enum Rendered {
+    Units(Vec<RenderedUnit>),
+    Items(Vec<RenderedItem>),
+}
+
+impl Rendered {
+    fn len(&self) -> usize {
+        match self {
+            Rendered::Units(u) => u.len(),
+            Rendered::Items(i) => i.len(),
+        }
+    }
+}
+
 /// How a task's work ended, when it did not fail.
 enum Outcome {
     /// Rendered; the images still have to be stored and the task reported.
-    Rendered(Arc<dyn ArtifactStore>, Vec<RenderedUnit>),
+    Rendered(Arc<dyn ArtifactStore>, Rendered),
     /// Everything stored and the task reported.
     Done,
 }
@@ -325,7 +391,13 @@ async fn run_task(
             Work::Render { .. } => {
                 let (l, profile, cancel, metrics) = (lease.clone(), config.profile, cancel.clone(), config.metrics.clone());
                 let units = torch.run(lease, model_path, move |loaded| render_units(loaded, &l, profile, &cancel, &metrics)).await?;
-                Ok(Some((store, units)))
+                Ok(Some((store, Rendered::Units(units))))
+            }
+            Work::LayerRender { .. } => {
+                let items = layer_items(lease).await?;
+                let (l, profile, cancel, metrics) = (lease.clone(), config.profile, cancel.clone(), config.metrics.clone());
+                let items = torch.run(lease, model_path, move |loaded| render_items(loaded, &l, &items, profile, &cancel, &metrics)).await?;
+                Ok(Some((store, Rendered::Items(items))))
             }
             Work::Map { shard, source } => {
                 let dataset = dataset_store(stores, lease).await?;
@@ -414,19 +486,25 @@ async fn finish_render(
     api: Arc<dyn WorkerApi>,
     store: Arc<dyn ArtifactStore>,
     lease: Lease,
-    units: Vec<RenderedUnit>,
+    rendered: Rendered,
     mut shutdown: watch::Receiver<bool>,
     metrics: &WorkerMetrics,
 ) -> Option<u64> {
     // Storing is not interrupted by a shutdown: it is short, and the work is done. A lease
     // that ends (the job cancelled) stops it.
     let ended = AtomicBool::new(false);
-    let (result, _) = with_renewal(api.as_ref(), &lease, &ended, None, write_units(store.as_ref(), &lease, &units, &ended)).await;
+    let write = async {
+        match &rendered {
+            Rendered::Units(units) => write_units(store.as_ref(), &lease, units, &ended).await,
+            Rendered::Items(items) => write_items(store.as_ref(), &lease, items, &ended).await,
+        }
+    };
+    let (result, _) = with_renewal(api.as_ref(), &lease, &ended, None, write).await;
     match result {
         Ok(()) => {
             report_complete(api.as_ref(), &lease, &mut shutdown).await;
-            metrics.task_ended("render", TaskOutcome::Done, units.len() as u64);
-            Some(units.len() as u64)
+            metrics.task_ended("render", TaskOutcome::Done, rendered.len() as u64);
+            Some(rendered.len() as u64)
         }
         Err(Error::Cancelled) => {
             metrics.task_ended("render", TaskOutcome::Released, 0);
@@ -472,29 +550,84 @@ async fn write_placeholder(store: &dyn ArtifactStore, lease: &Lease) -> Result<(
     Ok(())
 }
 
-/// Each unit's PNG, then its record: the record is written last, so its presence means
-/// the image is whole.
+/// Each unit's PNGs (its images and snapshots), then its record: the record is written
+/// last, so its presence means the images are whole.
 async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[RenderedUnit], ended: &AtomicBool) -> Result<()> {
-    let Work::Render { layer, technique, .. } = &lease.task.work else { unreachable!("only render tasks have images") };
+    let Work::Render { layer, technique, .. } = &lease.task.work else { unreachable!("only render tasks have unit images") };
     let (segment, technique) = (atlas::layer_segment(layer)?, *technique);
-    let size = lease.job.settings.size;
+    let settings = lease.job.settings_for(layer);
     for u in units {
         if ended.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
-        let image_key = atlas::image_key(&segment, u.unit, technique);
-        store.put(&image_key, crate::png::encode_rgb(&u.rgb, size, size)).await?;
+        let mut names = Vec::with_capacity(u.images.len());
+        for (i, image) in u.images.iter().enumerate() {
+            let name = atlas::unit_image_name(technique, i as u32, None);
+            store.put(&atlas::unit_file_key(&segment, u.unit, &name), encode(image, settings.size)).await?;
+            names.push(name);
+        }
+        let mut snapshots = Vec::with_capacity(u.snapshots.len());
+        for snap in &u.snapshots {
+            let mut images = Vec::with_capacity(snap.images.len());
+            for (i, image) in snap.images.iter().enumerate() {
+                let name = atlas::unit_image_name(technique, i as u32, Some(snap.step));
+                store.put(&atlas::unit_file_key(&segment, u.unit, &name), encode(image, settings.size)).await?;
+                images.push(name);
+            }
+            snapshots.push(SnapshotEntry { step: snap.step, images });
+        }
+        let several = names.len() > 1;
         let record = UnitRecord {
             format_version: atlas::FORMAT_VERSION,
             layer: layer.clone(),
             unit: u.unit,
             technique,
-            image: format!("{technique}.png"),
-            objective: u.objective,
+            image: names[0].clone(),
+            objective: u.objectives.iter().sum::<f64>() / u.objectives.len().max(1) as f64,
+            images: if several { names } else { Vec::new() },
+            objectives: if several { u.objectives.clone() } else { Vec::new() },
+            snapshots,
+            dead: u.dead,
             model_sha256: lease.job.model.sha256.clone(),
-            settings: lease.job.settings.clone(),
+            settings: settings.clone(),
         };
         store.put(&atlas::record_key(&segment, u.unit, technique), loupe_core::to_json(&record)).await?;
     }
     Ok(())
+}
+
+/// Each item's PNGs, then its record.
+async fn write_items(store: &dyn ArtifactStore, lease: &Lease, items: &[RenderedItem], ended: &AtomicBool) -> Result<()> {
+    let Work::LayerRender { layer, technique, .. } = &lease.task.work else { unreachable!("only layer renders have items") };
+    let (segment, technique) = (atlas::layer_segment(layer)?, *technique);
+    let settings = lease.job.settings_for(layer);
+    for item in items {
+        if ended.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        store.put(&atlas::item_image_key(&segment, technique, &item.name, None), encode(&item.image, settings.size)).await?;
+        let mut snapshots = Vec::with_capacity(item.snapshots.len());
+        for snap in &item.snapshots {
+            let image = snap.images.first().ok_or_else(|| Error::Torch(format!("snapshot {} of {:?} has no image", snap.step, item.name)))?;
+            store.put(&atlas::item_image_key(&segment, technique, &item.name, Some(snap.step)), encode(image, settings.size)).await?;
+            snapshots.push(SnapshotEntry { step: snap.step, images: vec![format!("{}.step{}.png", item.name, snap.step)] });
+        }
+        let record = ItemRecord {
+            format_version: atlas::FORMAT_VERSION,
+            layer: layer.clone(),
+            technique,
+            item: item.name.clone(),
+            image: format!("{}.png", item.name),
+            objective: item.objective,
+            snapshots,
+            model_sha256: lease.job.model.sha256.clone(),
+            settings: settings.clone(),
+        };
+        store.put(&atlas::item_record_key(&segment, technique, &item.name), loupe_core::to_json(&record)).await?;
+    }
+    Ok(())
+}
+
+fn encode(image: &Pixels, size: u32) -> Vec<u8> {
+    crate::png::encode(&image.bytes, image.channels, size, size)
 }

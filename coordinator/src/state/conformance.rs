@@ -11,9 +11,9 @@ const POLICY: LeasePolicy = LeasePolicy { ttl_ms: 1_000, max_attempts: 3 };
 pub(crate) fn spec() -> JobSpec {
     JobSpec {
         model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
-        layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3] }],
+        layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3], techniques: None, steps: None }],
         techniques: vec![Technique::Channel],
-        settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, precision: Default::default() },
+        settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
         batch: 2,
         out: "out".into(),
         dataset: None,

@@ -207,7 +207,7 @@ impl StateStore for MemoryStateStore {
         match task.spec.work {
             Work::Map { .. } => job.status.maps_done += 1,
             Work::Reduce { .. } => job.status.reduces_done += 1,
-            Work::Render { .. } => {}
+            Work::Render { .. } | Work::LayerRender { .. } => {}
         }
         // A held lease means a running job: a failed or cancelled one has no leases, so it
         // never gets here and never releases the tasks waiting on this one.

@@ -686,9 +686,9 @@ mod tests {
         use loupe_core::spec::{LayerInfo, LayerPlan, ModelRef, RenderSettings};
         JobSpec {
             model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3] }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3], techniques: None, steps: None }],
             techniques: vec![Technique::Channel],
-            settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 7, learning_rate: 0.05, precision: Default::default() },
+            settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 7, learning_rate: 0.05, ..Default::default() },
             batch: 2,
             out: "out".into(),
             dataset: None,
@@ -955,7 +955,7 @@ mod tests {
                             maps_reported.fetch_add(1, Ordering::SeqCst);
                         }
                         Work::Reduce { .. } => assert_eq!(maps_reported.load(Ordering::SeqCst), MAPS, "a reduce granted early"),
-                        Work::Render { .. } => {}
+                        Work::Render { .. } | Work::LayerRender { .. } => {}
                     }
                     got.push(lease.task.index);
                     assert_eq!(store.complete(&lease.lease_id, 1).await.unwrap().lease, LeaseState::Held);

@@ -238,6 +238,22 @@ impl Cluster {
         keys
     }
 
+    /// Uploads the tiny test model and its sidecar; returns the model's s3:// URI.
+    pub fn upload_tiny(&self, rt: &tokio::runtime::Runtime) -> String {
+        let fixtures = repo().join("tests/fixtures");
+        self.upload_model(rt, &fixtures.join("tiny.json"), "tiny.json");
+        self.upload_model(rt, &fixtures.join("tiny.pt"), "tiny.pt")
+    }
+
+    /// `loupe submit --model M --out O` with `job`'s flags; returns the job id.
+    pub fn submit(&self, model: &str, out: &str, job: &[&str]) -> String {
+        let mut args = vec!["submit", "--model", model, "--out", out];
+        args.extend_from_slice(job);
+        let o = self.loupe(&args);
+        assert_ok(&o);
+        stdout(&o)
+    }
+
     pub fn get(&self, rt: &tokio::runtime::Runtime, bucket: &str, key: &str) -> Vec<u8> {
         let client = self.s3_client();
         let resp = rt.block_on(client.get_object().bucket(bucket).key(key).send()).unwrap();

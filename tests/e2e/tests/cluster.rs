@@ -9,20 +9,6 @@ const JOB: &[&str] = &["--steps", "40", "--size", "16", "--batch", "4"];
 /// Long enough per task that processes can be killed in the middle of one.
 const SLOW_JOB: &[&str] = &["--steps", "200", "--size", "16", "--batch", "1", "--techniques", "channel,negative"];
 
-fn tiny(c: &Cluster, rt: &tokio::runtime::Runtime) -> String {
-    let fixtures = repo().join("tests/fixtures");
-    c.upload_model(rt, &fixtures.join("tiny.json"), "tiny.json");
-    c.upload_model(rt, &fixtures.join("tiny.pt"), "tiny.pt")
-}
-
-fn submit(c: &Cluster, model: &str, out: &str, job: &[&str]) -> String {
-    let mut args = vec!["submit", "--model", model, "--out", out];
-    args.extend_from_slice(job);
-    let o = c.loupe(&args);
-    assert_ok(&o);
-    stdout(&o)
-}
-
 fn records(c: &Cluster, rt: &tokio::runtime::Runtime, prefix: &str) -> Vec<String> {
     c.list(rt, "atlas", prefix).into_iter().filter(|k| k.contains("/units/") && k.ends_with(".json")).collect()
 }
@@ -44,10 +30,10 @@ fn a_job_lands_in_s3_with_the_layout_loupe_render_writes_locally() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(None);
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     c.start_worker();
     c.start_worker();
-    let job = submit(&c, &model, "s3://atlas/run1", JOB);
+    let job = c.submit(&model, "s3://atlas/run1", JOB);
     let o = c.loupe(&["watch", &job]);
     assert_ok(&o);
     assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
@@ -96,6 +82,55 @@ fn a_job_lands_in_s3_with_the_layout_loupe_render_writes_locally() {
     assert!(served.get("/../run1/atlas.json").1.starts_with("HTTP/1.1 400"));
 }
 
+/// Every technique through the cluster (job file, the protocol, S3 input images) gives the
+/// keys and PNG bytes of the same job rendered locally.
+#[test]
+fn every_technique_renders_on_the_cluster_as_it_does_locally() {
+    let _one = serial();
+    let rt = runtime();
+    let mut c = Cluster::start(None);
+    let model = c.upload_tiny(&rt);
+    let input = repo().join("tests/fixtures/dataset/images/stripes-045.jpg");
+    let input_uri = c.upload_model(&rt, &input, "inputs/stripes.jpg");
+    c.start_worker();
+    let dir = tempfile::tempdir().unwrap();
+    let job = |model: &str, input: &str| {
+        format!(
+            "model = {model:?}\nunits = \"0..2\"\ntechniques = [\"channel\", \"diversity\", \"deepdream\", \"caricature\", \"direction\"]\n\
+             steps = 12\nsize = 16\nbatch = 4\nthresholds = [6]\ndead_units = \"reseed\"\n\
+             [diversity]\nimages = 2\n[caricature]\ninputs = [{{ name = \"stripes\", uri = {input:?} }}]\n\
+             [[directions]]\nname = \"mix\"\nlayer = \"conv\"\nvector = [1.0, -0.5, 0.0, 0.25]\n\
+             [[directions]]\nname = \"top\"\nlayer = \"logits\"\nvector = [0.0, 1.0, 0.0]\n"
+        )
+    };
+    let cluster_spec = dir.path().join("cluster.toml");
+    std::fs::write(&cluster_spec, job(&model, &input_uri)).unwrap();
+    let o = c.loupe(&["submit", "--spec", &cluster_spec.to_string_lossy(), "--out", "s3://atlas/all"]);
+    assert_ok(&o);
+    let o = c.loupe(&["watch", &stdout(&o)]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
+
+    let local_spec = dir.path().join("local.toml");
+    std::fs::write(&local_spec, job(&repo().join("tests/fixtures/tiny.pt").to_string_lossy(), &input.to_string_lossy())).unwrap();
+    let out = dir.path().join("atlas");
+    let o = std::process::Command::new(binary("loupe"))
+        .args(["render", "--device", "cpu", "--spec", &local_spec.to_string_lossy(), "--out", &out.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let mut local_keys = walk(&out);
+    local_keys.sort();
+    let s3_keys: Vec<String> = c.list(&rt, "atlas", "all/").into_iter().map(|k| k.trim_start_matches("all/").to_string()).collect();
+    assert_eq!(s3_keys, local_keys);
+    for key in ["layers/conv/deepdream/noise.png", "layers/conv/caricature/stripes.step6.png", "layers/logits/direction/top.png", "layers/conv/units/1/diversity-1.png"] {
+        assert!(local_keys.iter().any(|k| k == key), "{key} is missing: {local_keys:?}");
+    }
+    for k in local_keys.iter().filter(|k| k.ends_with(".png")) {
+        assert_eq!(c.get(&rt, "atlas", &format!("all/{k}")), std::fs::read(out.join(k)).unwrap(), "{k} differs from the local render");
+    }
+}
+
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -117,10 +152,10 @@ fn a_worker_killed_mid_task_loses_and_duplicates_nothing() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(None);
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     let victim = c.start_worker();
     c.start_worker();
-    let job = submit(&c, &model, "s3://atlas/kill", SLOW_JOB);
+    let job = c.submit(&model, "s3://atlas/kill", SLOW_JOB);
     // Once the first images exist, the workers are busy: kill one in its task.
     wait_for("first images", Duration::from_secs(120), || records(&c, &rt, "kill/").len() >= 2);
     c.kill_worker(victim);
@@ -134,9 +169,9 @@ fn a_coordinator_restarted_mid_job_resumes_it_from_redis() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(None);
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     c.start_worker();
-    let job = submit(&c, &model, "s3://atlas/restart", SLOW_JOB);
+    let job = c.submit(&model, "s3://atlas/restart", SLOW_JOB);
     wait_for("first images", Duration::from_secs(120), || !records(&c, &rt, "restart/").is_empty());
     c.kill_coordinator();
     c.start_coordinator();
@@ -150,9 +185,9 @@ fn redis_restarted_mid_job_never_hangs_the_job() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(None);
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     c.start_worker();
-    let job = submit(&c, &model, "s3://atlas/redis", SLOW_JOB);
+    let job = c.submit(&model, "s3://atlas/redis", SLOW_JOB);
     wait_for("first images", Duration::from_secs(120), || !records(&c, &rt, "redis/").is_empty());
     c.redis.restart();
     // With AOF every write survives, so the job completes.
@@ -166,9 +201,9 @@ fn a_cancelled_job_stops_its_workers() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(None);
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     c.start_worker();
-    let job = submit(&c, &model, "s3://atlas/cancel", &["--steps", "3000", "--size", "16", "--batch", "1"]);
+    let job = c.submit(&model, "s3://atlas/cancel", &["--steps", "3000", "--size", "16", "--batch", "1"]);
     wait_for("a task to start", Duration::from_secs(60), || c.read_log("worker-0").contains("task leased"));
     let o = c.loupe(&["cancel", &job]);
     assert_ok(&o);
@@ -186,8 +221,8 @@ fn a_bad_model_fails_the_job_with_the_model_error_in_status() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(None);
-    let model = tiny(&c, &rt);
-    let job = submit(&c, &model, "s3://atlas/bad", JOB);
+    let model = c.upload_tiny(&rt);
+    let job = c.submit(&model, "s3://atlas/bad", JOB);
     // The model is replaced after submission; the workers must refuse what they fetch.
     c.upload_model(&rt, &repo().join("tests/fixtures/not_torchscript.pt"), "tiny.pt");
     c.start_worker();
@@ -204,7 +239,7 @@ fn a_submit_with_bad_settings_or_model_is_refused() {
     let _one = serial();
     let rt = runtime();
     let c = Cluster::start(None);
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     let o = c.loupe(&["submit", "--model", &model, "--out", "s3://atlas/x", "--steps", "0"]);
     assert!(!o.status.success() && stderr(&o).contains("--steps must be at least 1"), "{}", stderr(&o));
     let o = c.loupe(&["submit", "--model", &model, "--out", "s3://atlas/x", "--layers", "conv", "--units", "0..9"]);
@@ -218,7 +253,7 @@ fn a_wrong_or_missing_token_is_refused() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(Some("s3cret-token"));
-    let _model = tiny(&c, &rt);
+    let _model = c.upload_tiny(&rt);
     let o = c.loupe(&["jobs"]);
     assert_ok(&o);
 
@@ -276,7 +311,7 @@ fn a_worker_killed_during_a_map_task_still_gives_exact_statistics() {
     let victim = c.start_worker();
     let mut job = DATASET_JOB.to_vec();
     job.extend_from_slice(&["--dataset", "s3://models/dataset/"]);
-    let id = submit(&c, &model, "s3://atlas/ds", &job);
+    let id = c.submit(&model, "s3://atlas/ds", &job);
     wait_for("the first worker to lease a map", Duration::from_secs(120), || {
         c.read_log(&format!("worker-{victim}")).lines().any(|l| l.contains("task leased") && l.contains("map"))
     });

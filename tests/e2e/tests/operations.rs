@@ -6,20 +6,6 @@ use std::time::Duration;
 
 use loupe_e2e::*;
 
-fn tiny(c: &Cluster, rt: &tokio::runtime::Runtime) -> String {
-    let fixtures = repo().join("tests/fixtures");
-    c.upload_model(rt, &fixtures.join("tiny.json"), "tiny.json");
-    c.upload_model(rt, &fixtures.join("tiny.pt"), "tiny.pt")
-}
-
-fn submit(c: &Cluster, model: &str, out: &str, job: &[&str]) -> String {
-    let mut args = vec!["submit", "--model", model, "--out", out];
-    args.extend_from_slice(job);
-    let o = c.loupe(&args);
-    assert_ok(&o);
-    stdout(&o)
-}
-
 /// `GET path` on a loopback port; status 0 while nothing listens there yet.
 fn get(port: u16, path: &str) -> (u16, String) {
     if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -44,12 +30,12 @@ fn metrics_readiness_and_a_worker_that_hands_its_task_back_on_sigterm() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start(Some("t0ken"));
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     wait_for("the coordinator to be ready", Duration::from_secs(20), || get(c.metrics_port, "/readyz").0 == 200);
     assert_eq!(get(c.metrics_port, "/healthz").0, 200);
 
     // Two tasks, each long enough to be interrupted.
-    let job = submit(&c, &model, "s3://atlas/ops", &["--layers", "conv", "--units", "0..2", "--steps", "3000", "--size", "16", "--batch", "1", "--techniques", "channel"]);
+    let job = c.submit(&model, "s3://atlas/ops", &["--layers", "conv", "--units", "0..2", "--steps", "3000", "--size", "16", "--batch", "1", "--techniques", "channel"]);
     let first = c.start_worker();
     wait_for("the worker to be ready", Duration::from_secs(30), || get(c.worker_metrics_ports[first], "/readyz").0 == 200);
     wait_for("the worker to lease a task", Duration::from_secs(30), || c.read_log("worker-0").contains("task leased"));
@@ -100,9 +86,9 @@ fn the_cli_and_workers_reach_a_tls_coordinator_with_its_ca_and_token() {
     let _one = serial();
     let rt = runtime();
     let mut c = Cluster::start_with(Some("t0ken"), true);
-    let model = tiny(&c, &rt);
+    let model = c.upload_tiny(&rt);
     c.start_worker();
-    let job = submit(&c, &model, "s3://atlas/tls", &["--steps", "20", "--size", "16"]);
+    let job = c.submit(&model, "s3://atlas/tls", &["--steps", "20", "--size", "16"]);
     let o = c.loupe(&["watch", &job]);
     assert_ok(&o);
     assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));

@@ -1,0 +1,252 @@
+//! Job files: `loupe render --spec job.toml` and `loupe submit --spec job.toml` take
+//! every setting from a TOML file (docs/job-files.md), and command-line flags override
+//! it. An unknown key is an error that names it (serde's `deny_unknown_fields`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use loupe_core::spec::{DeadUnits, Direction, NamedImage, ParamKind, TransformSettings};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    pub model: Option<String>,
+    pub out: Option<String>,
+    /// `"all"`, or a list of layer names.
+    pub layers: Option<Layers>,
+    pub units: Option<String>,
+    pub techniques: Option<Vec<String>>,
+    pub steps: Option<u32>,
+    pub size: Option<u32>,
+    pub input_size: Option<u32>,
+    pub batch: Option<u32>,
+    pub seed: Option<u64>,
+    pub learning_rate: Option<f64>,
+    pub precision: Option<String>,
+    pub thresholds: Option<Vec<u32>>,
+    pub dead_units: Option<DeadUnits>,
+    pub param: Option<ParamFile>,
+    pub transforms: Option<TransformSettings>,
+    pub diversity: Option<DiversityFile>,
+    pub deepdream: Option<InputsFile>,
+    pub caricature: Option<CaricatureFile>,
+    pub direction: Option<DirectionOptionsFile>,
+    #[serde(default)]
+    pub directions: Vec<DirectionFile>,
+    pub dataset: Option<DatasetFile>,
+    /// Per-layer settings: `[[layer]]` tables.
+    #[serde(default)]
+    pub layer: Vec<LayerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Layers {
+    All(String),
+    Names(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamFile {
+    pub kind: Option<ParamKind>,
+    pub decay: Option<f64>,
+    pub decorrelate: Option<bool>,
+    pub channels: Option<u32>,
+    /// Rows R, G, B: pixel = matrix @ t.
+    pub color_matrix: Option<[[f32; 3]; 3]>,
+    /// Compute the colour matrix from the job's dataset.
+    pub color_from_dataset: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiversityFile {
+    pub images: Option<u32>,
+    pub weight: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputsFile {
+    #[serde(default)]
+    pub inputs: Vec<NamedImage>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaricatureFile {
+    #[serde(default)]
+    pub inputs: Vec<NamedImage>,
+    pub cossim_pow: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectionOptionsFile {
+    pub cossim_pow: Option<f64>,
+}
+
+/// A named direction: its values inline (`vector`) or in a `.npy` or `.json` file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectionFile {
+    pub name: String,
+    pub layer: String,
+    pub file: Option<PathBuf>,
+    pub vector: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetFile {
+    pub uri: String,
+    pub examples: Option<u32>,
+    pub images_per_shard: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerFile {
+    pub name: String,
+    pub units: Option<String>,
+    pub techniques: Option<Vec<String>>,
+    pub steps: Option<u32>,
+}
+
+impl JobFile {
+    /// Reads a job file. Relative paths in it (model, out, inputs, direction files,
+    /// dataset) are relative to the file's directory.
+    pub fn read(path: &Path) -> Result<JobFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the job file {}", path.display()))?;
+        let mut file: JobFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("job file {}: {}", path.display(), e.to_string().trim_end()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut String| {
+            if !p.starts_with("s3://") && Path::new(p.as_str()).is_relative() {
+                *p = base.join(p.as_str()).to_string_lossy().into_owned();
+            }
+        };
+        file.model.as_mut().map(resolve);
+        file.out.as_mut().map(resolve);
+        if let Some(d) = file.dataset.as_mut() {
+            resolve(&mut d.uri);
+        }
+        for list in [file.deepdream.as_mut().map(|d| &mut d.inputs), file.caricature.as_mut().map(|c| &mut c.inputs)].into_iter().flatten() {
+            for i in list.iter_mut() {
+                resolve(&mut i.uri);
+            }
+        }
+        for d in &mut file.directions {
+            if let Some(f) = d.file.as_mut() {
+                if f.is_relative() {
+                    *f = base.join(&*f);
+                }
+            }
+        }
+        Ok(file)
+    }
+
+    /// The directions with their vectors read.
+    pub fn directions(&self) -> Result<Vec<Direction>> {
+        self.directions
+            .iter()
+            .map(|d| {
+                let vector = match (&d.vector, &d.file) {
+                    (Some(v), None) => v.clone(),
+                    (None, Some(f)) => read_vector(f).with_context(|| format!("direction {:?}: reading {}", d.name, f.display()))?,
+                    _ => bail!("direction {:?}: give exactly one of `vector` or `file`", d.name),
+                };
+                Ok(Direction { name: d.name.clone(), layer: d.layer.clone(), vector })
+            })
+            .collect()
+    }
+}
+
+/// A direction vector from a `.npy` file (float32 or float64, one dimension, little
+/// endian, C order) or a `.json` file (a list of numbers).
+pub fn read_vector(path: &Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path)?;
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Ok(serde_json::from_slice::<Vec<f32>>(&bytes).context("expected a JSON list of numbers")?),
+        Some("npy") => read_npy(&bytes),
+        _ => bail!("a direction file must be .npy or .json"),
+    }
+}
+
+/// The NumPy `.npy` format, versions 1 to 3: magic, version, header length, a Python
+/// dict literal header, then the data.
+fn read_npy(bytes: &[u8]) -> Result<Vec<f32>> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        bail!("not a .npy file (no \\x93NUMPY magic)");
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        v => bail!(".npy version {v} is not supported"),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start + header_len).context("the .npy header is cut short")?)?;
+    let field = |name: &str| -> Option<&str> {
+        let rest = &header[header.find(&format!("'{name}'"))? + name.len() + 2..];
+        Some(rest.trim_start().strip_prefix(':')?.trim_start())
+    };
+    let descr = field("descr").and_then(|r| r.strip_prefix('\'')).and_then(|r| r.split('\'').next()).context("the .npy header has no descr")?;
+    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
+        bail!("a Fortran-ordered .npy is not supported");
+    }
+    let shape = field("shape").and_then(|r| r.strip_prefix('(')).and_then(|r| r.split(')').next()).context("the .npy header has no shape")?;
+    let dims: Vec<usize> = shape.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse()).collect::<std::result::Result<_, _>>()?;
+    if dims.len() != 1 {
+        bail!("a direction must be one-dimensional; this array has shape {dims:?}");
+    }
+    let data = &bytes[start + header_len..];
+    let values: Vec<f32> = match descr {
+        "<f4" => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        "<f8" => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+        other => bail!("dtype {other} is not supported; save float32 or float64"),
+    };
+    if values.len() != dims[0] {
+        bail!("the .npy holds {} values, but its shape says {}", values.len(), dims[0]);
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend((header.len() as u16).to_le_bytes());
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn npy_vectors_of_float32_and_float64_are_read() {
+        let f32s: Vec<u8> = [1.0f32, -2.5, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(read_npy(&npy("<f4", "(3,)", &f32s)).unwrap(), vec![1.0, -2.5, 0.0]);
+        let f64s: Vec<u8> = [0.5f64, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(read_npy(&npy("<f8", "(2,)", &f64s)).unwrap(), vec![0.5, 4.0]);
+        assert!(read_npy(&npy("<f4", "(1, 3)", &f32s)).unwrap_err().to_string().contains("one-dimensional"));
+        assert!(read_npy(&npy("<i8", "(3,)", &f32s)).unwrap_err().to_string().contains("<i8"));
+        assert!(read_npy(b"nonsense!!!").is_err());
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_place() {
+        let err = toml::from_str::<JobFile>("steps = 10\n[param]\ndecai = 1.0\n").unwrap_err().to_string();
+        assert!(err.contains("decai"), "{err}");
+        let err = toml::from_str::<JobFile>("stepz = 10\n").unwrap_err().to_string();
+        assert!(err.contains("stepz"), "{err}");
+        let err = toml::from_str::<JobFile>("[[layer]]\nname = \"a\"\nsteps = \"many\"\n").unwrap_err().to_string();
+        assert!(err.contains("steps") || err.contains("many"), "{err}");
+    }
+}

@@ -146,7 +146,7 @@ impl Workers for WorkersApi {
     async fn fail(&self, req: Request<v1::FailRequest>) -> Result<Response<v1::LeaseStateResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        let failure = Failure { retryable: req.retryable, message: req.message };
+        let failure = Failure { retryable: req.retryable, message: req.message, released: req.released };
         Ok(lease_state(self.0.fail_lease(&req.lease_id, failure).await.map_err(state_status)?))
     }
 }

@@ -155,6 +155,21 @@ pub struct Failure {
     /// (a model that is not TorchScript, an unknown layer), which fails the job at once.
     pub retryable: bool,
     pub message: String,
+    /// The worker gave the task back unfinished because it is stopping (SIGTERM): not
+    /// the task's fault, so it goes back in line without using one of its attempts.
+    #[serde(default)]
+    pub released: bool,
+}
+
+impl Failure {
+    pub fn new(retryable: bool, message: impl Into<String>) -> Failure {
+        Failure { retryable, message: message.into(), released: false }
+    }
+
+    /// A task handed back by a worker that is stopping.
+    pub fn released(message: impl Into<String>) -> Failure {
+        Failure { retryable: true, message: message.into(), released: true }
+    }
 }
 
 /// Where a dataset map task's images come from. Keys are relative to the job's dataset

@@ -113,7 +113,7 @@ impl WorkerApi for GrpcWorkerApi {
     }
 
     async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState> {
-        let req = v1::FailRequest { protocol_version: PROTOCOL_VERSION, lease_id: lease_id.to_string(), retryable: failure.retryable, message: failure.message };
+        let req = v1::FailRequest { protocol_version: PROTOCOL_VERSION, lease_id: lease_id.to_string(), retryable: failure.retryable, message: failure.message, released: failure.released };
         state(self.client.clone().fail(req).await.map_err(api_error)?.into_inner())
     }
 }

@@ -420,12 +420,12 @@ async fn run_task(
             config.metrics.task_ended(kind, TaskOutcome::Done, 0);
             return Some(Outcome::Done);
         }
-        Err(Error::Cancelled) if shutting_down => (Failure { retryable: true, message: "the worker shut down".into() }, TaskOutcome::Released),
+        Err(Error::Cancelled) if shutting_down => (Failure::released("the worker shut down"), TaskOutcome::Released),
         Err(Error::Cancelled) => {
             config.metrics.task_ended(kind, TaskOutcome::Released, 0);
             return None;
         }
-        Err(e) => (Failure { retryable: e.retryable(), message: e.to_string() }, TaskOutcome::Failed),
+        Err(e) => (Failure::new(e.retryable(), e.to_string()), TaskOutcome::Failed),
     };
     report_failure(api.as_ref(), lease, failure).await;
     config.metrics.task_ended(kind, outcome, 0);
@@ -511,7 +511,7 @@ async fn finish_render(
             None
         }
         Err(e) => {
-            report_failure(api.as_ref(), &lease, Failure { retryable: true, message: e.to_string() }).await;
+            report_failure(api.as_ref(), &lease, Failure::new(true, e.to_string())).await;
             metrics.task_ended("render", TaskOutcome::Failed, 0);
             None
         }

@@ -69,6 +69,7 @@ pub async fn run_all_async<F: std::future::Future<Output = Box<dyn StateStore>>>
     a_failed_or_cancelled_job_never_releases_its_reduces(make().await.as_ref(), make().await.as_ref()).await;
     a_task_may_wait_only_on_earlier_tasks(make().await.as_ref()).await;
     the_counters_follow_queue_leases_expiries_retries_and_failures(make().await.as_ref()).await;
+    a_released_task_goes_back_without_using_an_attempt(make().await.as_ref()).await;
 }
 
 async fn each_task_is_leased_once_and_the_last_completion_ends_the_job(s: &dyn StateStore) {
@@ -121,7 +122,7 @@ async fn a_task_that_keeps_losing_its_lease_fails_the_job(s: &dyn StateStore) {
 
 async fn retryable_failures_are_retried_up_to_the_limit(s: &dyn StateStore) {
     let id = s.create_job(spec(), tasks(1), 0, 0).await.unwrap();
-    let transient = Failure { retryable: true, message: "store timed out".into() };
+    let transient = Failure::new(true, "store timed out");
     for attempt in 1..=POLICY.max_attempts {
         let l = s.lease("w", 0, POLICY).await.unwrap().expect("retried");
         assert_eq!(l.attempt, attempt);
@@ -138,7 +139,7 @@ async fn a_permanent_failure_fails_the_job_at_once(s: &dyn StateStore) {
     let id = s.create_job(spec(), tasks(2), 0, 0).await.unwrap();
     let a = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
     let b = s.lease("w2", 0, POLICY).await.unwrap().unwrap();
-    let bad = Failure { retryable: false, message: "unknown layer \"conv9\"".into() };
+    let bad = Failure::new(false, "unknown layer \"conv9\"");
     s.fail(&a.lease_id, bad, 0, POLICY).await.unwrap();
     match s.job(&id).await.unwrap().state {
         JobState::Failed { message } => assert!(message.contains("unknown layer"), "{message}"),
@@ -228,7 +229,7 @@ async fn a_map_retried_after_its_lease_expired_still_gates_the_reduce(s: &dyn St
 async fn a_map_retried_after_a_failure_still_gates_the_reduce(s: &dyn StateStore) {
     s.create_job(dataset_spec(), dataset_tasks(0, 1, 1), 0, 0).await.unwrap();
     let m = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
-    s.fail(&m.lease_id, Failure { retryable: true, message: "store timed out".into() }, 0, POLICY).await.unwrap();
+    s.fail(&m.lease_id, Failure::new(true, "store timed out"), 0, POLICY).await.unwrap();
     let m2 = s.lease("w1", 0, POLICY).await.unwrap().expect("the failed map is retried");
     assert_eq!((m2.task.index, m2.attempt), (0, 2));
     assert!(s.lease("w2", 0, POLICY).await.unwrap().is_none(), "no reduce while the map is retried");
@@ -242,7 +243,7 @@ async fn a_failed_or_cancelled_job_never_releases_its_reduces(failing: &dyn Stat
     let a = failing.lease("w1", 0, POLICY).await.unwrap().unwrap();
     let b = failing.lease("w2", 0, POLICY).await.unwrap().unwrap();
     assert!(!failing.complete(&a.lease_id, 1).await.unwrap().job_done);
-    failing.fail(&b.lease_id, Failure { retryable: false, message: "not an image".into() }, 1, POLICY).await.unwrap();
+    failing.fail(&b.lease_id, Failure::new(false, "not an image"), 1, POLICY).await.unwrap();
     assert!(matches!(failing.job(&id).await.unwrap().state, JobState::Failed { .. }));
     assert!(failing.lease("w3", 2, POLICY).await.unwrap().is_none(), "a failed job's reduce is never leased");
 
@@ -287,7 +288,7 @@ async fn the_counters_follow_queue_leases_expiries_retries_and_failures(s: &dyn 
     let failing = s.lease("w1", 10, POLICY).await.unwrap().unwrap();
     let counters = s.counters().await.unwrap();
     assert_eq!((counters.queued, counters.leased), (1, 2));
-    s.fail(&failing.lease_id, Failure { retryable: true, message: "oom".into() }, 20, POLICY).await.unwrap();
+    s.fail(&failing.lease_id, Failure::new(true, "oom"), 20, POLICY).await.unwrap();
     let done = s.lease("w2", 2_000, POLICY).await.unwrap().unwrap(); // reclaims `expiring`
     assert_ne!(done.lease_id, expiring.lease_id);
     s.complete(&done.lease_id, 2_010).await.unwrap();
@@ -301,4 +302,34 @@ async fn the_counters_follow_queue_leases_expiries_retries_and_failures(s: &dyn 
     s.cancel(&job).await.unwrap();
     let counters = s.counters().await.unwrap();
     assert_eq!((counters.queued, counters.leased, counters.retries), (0, 0, 2));
+}
+
+async fn a_released_task_goes_back_without_using_an_attempt(s: &dyn StateStore) {
+    let job = s.create_job(spec(), tasks(2), 0, 0).await.unwrap();
+    // Released more often than the attempt limit: still granted, first in line.
+    for round in 0..5 {
+        let l = s.lease("w", round, POLICY).await.unwrap().unwrap();
+        assert_eq!(l.task.index, 0, "a released task is next in line");
+        assert_eq!(s.fail(&l.lease_id, Failure::released("stopping"), round, POLICY).await.unwrap(), LeaseState::Held);
+        // The released lease is gone: its holder is told so.
+        assert_eq!(s.renew(&l.lease_id, round, POLICY).await.unwrap(), LeaseState::Lost);
+    }
+    assert_eq!(s.counters().await.unwrap().failures, 0, "a release is not a failure");
+    // Real attempts still count: a failure, an expiry, then a failure fails the job.
+    let l = s.lease("w", 10, POLICY).await.unwrap().unwrap();
+    assert_eq!(l.task.index, 0);
+    s.fail(&l.lease_id, Failure::new(true, "oom"), 10, POLICY).await.unwrap();
+    let l = s.lease("w", 20, POLICY).await.unwrap().unwrap();
+    assert_eq!(l.task.index, 1);
+    s.complete(&l.lease_id, 20).await.unwrap();
+    let l = s.lease("w", 30, POLICY).await.unwrap().unwrap();
+    assert_eq!(l.task.index, 0);
+    let again = s.lease("w", 30 + POLICY.ttl_ms, POLICY).await.unwrap().unwrap(); // the lease on task 0 expired
+    assert_eq!(again.task.index, 0);
+    assert_eq!(s.job(&job).await.unwrap().state, JobState::Running, "two of three attempts used");
+    s.fail(&again.lease_id, Failure::new(true, "oom"), 40 + POLICY.ttl_ms, POLICY).await.unwrap();
+    match s.job(&job).await.unwrap().state {
+        JobState::Failed { message } => assert!(message.contains("after 3 attempts"), "{message}"),
+        other => panic!("the job should have failed, is {other:?}"),
+    }
 }

@@ -49,6 +49,8 @@ struct Task {
     waiting: u32,
     /// Tasks that wait on this one.
     dependents: Vec<u32>,
+    /// Leases handed back by stopping workers: they do not count as attempts.
+    released: u32,
 }
 
 struct Held {
@@ -64,6 +66,12 @@ fn lease_id(job_id: &str, index: u32, attempt: u32) -> String {
 }
 
 impl Inner {
+    /// The attempts a lease's task has used, not counting leases handed back.
+    fn counted(&self, held: &Held) -> u32 {
+        let released = self.jobs.get(&held.job_id).and_then(|j| j.tasks.get(held.index as usize)).map_or(0, |t| t.released);
+        held.attempt.saturating_sub(released)
+    }
+
     fn fail_job(&mut self, job_id: &str, message: String) {
         if let Some(job) = self.jobs.get_mut(job_id) {
             if !job.status.state.is_terminal() {
@@ -82,10 +90,11 @@ impl Inner {
             let Some(held) = self.leases.remove(&id) else { continue };
             self.totals.lease_expiries += 1;
             let spec_id = format!("{}/{}", held.job_id, held.index);
-            if held.attempt >= policy.max_attempts {
+            let counted = self.counted(&held);
+            if counted >= policy.max_attempts {
                 let msg = format!(
-                    "task {spec_id} lost its lease {} times (last worker {}): the worker died or stalled",
-                    held.attempt, held.worker
+                    "task {spec_id} lost its lease {counted} times (last worker {}): the worker died or stalled",
+                    held.worker
                 );
                 self.fail_job(&held.job_id, msg);
             } else {
@@ -131,6 +140,7 @@ impl StateStore for MemoryStateStore {
                 attempts: 0,
                 waiting,
                 dependents,
+                released: 0,
             })
             .collect();
         let state = if tasks.is_empty() { JobState::Indexing } else { JobState::Running };
@@ -235,12 +245,21 @@ impl StateStore for MemoryStateStore {
             return Ok(state);
         };
         let task_id = format!("{}/{}", held.job_id, held.index);
+        if failure.released {
+            // Back at the front: it was next in line before this worker took it.
+            if let Some(task) = inner.jobs.get_mut(&held.job_id).and_then(|j| j.tasks.get_mut(held.index as usize)) {
+                task.released += 1;
+            }
+            inner.pending.push_front((held.job_id, held.index));
+            return Ok(LeaseState::Held);
+        }
         inner.totals.failures += 1;
-        if failure.retryable && held.attempt < policy.max_attempts {
+        let counted = inner.counted(&held);
+        if failure.retryable && counted < policy.max_attempts {
             inner.totals.retries += 1;
             inner.pending.push_back((held.job_id, held.index));
         } else {
-            let why = if failure.retryable { format!(" (after {} attempts)", held.attempt) } else { String::new() };
+            let why = if failure.retryable { format!(" (after {counted} attempts)") } else { String::new() };
             inner.fail_job(&held.job_id, format!("task {task_id} failed{why}: {}", failure.message));
         }
         Ok(LeaseState::Held)

@@ -15,7 +15,8 @@
 //!   `maps_done`, `reduces_total`, `reduces_done` for dataset tasks; absent in jobs
 //!   stored before datasets, read as 0).
 //! - `tasks:<id>`: HASH of the job's tasks: `<index>` -> [`TaskSpec`] JSON, `n<index>` ->
-//!   the images it renders (its units; 0 for dataset tasks), `a<index>` -> attempts used,
+//!   the images it renders (its units; 0 for dataset tasks), `a<index>` -> leases granted,
+//!   `r<index>` -> leases handed back by stopping workers (attempts used are `a - r`),
 //!   `k<index>` -> `map` or `reduce` for a dataset task (absent for a render), and the
 //!   dependencies: `w<index>` -> how many of the task's prerequisites are not yet done
 //!   (present only while it waits), `d<index>` -> the tasks waiting on this one, as
@@ -78,6 +79,11 @@ local function parse_lease(id)
   return string.match(id, '^(.*)/(%d+)#(%d+)$')
 end
 
+-- The attempts a lease's task has used: its attempt number less the leases handed back.
+local function counted(job, index, attempt)
+  return tonumber(attempt) - tonumber(redis.call('HGET', tasks_key(job), 'r' .. index) or '0')
+end
+
 local function is_terminal(state)
   return state == 'succeeded' or state == 'failed' or state == 'cancelled'
 end
@@ -129,8 +135,9 @@ local function reclaim_expired(now, max_attempts)
         redis.call('HDEL', LEASES, id)
         redis.call('SREM', job_leases_key(job), id)
         redis.call('HINCRBY', STATS, 'lease_expiries', 1)
-        if tonumber(attempt) >= max_attempts then
-          fail_job(job, 'task ' .. job .. '/' .. index .. ' lost its lease ' .. attempt
+        local used = counted(job, index, attempt)
+        if used >= max_attempts then
+          fail_job(job, 'task ' .. job .. '/' .. index .. ' lost its lease ' .. used
             .. ' times (last worker ' .. worker .. '): the worker died or stalled')
         else
           redis.call('HINCRBY', STATS, 'retries', 1)
@@ -246,21 +253,29 @@ end
 return {0, 0}
 "#;
 
-/// ARGV: prefix, lease id, retryable (1/0), message, max_attempts. Returns the lease state code.
+/// ARGV: prefix, lease id, retryable (1/0), message, max_attempts, released (1/0).
+/// Returns the lease state code. A released task goes back to the front of the line
+/// without using an attempt.
 const FAIL: &str = r#"
 local id = ARGV[2]
 local state = lease_state(id)
 if state ~= 0 then return state end
 local job, index, attempt = parse_lease(id)
 drop_lease(id, job)
+if ARGV[6] == '1' then
+  redis.call('HINCRBY', tasks_key(job), 'r' .. index, 1)
+  redis.call('LPUSH', PENDING, job .. '/' .. index)
+  return 0
+end
 local retryable = ARGV[3] == '1'
 redis.call('HINCRBY', STATS, 'failures', 1)
-if retryable and tonumber(attempt) < tonumber(ARGV[5]) then
+local used = counted(job, index, attempt)
+if retryable and used < tonumber(ARGV[5]) then
   redis.call('HINCRBY', STATS, 'retries', 1)
   redis.call('RPUSH', PENDING, job .. '/' .. index)
 else
   local why = ''
-  if retryable then why = ' (after ' .. attempt .. ' attempts)' end
+  if retryable then why = ' (after ' .. used .. ' attempts)' end
   fail_job(job, 'task ' .. job .. '/' .. index .. ' failed' .. why .. ': ' .. ARGV[4])
 end
 return 0
@@ -618,7 +633,7 @@ impl StateStore for RedisStateStore {
 
     async fn fail(&self, lease_id: &str, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inv = self.invocation(&self.scripts.fail);
-        inv.arg(lease_id).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts);
+        inv.arg(lease_id).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts).arg(if failure.released { "1" } else { "0" });
         lease_state(self.invoke(&inv).await?)
     }
 
@@ -805,7 +820,7 @@ mod tests {
         // Expired leases go back to the front of the line; retries to the back.
         let l1 = s.lease("w", 100, POLICY).await.unwrap().unwrap();
         assert_eq!(l1.task.index, 1);
-        s.fail(&l1.lease_id, Failure { retryable: true, message: "x".into() }, 100, POLICY).await.unwrap();
+        s.fail(&l1.lease_id, Failure::new(true, "x"), 100, POLICY).await.unwrap();
         let later = 100 + POLICY.ttl_ms;
         let again = s.lease("w", later, POLICY).await.unwrap().unwrap();
         assert_eq!((again.task.index, again.attempt), (0, 2), "the expired task comes first");

@@ -106,7 +106,7 @@ impl Coordinator {
         store.put(atlas::ATLAS_KEY, loupe_core::to_json(&manifest)).await?;
         loupe_core::viewer::write(store.as_ref()).await?;
         let tasks = shard::shard(&spec, &done, &shards);
-        let skipped = done.len() as u64;
+        let skipped = (done.units.len() + done.items.len()) as u64;
         let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
         info!(job_id, images_skipped = skipped, dataset_shards = shards.len(), "job submitted");
         self.index_if_done(&job_id).await?;

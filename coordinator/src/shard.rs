@@ -17,16 +17,6 @@ pub struct Done {
     pub items: HashSet<(String, Technique, String)>,
 }
 
-impl Done {
-    pub fn len(&self) -> usize {
-        self.units.len() + self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Splits the job into tasks, leaving out the images in `done`.
 /// Units keep their order, so a resumed job batches the remaining units the same way
 /// every time. Job id and index are filled in by the state store.

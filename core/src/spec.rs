@@ -355,9 +355,8 @@ impl RenderSettings {
                 return Err(Error::invalid(name, format!("{v} is not a number >= 0")));
             }
         }
-        let mut names = std::collections::HashSet::new();
         for (what, list) in [("deepdream_inputs", &o.deepdream_inputs), ("caricature_inputs", &o.caricature_inputs)] {
-            names.clear();
+            let mut names = std::collections::HashSet::new();
             for i in list {
                 check_item_name(what, &i.name)?;
                 if !names.insert(i.name.as_str()) {

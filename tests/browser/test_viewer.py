@@ -20,6 +20,7 @@ run from the repository root; unset, `python3 -m http.server {port} --bind 127.0
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -145,26 +146,29 @@ def check_page(page, base: str, allow_missing: bool) -> None:
         assert page.failed == [], f"requests that failed on a complete atlas: {page.failed}"
 
 
+@contextlib.contextmanager
+def new_page(browser):
+    """A fresh 1280x800 tab, closed afterwards whatever happens."""
+    page = browser.new_page(width=1280, height=800)
+    try:
+        yield page
+    finally:
+        browser.send("Target.closeTarget", {"targetId": page.target})
+        browser.pages.remove(page)
+
+
 @pytest.fixture
 def page(browser, site):
-    p = browser.new_page(width=1280, height=800)
-    yield p
-    try:
+    with new_page(browser) as p:
+        yield p
         check_page(p, site, allow_missing=False)
-    finally:
-        browser.send("Target.closeTarget", {"targetId": p.target})
-        browser.pages.remove(p)
 
 
 @pytest.fixture
 def partial_page(browser, partial_site):
-    p = browser.new_page(width=1280, height=800)
-    yield p
-    try:
+    with new_page(browser) as p:
+        yield p
         check_page(p, partial_site, allow_missing=True)
-    finally:
-        browser.send("Target.closeTarget", {"targetId": p.target})
-        browser.pages.remove(p)
 
 
 # ------------------------------------------------------------------ helpers
@@ -481,8 +485,7 @@ def escaped_site(atlas_dir, tmp_path_factory):
 
 
 def test_escaped_layer_names(browser, escaped_site):
-    page = browser.new_page(width=1280, height=800)
-    try:
+    with new_page(browser) as page:
         open_view(page, escaped_site, "atlas")
         link = page.eval("(a => [a.textContent, a.getAttribute('href')])([...document.querySelectorAll('.layer-name')][1])")
         assert link == ["conv/2", "#/layer/conv%2F2"]
@@ -500,9 +503,6 @@ def test_escaped_layer_names(browser, escaped_site):
         page.wait_for("document.querySelectorAll('.examples img.crop').length === 8")
         page.wait_for("[...document.querySelectorAll('.examples img.crop')].every(i => i.complete && i.naturalWidth > 0)")
         check_page(page, escaped_site, allow_missing=False)
-    finally:
-        browser.send("Target.closeTarget", {"targetId": page.target})
-        browser.pages.remove(page)
 
 
 # ------------------------------------------------------------------ no atlas yet, a wide layer
@@ -511,17 +511,13 @@ def test_escaped_layer_names(browser, escaped_site):
 def test_no_atlas_yet(browser, tmp_path):
     """Before a job has written atlas.json the page says so and does not break."""
     install_viewer(tmp_path)
-    page = browser.new_page(width=1280, height=800)
-    try:
+    with new_page(browser) as page:
         with cdp.serve(tmp_path, cwd=ROOT) as base:
             for hash_ in ("", "#/layer/conv1", "#/layer/conv1/unit/3"):
                 page.goto("about:blank")
                 page.goto(base + hash_)
                 page.wait_for("document.querySelector('h1') && document.querySelector('h1').textContent === 'No atlas here yet'")
             assert page.exceptions == []
-    finally:
-        browser.send("Target.closeTarget", {"targetId": page.target})
-        browser.pages.remove(page)
 
 
 WIDE = 4096
@@ -549,8 +545,7 @@ def wide_site(atlas_dir, tmp_path_factory):
 
 
 def test_a_layer_of_4096_units_loads_lazily(browser, wide_site):
-    page = browser.new_page(width=1280, height=800)
-    try:
+    with new_page(browser) as page:
         open_view(page, wide_site + "#/layer/wide?technique=channel", "layer")
         assert page.eval("document.querySelectorAll('#grid .unit').length") == WIDE
         page.browser.pump(0.5)
@@ -567,9 +562,6 @@ def test_a_layer_of_4096_units_loads_lazily(browser, wide_site):
         # Only channel images and no dataset here: the other techniques and examples.json
         # are asked for and not found.
         check_page(page, wide_site, allow_missing=True)
-    finally:
-        browser.send("Target.closeTarget", {"targetId": page.target})
-        browser.pages.remove(page)
 
 
 # ------------------------------------------------------------------ diversity, snapshots, per-layer techniques
@@ -636,15 +628,11 @@ def techniques_site(techniques_dir):
 
 @pytest.fixture
 def tech_page(browser, techniques_site):
-    p = browser.new_page(width=1280, height=800)
-    yield p
-    try:
+    with new_page(browser) as p:
+        yield p
         # No dataset here: examples.json is asked for and not found, and nothing else.
         check_page(p, techniques_site, allow_missing=True)
         assert all(u.endswith("/examples.json") for u, _ in p.failed), p.failed
-    finally:
-        browser.send("Target.closeTarget", {"targetId": p.target})
-        browser.pages.remove(p)
 
 
 # A unit page's figures: technique, the final images, the snapshots with their steps.
@@ -767,8 +755,7 @@ def edited_site(techniques_dir, tmp_path_factory):
 
 
 def test_dead_units_and_unit_records(browser, edited_site):
-    page = browser.new_page(width=1280, height=800)
-    try:
+    with new_page(browser) as page:
         open_view(page, edited_site + "#/layer/conv3/unit/0", "unit")
         figures = page.eval(UNIT_FIGURES)
         assert [(f["technique"], f["dead"]) for f in figures] == [("channel", True), ("diversity", False)]
@@ -791,6 +778,3 @@ def test_dead_units_and_unit_records(browser, edited_site):
         # Only the missing layer.json (and examples.json: no dataset) were asked for in vain.
         check_page(page, edited_site, allow_missing=True)
         assert all(u.endswith(("/layer.json", "/examples.json")) for u, _ in page.failed), page.failed
-    finally:
-        browser.send("Target.closeTarget", {"targetId": page.target})
-        browser.pages.remove(page)

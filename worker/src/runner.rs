@@ -161,10 +161,8 @@ fn render_units(l: &mut Loaded, lease: &Lease, profile: bool, cancel: &AtomicBoo
 /// Renders one per-layer technique's items on the torch thread.
 fn render_items(l: &mut Loaded, lease: &Lease, items: &[LayerItem], profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<RenderedItem>> {
     let Work::LayerRender { layer, technique, .. } = &lease.task.work else { unreachable!("only layer renders render items") };
-    let info = l.layer(layer)?;
-    if let Some(LayerItemKind::Direction { vector }) = items.iter().map(|i| &i.kind).find(|k| matches!(k, LayerItemKind::Direction { vector } if vector.len() != info.units() as usize)) {
-        return Err(Error::Model(format!("a direction has {} values, but layer {layer:?} has {} units", vector.len(), info.units())));
-    }
+    // Unknown layers are named here; render_layer checks each direction against the layer.
+    l.layer(layer)?;
     let settings = lease.job.settings_for(layer);
     l.model.set_precision(settings.precision);
     let max_batch = l.max_batch.entry(format!("{layer}/{technique}")).or_default();

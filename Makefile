@@ -4,11 +4,15 @@
 LOUPE := target/release/loupe
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build services demo test bench-cpu fixtures
+.PHONY: setup setup-test build services demo test bench-cpu fixtures
 
-# The project-local venv with libtorch and torchvision (see tools/setup-venv.sh).
+# The project-local venv: libtorch for `make demo`; with --test, what the tests and
+# tools/export.py use as well (see tools/setup-venv.sh).
 setup:
 	tools/setup-venv.sh
+
+setup-test:
+	tools/setup-venv.sh --test
 
 build: setup
 	cargo build --release --bin loupe
@@ -24,7 +28,7 @@ demo: build
 	@echo "demo atlas: $(CURDIR)/atlas/demo; to browse it: $(LOUPE) serve atlas/demo"
 
 # Everything the README's test command runs. The end-to-end tests run the binaries.
-test: setup services
+test: setup-test services
 	cargo build --release --bins
 	cargo test --release --workspace
 	.venv/bin/python -m pytest -q tests/python
@@ -36,6 +40,6 @@ bench-cpu: build
 	bench/cpu.sh
 
 # Regenerates the committed models (demo and test fixtures).
-fixtures: setup
+fixtures: setup-test
 	.venv/bin/python tools/make_demo_model.py
 	.venv/bin/python tools/make_test_models.py

@@ -6,7 +6,9 @@ use common::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use loupe_testsupport::wait_for;
 
 const TINY: &[&str] = &["--steps", "8", "--size", "16", "--device", "cpu", "--batch", "4"];
 
@@ -83,15 +85,6 @@ fn bf16_is_recorded_changes_the_images_and_is_not_mixed_into_an_fp32_atlas() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"), "{}", String::from_utf8_lossy(&o.stderr));
     let o = loupe().args(["render", "--model"]).arg(fixture("tiny.pt")).arg("--out").arg(dir.path().join("x")).args(["--precision", "fp16"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fp16"), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// Waits for `cond` with a deadline instead of sleeping for a fixed time.
-fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn records(out: &Path) -> Vec<String> {

@@ -16,27 +16,32 @@ const STRIPES: [(f64, u32); 4] = [(0.0, 4), (45.0, 5), (90.0, 6), (135.0, 7)];
 const SIZE: u32 = 64;
 const ARGS: &[&str] = &["--layers", "logits", "--units", "0..8", "--techniques", "channel", "--steps", "256", "--size", "64", "--batch", "8", "--device", "cpu"];
 
-fn channel_means(rgb: &[u8]) -> [f64; 3] {
-    let mut m = [0.0; 3];
-    for px in rgb.chunks(3) {
-        for c in 0..3 {
-            m[c] += px[c] as f64 / 255.0;
-        }
-    }
-    m.map(|v| v / (rgb.len() / 3) as f64)
+/// The share of pixels in which the colour's channels are the brightest (for yellow, red
+/// and green both above blue).
+fn colour_share(rgb: &[u8], colour: &str) -> f64 {
+    let brightest = rgb
+        .chunks(3)
+        .filter(|p| {
+            let (r, g, b) = (p[0], p[1], p[2]);
+            match colour {
+                "red" => r > g && r > b,
+                "green" => g > r && g > b,
+                "blue" => b > r && b > g,
+                "yellow" => r > b && g > b,
+                _ => unreachable!(),
+            }
+        })
+        .count();
+    brightest as f64 / (rgb.len() / 3) as f64
 }
 
-/// The image shows the colour: its defining channels' means exceed the others' by 0.1.
+/// The image shows the colour: its channels are the brightest in most pixels. Rendered
+/// logits score 0.66 to 0.78 on both precisions; a near-grey start a third or less. (A
+/// margin of 0.1 between channel means, the check before, was too close to call for the
+/// green logit, whose image also holds a purple patch: 0.121 in fp32, 0.099 in bf16 with
+/// the AVX-512 BF16 kernels of an Intel Xeon.)
 fn shows_colour(rgb: &[u8], colour: &str) -> bool {
-    let [r, g, b] = channel_means(rgb);
-    let m = 0.1;
-    match colour {
-        "red" => r > g + m && r > b + m,
-        "green" => g > r + m && g > b + m,
-        "blue" => b > r + m && b > g + m,
-        "yellow" => r > b + m && g > b + m,
-        _ => unreachable!(),
-    }
+    colour_share(rgb, colour) > 0.5
 }
 
 /// Share of the spectral energy (grey levels, lowest frequencies left out) whose
@@ -94,9 +99,9 @@ fn check_class_logits(precision: &str) {
     };
     for (colour, unit) in COLOURS {
         let rgb = image(unit);
-        assert!(shows_colour(&rgb, colour), "{precision}: logit {unit} ({colour}): channel means {:?}", channel_means(&rgb));
+        assert!(shows_colour(&rgb, colour), "{precision}: logit {unit} ({colour}): share of pixels {}", colour_share(&rgb, colour));
         let start = initial(unit);
-        assert!(!shows_colour(&start, colour), "the check must fail on the initial image: {:?}", channel_means(&start));
+        assert!(!shows_colour(&start, colour), "the check must fail on the initial image: {}", colour_share(&start, colour));
     }
     for (degrees, unit) in STRIPES {
         let rgb = image(unit);

@@ -38,8 +38,9 @@ struct Args {
     #[arg(long, env = "LOUPE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Address of the HTTP endpoints /metrics (Prometheus), /healthz and /readyz.
-    #[arg(long, env = "LOUPE_METRICS_LISTEN", default_value = "0.0.0.0:9600")]
-    metrics_listen: SocketAddr,
+    /// Default: 0.0.0.0:9600 (workers default to 9601, so both run on one machine).
+    #[arg(long, env = "LOUPE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Refuse jobs whose atlas is not under this URI (e.g. s3://bucket/atlases): the
     /// cluster's workers can write only there.
     #[arg(long, env = "LOUPE_OUT_PREFIX")]
@@ -65,8 +66,9 @@ async fn main() -> Result<()> {
         bail!("--max-attempts must be at least 1");
     }
     let token = args.token_file.as_deref().map(loupe_core::read_token_file).transpose()?;
-    // Both of rustls's providers are linked (aws-sdk-s3 brings aws-lc-rs), so neither is
-    // the default until one is chosen; tonic's TLS server needs a default.
+    // tonic's TLS server needs a process-wide rustls provider. Only ring is linked, which
+    // rustls would pick by itself; choosing it here keeps that true if a dependency ever
+    // turns on a second provider (then neither would be the default).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(tonic::transport::Identity::from_pem(read_pem(cert, "TLS certificate")?, read_pem(key, "TLS key")?)),
@@ -82,7 +84,8 @@ async fn main() -> Result<()> {
     let coordinator = Arc::new(Coordinator::new(state, CoordinatorConfig { lease_ttl: args.lease_ttl, max_attempts: args.max_attempts, out_prefix: args.out_prefix }));
     coordinator.recover().await.context("recovering jobs left by a previous coordinator")?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
+    let metrics_addr = args.metrics_listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], loupe_metrics::COORDINATOR_PORT)));
+    let metrics = tokio::net::TcpListener::bind(metrics_addr).await.with_context(|| format!("listening on {metrics_addr} (--metrics-listen)"))?;
     info!(
         listen = %listener.local_addr()?, metrics = %metrics.local_addr()?,
         state = %args.state.split('@').next_back().unwrap_or(""), auth = token.is_some(), tls = tls.is_some(),

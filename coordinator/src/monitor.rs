@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 use tracing::warn;
 
 use loupe_core::job::JobState;
@@ -78,9 +80,7 @@ impl Probe for Monitor {
 /// Keeps the gRPC health of `loupe.v1.Jobs` and `loupe.v1.Workers` at SERVING while the
 /// state store answers and NOT_SERVING while it does not (readiness probes ask for them);
 /// the overall service `""` stays SERVING while the process runs (liveness).
-pub async fn keep_health(coordinator: Arc<Coordinator>, reporter: tonic_health::server::HealthReporter) {
-    use loupe_proto::v1::{jobs_server::JobsServer, workers_server::WorkersServer};
-    use tonic_health::ServingStatus;
+pub async fn keep_health(coordinator: Arc<Coordinator>, reporter: HealthReporter) {
     let mut last = None;
     loop {
         let up = coordinator.state.ping().await;
@@ -88,13 +88,18 @@ pub async fn keep_health(coordinator: Arc<Coordinator>, reporter: tonic_health::
             if let Err(e) = &up {
                 warn!(error = %e, "the state store does not answer: not ready");
             }
-            let status = if up.is_ok() { ServingStatus::Serving } else { ServingStatus::NotServing };
-            reporter.set_service_status(<JobsServer<crate::server::JobsApi> as tonic::server::NamedService>::NAME, status).await;
-            reporter.set_service_status(<WorkersServer<crate::server::WorkersApi> as tonic::server::NamedService>::NAME, status).await;
+            set_health(&reporter, if up.is_ok() { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
             last = Some(up.is_ok());
         }
         tokio::time::sleep(HEALTH_INTERVAL).await;
     }
+}
+
+/// Sets the gRPC health of both services that depend on the state store.
+pub async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    use loupe_proto::v1::{jobs_server::JobsServer, workers_server::WorkersServer};
+    reporter.set_service_status(<JobsServer<crate::server::JobsApi> as tonic::server::NamedService>::NAME, status).await;
+    reporter.set_service_status(<WorkersServer<crate::server::WorkersApi> as tonic::server::NamedService>::NAME, status).await;
 }
 
 #[cfg(test)]
@@ -113,9 +118,11 @@ mod tests {
         ServingStatus::try_from(r.status).unwrap()
     }
 
-    /// Waits (polling, within a deadline) until `service` reports `want`.
+    /// Waits (polling, within a deadline) until `service` reports `want`. The deadline is
+    /// generous: a loaded machine may take several health intervals, and a Redis that was
+    /// just killed can take its client's timeouts to be noticed.
     async fn until(port: u16, service: &str, want: ServingStatus) {
-        let deadline = tokio::time::Instant::now() + HEALTH_INTERVAL * 4;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while health(port, service).await != want {
             assert!(tokio::time::Instant::now() < deadline, "{service} never became {want:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -199,6 +199,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Registered before the first request can arrive: until the state store has
+    // answered, a readiness probe reads NOT_SERVING, not "service not registered".
+    crate::monitor::set_health(&health, tonic_health::ServingStatus::NotServing).await;
     let health_task = tokio::spawn(crate::monitor::keep_health(coordinator.clone(), health));
     let auth = BearerAuth::new(options.token);
     // Small request/response RPCs: without TCP_NODELAY, Nagle's algorithm and delayed

@@ -96,8 +96,8 @@ impl FromStr for Technique {
     }
 }
 
-/// How the optimised image is represented (RECIPES.md "FFT parameterisation",
-/// "Decorrelated colour").
+/// How the optimised image is represented (docs/techniques.md "The peers' recipe":
+/// "FFT parameterisation", "Decorrelated colour").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ParamSettings {
@@ -127,8 +127,8 @@ impl Default for ParamSettings {
     }
 }
 
-/// The random transforms applied at every step, in this order (RECIPES.md "Standard
-/// transforms"); the defaults are lucid's and lucent's standard set.
+/// The random transforms applied at every step, in this order (docs/techniques.md
+/// "The peers' recipe"); the defaults are lucid's and lucent's standard set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TransformSettings {

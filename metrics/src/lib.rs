@@ -14,6 +14,7 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -99,6 +100,27 @@ fn format_value(v: f64) -> String {
     }
 }
 
+/// Where each binary serves these endpoints when `--metrics-listen` is not given. The
+/// ports differ so that a coordinator and a worker started on one machine with their
+/// defaults do not collide; on Kubernetes each pod has its own address and the chart sets
+/// the address explicitly.
+pub const COORDINATOR_PORT: u16 = 9600;
+pub const WORKER_PORT: u16 = 9601;
+
+/// The listener for `--metrics-listen`: `given` exactly (an error if it is taken), else
+/// `0.0.0.0:default_port`, or any free port when that one is taken, so that several
+/// workers on one machine (one per GPU) start with their defaults. The caller logs the
+/// address it got.
+pub async fn bind(given: Option<SocketAddr>, default_port: u16) -> std::io::Result<TcpListener> {
+    if let Some(addr) = given {
+        return TcpListener::bind(addr).await;
+    }
+    match TcpListener::bind((Ipv4Addr::UNSPECIFIED, default_port)).await {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).await,
+        bound => bound,
+    }
+}
+
 /// Serves the endpoints on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, probe: Arc<dyn Probe>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
@@ -178,6 +200,21 @@ mod tests {
                 Err("the store is down".into())
             }
         }
+    }
+
+    #[tokio::test]
+    async fn the_default_address_falls_back_to_a_free_port_and_a_given_one_does_not() {
+        assert_ne!(COORDINATOR_PORT, WORKER_PORT);
+        // The default port taken (by this test, or by anything else on the machine).
+        let holder = TcpListener::bind((Ipv4Addr::UNSPECIFIED, WORKER_PORT)).await;
+        let first = bind(None, WORKER_PORT).await.unwrap();
+        let second = bind(None, WORKER_PORT).await.unwrap();
+        let (a, b) = (first.local_addr().unwrap().port(), second.local_addr().unwrap().port());
+        assert!(a != b && a != WORKER_PORT && b != WORKER_PORT, "{a} {b}");
+        drop(holder);
+        // An address given explicitly is used as given, and its being taken is an error.
+        let taken = first.local_addr().unwrap();
+        assert_eq!(bind(Some(taken), WORKER_PORT).await.unwrap_err().kind(), std::io::ErrorKind::AddrInUse);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

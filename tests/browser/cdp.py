@@ -59,7 +59,7 @@ class Browser:
         self.pages: list[Page] = []
 
     @classmethod
-    def launch(cls, binary: str | None = None, timeout: float = 30.0) -> "Browser":
+    def launch(cls, binary: str | None = None, timeout: float = 60.0) -> "Browser":
         binary = binary or find_chromium()
         if not binary:
             raise CDPError("no Chromium found (apt-get install -y chromium, or set $CHROMIUM)")
@@ -213,7 +213,7 @@ class Page:
             {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile},
         )
 
-    def goto(self, url: str, timeout: float = 30.0) -> None:
+    def goto(self, url: str, timeout: float = 60.0) -> None:
         self._loaded = False
         result = self.send("Page.navigate", {"url": url})
         if "errorText" in result:
@@ -226,7 +226,7 @@ class Page:
                 raise CDPError(f"{url}: no load event in {timeout} s")
             self.browser.pump(0.05)
 
-    def eval(self, expression: str, timeout: float = 30.0):
+    def eval(self, expression: str, timeout: float = 60.0):
         """Evaluates an expression (promises awaited) and returns its value as JSON."""
         result = self.send(
             "Runtime.evaluate",
@@ -238,8 +238,9 @@ class Page:
             raise CDPError(f"{expression!r}: {d.get('exception', {}).get('description') or d.get('text')}")
         return result.get("result", {}).get("value")
 
-    def wait_for(self, expression: str, timeout: float = 15.0, interval: float = 0.05):
-        """Waits until an expression is truthy and returns its value."""
+    def wait_for(self, expression: str, timeout: float = 60.0, interval: float = 0.05):
+        """Waits until an expression is truthy and returns its value. The deadline is
+        generous: the browser tests must pass on a loaded 2-core machine."""
         deadline = time.monotonic() + timeout
         last = None
         while True:
@@ -270,7 +271,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(directory: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = 20.0):
+def serve(directory: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = 60.0):
     """Serves `directory` over HTTP on 127.0.0.1; yields the base URL (with a final /).
 
     The command comes from $LOUPE_VIEWER_SERVE, a template with `{dir}` and `{port}`

@@ -224,7 +224,7 @@ def grid(page) -> list[dict]:
 
 def settle_grid(page) -> list[dict]:
     scroll_through(page)
-    page.wait_for(GRID_SETTLED, timeout=20)
+    page.wait_for(GRID_SETTLED)
     return grid(page)
 
 
@@ -647,6 +647,7 @@ UNIT_FIGURES = """[...document.querySelectorAll('.technique')].map(f => ({
     images: [...s.querySelectorAll('img')].map(i => ({ src: i.getAttribute('src'), width: i.naturalWidth })) })),
 }))"""
 
+ITEM_IMAGES_LOADED = "[...document.querySelectorAll('.items img')].every(i => i.getAttribute('src') && i.complete && i.naturalWidth === 32)"
 ALL_IMAGES_LOADED = "[...document.images].filter(i => i.getAttribute('src')).every(i => i.complete && i.naturalWidth > 0)"
 
 
@@ -690,6 +691,10 @@ def test_layer_page_shows_per_layer_techniques(tech_page, techniques_site, techn
     page = tech_page
     open_view(page, techniques_site + "#/layer/conv3", "layer")
     layer = layer_json(techniques_dir, "conv3")
+    # Item images are lazy: their src is set when they come near the screen, so wait for
+    # every one to have loaded before reading them.
+    page.wait_for("document.querySelectorAll('.items img').length >= 3")
+    page.wait_for(ITEM_IMAGES_LOADED)
     sections = page.eval("""[...document.querySelectorAll('.items')].map(s => ({
       technique: s.dataset.technique, heading: s.querySelector('h2').textContent,
       items: [...s.querySelectorAll('.item')].map(li => ({
@@ -708,9 +713,6 @@ def test_layer_page_shows_per_layer_techniques(tech_page, techniques_site, techn
             assert shown["src"] == "layers/conv3/" + e["image"]
             assert float(shown["objective"].split()[1]) == pytest.approx(e["objective"], rel=1e-2, abs=1e-3)
             assert shown["steps"] == [f"step {x['step']}" for x in e.get("snapshots", [])]
-    # Every item image (and snapshot) loads.
-    page.wait_for("document.querySelectorAll('.items img').length >= 3")
-    page.wait_for("[...document.querySelectorAll('.items img')].every(i => i.getAttribute('src') && i.complete && i.naturalWidth === 32)")
 
     # The grid's technique switch offers the per-unit techniques; diversity shows its
     # first image.

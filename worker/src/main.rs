@@ -33,8 +33,9 @@ struct Args {
     #[arg(long, env = "LOUPE_TLS_DOMAIN")]
     tls_domain: Option<String>,
     /// Address of the HTTP endpoints /metrics (Prometheus), /healthz and /readyz.
-    #[arg(long, env = "LOUPE_METRICS_LISTEN", default_value = "0.0.0.0:9600")]
-    metrics_listen: std::net::SocketAddr,
+    /// Default: 0.0.0.0:9601, or any free port when another worker on this machine has it.
+    #[arg(long, env = "LOUPE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// This worker's name in the coordinator's messages; default: host name and process id.
     #[arg(long, env = "LOUPE_WORKER_NAME")]
     name: Option<String>,
@@ -59,7 +60,10 @@ async fn main() -> Result<()> {
     let tls = TlsOptions { ca: args.tls_ca, domain: args.tls_domain };
     let api = Arc::new(GrpcWorkerApi::new(channel(&args.coordinator, &tls).map_err(anyhow::Error::msg)?, token));
     let metrics = Arc::new(WorkerMetrics::new(device));
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
+    let listener = loupe_metrics::bind(args.metrics_listen, loupe_metrics::WORKER_PORT).await.with_context(|| match args.metrics_listen {
+        Some(addr) => format!("listening on {addr} (--metrics-listen)"),
+        None => "listening for metrics on any port".to_string(),
+    })?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
     let name = args.name.unwrap_or_else(|| format!("{host}-{}", std::process::id()));
     info!(worker = %name, device = %describe(device), coordinator = %args.coordinator, metrics = %listener.local_addr()?, render = !args.no_render, "worker starting");

@@ -1,5 +1,5 @@
 //! Objectives: what each technique maximises for one unit per batch element
-//! (RECIPES.md "Objectives"; lucent `optvis/objectives.py`).
+//! (docs/techniques.md "The peers' recipe"; lucent `optvis/objectives.py`).
 
 use tch::{Device, Kind, Tensor};
 

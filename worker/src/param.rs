@@ -1,5 +1,5 @@
 //! The image parameterisation of lucid's `param.image(size)`: a Fourier spectrum scaled by
-//! 1/frequency, decorrelated colour and a sigmoid (RECIPES.md; lucid
+//! 1/frequency, decorrelated colour and a sigmoid (docs/techniques.md "The peers' recipe"; lucid
 //! `optvis/param/spatial.py` and `color.py`, lucent `optvis/param/spatial.py`).
 
 use tch::{Device, Kind, Tensor};
@@ -190,7 +190,7 @@ mod tests {
 
     #[test]
     fn colour_matrix_is_lucids_normalised_by_its_largest_column_norm() {
-        // RECIPES.md: the largest column L2 norm is about 0.462.
+        // docs/techniques.md "The peers' recipe": the largest column L2 norm is about 0.462.
         let m = COLOR_CORRELATION_SVD_SQRT;
         let norm0 = (m[0][0] * m[0][0] + m[1][0] * m[1][0] + m[2][0] * m[2][0]).sqrt();
         assert!((norm0 - 0.4621).abs() < 1e-3, "{norm0}");

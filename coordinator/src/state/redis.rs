@@ -724,11 +724,11 @@ mod tests {
         loop {
             match f().await {
                 Ok(v) => return v,
-                Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                Err(e) if start.elapsed() < Duration::from_secs(120) => {
                     eprintln!("{what}: {e}; retrying");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => panic!("{what}: still failing after 30s: {e}"),
+                Err(e) => panic!("{what}: still failing after 120 s: {e}"),
             }
         }
     }
@@ -952,19 +952,21 @@ mod tests {
         // after the last one's completion always sees them all).
         let maps_reported = Arc::new(AtomicU32::new(0));
         let mut handles = Vec::new();
+        let total = RENDERS + MAPS + REDUCES;
+        let deadline = Instant::now() + Duration::from_secs(120);
         for (n, store) in [a.clone(), b.clone()].into_iter().cycle().take(8).enumerate() {
             let maps_reported = maps_reported.clone();
+            let id = id.clone();
             handles.push(tokio::spawn(async move {
                 let mut got = Vec::new();
-                let mut idle = 0;
-                while idle < 50 {
+                // Each worker stops when every task is done, not after some idle polls: a
+                // reduce may stay blocked for a long time behind maps other workers hold.
+                while store.job(&id).await.unwrap().tasks_done < total {
+                    assert!(Instant::now() < deadline, "the job was not drained within the deadline");
                     let Some(lease) = store.lease(&format!("w{n}"), 0, POLICY).await.unwrap() else {
-                        // Reduces may still be blocked behind maps other workers hold.
-                        idle += 1;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        tokio::task::yield_now().await;
                         continue;
                     };
-                    idle = 0;
                     match lease.task.work {
                         Work::Map { .. } => {
                             maps_reported.fetch_add(1, Ordering::SeqCst);
@@ -982,46 +984,39 @@ mod tests {
         for h in handles {
             all.extend(h.await.unwrap());
         }
-        let total = RENDERS + MAPS + REDUCES;
         assert_eq!(all.len(), total as usize, "every task granted exactly once");
         assert_eq!(all.iter().copied().collect::<HashSet<_>>(), (0..total).collect::<HashSet<_>>());
         let st = b.job(&id).await.unwrap();
         assert_eq!((st.state, st.tasks_done, st.maps_done, st.reduces_done), (JobState::Indexing, total, MAPS, REDUCES));
     }
 
-    /// A job of a million units in batches of 64 (15,625 tasks) is submitted in one go and
-    /// leased and completed by concurrent workers; prints the rate.
+    /// A job of a million units in batches of 64 (15,625 tasks), submitted in one call, is
+    /// leased and completed by 32 concurrent workers: every task exactly once, and every
+    /// unit counted. (Its speed is bench/scale's figure, not this test's.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_big_job_is_submitted_and_drained_quickly() {
+    async fn a_million_unit_job_is_leased_once_per_task_by_concurrent_workers() {
         const TASKS: u32 = 15_625;
         let server = RedisServer::start();
         let s = Arc::new(RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap());
-        let start = Instant::now();
         let id = s.create_job(spec(), tasks(TASKS, 64), 0, 0).await.unwrap();
-        let submitted = start.elapsed();
-        let start = Instant::now();
         let mut handles = Vec::new();
         for w in 0..32 {
             let s = s.clone();
             handles.push(tokio::spawn(async move {
-                let mut n = 0u32;
+                let mut got = Vec::new();
                 while let Some(l) = s.lease(&format!("w{w}"), 0, POLICY).await.unwrap() {
                     assert_eq!(s.complete(&l.lease_id, 0).await.unwrap().lease, LeaseState::Held);
-                    n += 1;
+                    got.push(l.task.index);
                 }
-                n
+                got
             }));
         }
-        let mut total = 0;
+        let mut all = Vec::new();
         for h in handles {
-            total += h.await.unwrap();
+            all.extend(h.await.unwrap());
         }
-        let drained = start.elapsed();
-        eprintln!(
-            "submitted {TASKS} tasks in {submitted:?}; leased and completed them in {drained:?} ({:.0} tasks/s)",
-            TASKS as f64 / drained.as_secs_f64()
-        );
-        assert_eq!(total, TASKS);
+        assert_eq!(all.len(), TASKS as usize, "no task granted twice");
+        assert_eq!(all.into_iter().collect::<HashSet<_>>(), (0..TASKS).collect::<HashSet<_>>(), "every task granted");
         let st = s.job(&id).await.unwrap();
         assert_eq!((st.state, st.tasks_done, st.images_done), (JobState::Indexing, TASKS, 64 * TASKS as u64));
     }

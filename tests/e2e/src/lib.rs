@@ -98,7 +98,10 @@ impl Cluster {
             token: token.map(str::to_string),
             coordinator: None,
             workers: Vec::new(),
-            lease_ttl: "2s",
+            // Short, so that a killed worker's task comes back soon, but long enough that
+            // a worker starved of CPU on a loaded machine still renews in time (it renews
+            // every third of the TTL).
+            lease_ttl: "6s",
         };
         if let Some(t) = token {
             std::fs::write(c.dir.path().join("token"), t).unwrap();
@@ -149,7 +152,7 @@ impl Cluster {
             .unwrap();
         self.coordinator = Some(child);
         let port = self.port;
-        wait_for("the coordinator to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_for("the coordinator to listen", Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     }
 
     /// SIGKILL, as a crash.
@@ -204,6 +207,7 @@ impl Cluster {
     pub fn s3_client(&self) -> aws_sdk_s3::Client {
         let creds = Credentials::new(loupe_testsupport::S3_ACCESS_KEY, loupe_testsupport::S3_SECRET_KEY, None, None, "test");
         let config = aws_sdk_s3::Config::builder()
+            .http_client(loupe_core::s3::http_client())
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(loupe_testsupport::S3_REGION))
             .endpoint_url(self.s3.endpoint())

@@ -203,7 +203,10 @@ fn a_cancelled_job_stops_its_workers() {
     let mut c = Cluster::start(None);
     let model = c.upload_tiny(&rt);
     c.start_worker();
-    let job = c.submit(&model, "s3://atlas/cancel", &["--steps", "3000", "--size", "16", "--batch", "1"]);
+    // Tasks of 20,000 steps (about 19 s each on an idle machine) span several lease
+    // renewals, so the worker is mid-task when it learns of the cancel, however fast the
+    // machine.
+    let job = c.submit(&model, "s3://atlas/cancel", &["--steps", "20000", "--size", "16", "--batch", "1"]);
     wait_for("a task to start", Duration::from_secs(60), || c.read_log("worker-0").contains("task leased"));
     let o = c.loupe(&["cancel", &job]);
     assert_ok(&o);
@@ -212,7 +215,7 @@ fn a_cancelled_job_stops_its_workers() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("was cancelled"), "{}", stderr(&o));
     // The worker learns it at its next heartbeat and drops the task.
-    wait_for("the worker to stop the task", Duration::from_secs(30), || c.read_log("worker-0").contains("lease ended; stopping the task"));
+    wait_for("the worker to stop the task", Duration::from_secs(60), || c.read_log("worker-0").contains("lease ended; stopping the task"));
     assert!(records(&c, &rt, "cancel/").len() < 21);
 }
 

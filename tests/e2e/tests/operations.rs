@@ -31,14 +31,14 @@ fn metrics_readiness_and_a_worker_that_hands_its_task_back_on_sigterm() {
     let rt = runtime();
     let mut c = Cluster::start(Some("t0ken"));
     let model = c.upload_tiny(&rt);
-    wait_for("the coordinator to be ready", Duration::from_secs(20), || get(c.metrics_port, "/readyz").0 == 200);
+    wait_for("the coordinator to be ready", Duration::from_secs(60), || get(c.metrics_port, "/readyz").0 == 200);
     assert_eq!(get(c.metrics_port, "/healthz").0, 200);
 
     // Two tasks, each long enough to be interrupted.
     let job = c.submit(&model, "s3://atlas/ops", &["--layers", "conv", "--units", "0..2", "--steps", "3000", "--size", "16", "--batch", "1", "--techniques", "channel"]);
     let first = c.start_worker();
-    wait_for("the worker to be ready", Duration::from_secs(30), || get(c.worker_metrics_ports[first], "/readyz").0 == 200);
-    wait_for("the worker to lease a task", Duration::from_secs(30), || c.read_log("worker-0").contains("task leased"));
+    wait_for("the worker to be ready", Duration::from_secs(60), || get(c.worker_metrics_ports[first], "/readyz").0 == 200);
+    wait_for("the worker to lease a task", Duration::from_secs(60), || c.read_log("worker-0").contains("task leased"));
     let status = std::process::Command::new("kill").args(["-TERM", &c.workers[first].id().to_string()]).status().unwrap();
     assert!(status.success());
     let exited = c.workers[first].wait().unwrap();
@@ -75,11 +75,11 @@ fn metrics_readiness_and_a_worker_that_hands_its_task_back_on_sigterm() {
 
     // Readiness follows the state store; liveness does not.
     c.redis.kill();
-    wait_for("the coordinator to report not ready", Duration::from_secs(20), || get(c.metrics_port, "/readyz").0 == 503);
+    wait_for("the coordinator to report not ready", Duration::from_secs(60), || get(c.metrics_port, "/readyz").0 == 503);
     assert_eq!(get(c.metrics_port, "/healthz").0, 200);
     assert_eq!(sample(&get(c.metrics_port, "/metrics").1, "loupe_state_store_up"), 0.0);
     c.redis.start_again();
-    wait_for("the coordinator to be ready again", Duration::from_secs(30), || get(c.metrics_port, "/readyz").0 == 200);
+    wait_for("the coordinator to be ready again", Duration::from_secs(60), || get(c.metrics_port, "/readyz").0 == 200);
 }
 
 #[test]

@@ -69,7 +69,7 @@ impl RedisServer {
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting redis-server");
         self.child = Some(child);
         let port = self.port;
-        wait_for("redis-server to listen", Duration::from_secs(20), || port_open(port));
+        wait_for("redis-server to listen", Duration::from_secs(60), || port_open(port));
     }
 
     pub fn url(&self) -> String {
@@ -98,7 +98,7 @@ impl RedisServer {
             let _ = c.wait();
         }
         let port = self.port;
-        wait_for("redis-server to stop", Duration::from_secs(20), || !port_open(port));
+        wait_for("redis-server to stop", Duration::from_secs(60), || !port_open(port));
     }
 }
 
@@ -139,7 +139,7 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting s3s-fs");
-        wait_for("s3s-fs to listen", Duration::from_secs(20), || port_open(port));
+        wait_for("s3s-fs to listen", Duration::from_secs(60), || port_open(port));
         S3Server { port, root, child }
     }
 

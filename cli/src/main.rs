@@ -1,6 +1,8 @@
-//! `loupe`: renders a model's atlas on this machine (`loupe render`) and shows what a model
-//! exposes (`loupe inspect`). `render` runs the same coordinator and worker loop as the
-//! cluster, in one process: an in-memory state store and a local-directory atlas.
+//! `loupe`: renders a model's atlas on this machine (`render`), shows what a model exposes
+//! (`inspect`), works with a cluster's coordinator (`submit`, `watch`, `status`, `jobs`,
+//! `cancel`) and serves an atlas's viewer from a directory or S3 (`serve`). `render` runs
+//! the same coordinator and worker loop as the cluster, in one process: an in-memory state
+//! store and a local-directory atlas.
 
 mod cluster;
 mod job;

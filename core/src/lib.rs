@@ -4,6 +4,8 @@
 //! - [`task`]: the unit of work a coordinator leases to a worker, and the lease itself.
 //! - [`atlas`]: the public on-disk/S3 layout (keys, manifests, per-unit records).
 //! - [`store`]: the [`store::ArtifactStore`] trait and its local-directory backend.
+//! - [`s3`]: the S3 backend of [`store::ArtifactStore`] (any S3-compatible store).
+//! - [`viewer`]: the static atlas viewer (viewer/), embedded and written into each atlas.
 //! - [`seed`]: how per-unit seeds derive from the job seed, so any worker gives the same image.
 //! - [`job`]: a job's state and progress.
 //! - [`api`]: the [`api::WorkerApi`] trait, the coordinator as a worker sees it.

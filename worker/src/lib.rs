@@ -4,6 +4,8 @@
 //! - [`model`]: loading a TorchScript model that follows docs/models.md, and its layers.
 //! - [`param`], [`transform`], [`objective`], [`render`]: the feature-visualisation recipe.
 //! - [`png`]: deterministic PNG encoding.
+//! - [`examples`]: the dataset tasks: a map's statistics over one shard, a reduce's merge,
+//!   crops and `stats.parquet`.
 //! - [`runner`]: the worker loop, with the render thread and lease renewal beside it.
 //! - [`device`]: `auto`, `cpu`, `cuda:N`, checked at start-up.
 //! - [`metrics`]: the worker's Prometheus metrics and readiness.

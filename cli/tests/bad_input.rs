@@ -11,7 +11,7 @@ fn assert_refused(args: &[&str], model: &std::path::Path, expect: &str) {
 fn assert_refused_with(args: &[&str], model: &std::path::Path, expect: &str, env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("atlas");
-    let o = loupe().arg("render").arg("--model").arg(model).arg("--out").arg(&out).args(args).envs(env.iter().copied()).output().unwrap();
+    let o = render_command(model, &out, args).envs(env.iter().copied()).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "expected failure for {args:?}");
     assert!(stderr.contains(expect), "message for {args:?} should contain {expect:?}, got: {stderr}");

@@ -37,10 +37,10 @@ struct Args {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "LOUPE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Address of the HTTP endpoints /metrics (Prometheus), /healthz and /readyz.
-    /// Default: 0.0.0.0:9600 (workers default to 9601, so both run on one machine).
-    #[arg(long, env = "LOUPE_METRICS_LISTEN")]
-    metrics_listen: Option<SocketAddr>,
+    /// Address of the HTTP endpoints /metrics (Prometheus), /healthz and /readyz (workers
+    /// default to port 9601, so both run on one machine).
+    #[arg(long, env = "LOUPE_METRICS_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], loupe_metrics::COORDINATOR_PORT)))]
+    metrics_listen: SocketAddr,
     /// Refuse jobs whose atlas is not under this URI (e.g. s3://bucket/atlases): the
     /// cluster's workers can write only there.
     #[arg(long, env = "LOUPE_OUT_PREFIX")]
@@ -84,8 +84,7 @@ async fn main() -> Result<()> {
     let coordinator = Arc::new(Coordinator::new(state, CoordinatorConfig { lease_ttl: args.lease_ttl, max_attempts: args.max_attempts, out_prefix: args.out_prefix }));
     coordinator.recover().await.context("recovering jobs left by a previous coordinator")?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let metrics_addr = args.metrics_listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], loupe_metrics::COORDINATOR_PORT)));
-    let metrics = tokio::net::TcpListener::bind(metrics_addr).await.with_context(|| format!("listening on {metrics_addr} (--metrics-listen)"))?;
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
     info!(
         listen = %listener.local_addr()?, metrics = %metrics.local_addr()?,
         state = %args.state.split('@').next_back().unwrap_or(""), auth = token.is_some(), tls = tls.is_some(),

@@ -783,9 +783,10 @@ mod tests {
     /// Images rendered with the default settings before the parameterisation, transforms,
     /// techniques and dead units became settings (sha256 of each unit's RGB bytes; seed 7,
     /// 20 steps): the defaults must keep rendering exactly these. Only fp32 is pinned:
-    /// these bytes are the same under every ATen CPU capability (default, AVX2, AVX-512)
-    /// and thread count we could try (docs/techniques.md "Determinism"). bf16 takes other
-    /// kernels on CPUs without AVX-512 and is checked by its tolerance below.
+    /// these bytes are the same under libtorch's AVX2 and AVX-512 kernels and with one
+    /// thread or two, though not under its kernels without SIMD; AVX2 is the least CPU
+    /// supported (docs/techniques.md "Determinism"). bf16 bytes differ between CPU kinds
+    /// and are checked by their tolerance below.
     #[test]
     fn default_settings_render_the_images_loupe_always_rendered() {
         let cases: [(&str, &str, Technique, &[u32], u32, &[&str]); 3] = [

@@ -24,7 +24,14 @@ pub fn loupe() -> Command {
 
 /// Runs `loupe render` with the given arguments after `--model M --out O`.
 pub fn render(model: &Path, out: &Path, args: &[&str]) -> Output {
-    loupe().arg("render").arg("--model").arg(model).arg("--out").arg(out).args(args).output().expect("running loupe")
+    render_command(model, out, args).output().expect("running loupe")
+}
+
+/// The `loupe render` command of [`render`], to adjust before running it.
+pub fn render_command(model: &Path, out: &Path, args: &[&str]) -> Command {
+    let mut c = loupe();
+    c.arg("render").arg("--model").arg(model).arg("--out").arg(out).args(args);
+    c
 }
 
 pub fn assert_ok(o: &Output) {

@@ -14,6 +14,7 @@
 //! Keys are relative, `/`-separated, and identical on a local disk and in S3.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +106,25 @@ pub fn parse_record_key(key: &str) -> Option<(&str, u32, Technique)> {
     }
     let technique = file.strip_suffix(".json")?.parse().ok()?;
     Some((segment, unit.parse().ok()?, technique))
+}
+
+/// What one image of a technique shows: a unit of the layer (the per-unit techniques:
+/// channel, neuron, negative, diversity) or a named item of the whole layer (the per-layer
+/// ones: a deepdream start, a caricature input, a direction).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Target {
+    Unit(u32),
+    Item(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Unit(u) => write!(f, "unit {u}"),
+            Target::Item(name) => write!(f, "item {name:?}"),
+        }
+    }
 }
 
 /// The model an atlas shows.

@@ -4,6 +4,7 @@
 //! - [`task`]: the unit of work a coordinator leases to a worker, and the lease itself.
 //! - [`atlas`]: the public on-disk/S3 layout (keys, manifests, per-unit records).
 //! - [`store`]: the [`store::ArtifactStore`] trait and its local-directory backend.
+//! - [`location`]: a local path or `s3://bucket/prefix`, parsed once.
 //! - [`s3`]: the S3 backend of [`store::ArtifactStore`] (any S3-compatible store).
 //! - [`viewer`]: the static atlas viewer (viewer/), embedded and written into each atlas.
 //! - [`seed`]: how per-unit seeds derive from the job seed, so any worker gives the same image.
@@ -14,6 +15,7 @@ pub mod api;
 pub mod atlas;
 pub mod error;
 pub mod job;
+pub mod location;
 pub mod seed;
 pub mod s3;
 pub mod spec;

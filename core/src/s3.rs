@@ -192,10 +192,7 @@ pub struct S3Store {
     bucket: String,
     /// No leading or trailing slash; empty for the bucket's root.
     prefix: String,
-    /// Set at construction, or on first use for [`S3Store::from_env_lazy`].
-    remote: OnceCell<Remote>,
-    /// For [`S3Store::from_env_lazy`]: path-style addressing, read when it was built.
-    env_force_path_style: bool,
+    remote: Remote,
     /// Set once the bucket is known to exist (or cannot be checked).
     bucket_checked: OnceCell<()>,
 }
@@ -242,7 +239,7 @@ impl S3Store {
             max_attempts: config.max_attempts,
             backoff: config.initial_backoff,
         };
-        Ok(Self::with_remote(bucket, prefix, Some(remote), false))
+        Ok(Self::with_remote(bucket, prefix, remote))
     }
 
     /// A store configured the standard AWS way (environment, profiles, instance roles),
@@ -252,25 +249,11 @@ impl S3Store {
         let (bucket, prefix) = checked(bucket, prefix)?;
         let force_path_style = env_flag(FORCE_PATH_STYLE_ENV)?;
         let remote = env_remote(aws_config::defaults(BehaviorVersion::latest()), force_path_style).await;
-        Ok(Self::with_remote(bucket, prefix, Some(remote), false))
+        Ok(Self::with_remote(bucket, prefix, remote))
     }
 
-    /// [`S3Store::from_env`] for callers that cannot wait: the AWS configuration loads on
-    /// the store's first operation. [`FORCE_PATH_STYLE_ENV`] is read now.
-    pub fn from_env_lazy(bucket: &str, prefix: &str) -> Result<S3Store> {
-        let (bucket, prefix) = checked(bucket, prefix)?;
-        let force_path_style = env_flag(FORCE_PATH_STYLE_ENV)?;
-        Ok(Self::with_remote(bucket, prefix, None, force_path_style))
-    }
-
-    /// [`S3Store::from_env_lazy`] for an `s3://bucket/prefix` URI.
-    pub fn from_uri_lazy(uri: &str) -> Result<S3Store> {
-        let (bucket, prefix) = parse_s3_uri(uri)?;
-        Self::from_env_lazy(&bucket, &prefix)
-    }
-
-    fn with_remote(bucket: String, prefix: String, remote: Option<Remote>, env_force_path_style: bool) -> S3Store {
-        S3Store { bucket, prefix, remote: OnceCell::new_with(remote), env_force_path_style, bucket_checked: OnceCell::new() }
+    fn with_remote(bucket: String, prefix: String, remote: Remote) -> S3Store {
+        S3Store { bucket, prefix, remote, bucket_checked: OnceCell::new() }
     }
 
     pub fn bucket(&self) -> &str {
@@ -280,12 +263,6 @@ impl S3Store {
     /// The prefix the store's keys are under, without trailing slash; empty for the root.
     pub fn prefix(&self) -> &str {
         &self.prefix
-    }
-
-    async fn remote(&self) -> &Remote {
-        self.remote
-            .get_or_init(|| env_remote(aws_config::defaults(BehaviorVersion::latest()), self.env_force_path_style))
-            .await
     }
 
     /// The object key of a store key.
@@ -430,7 +407,7 @@ async fn env_remote(loader: aws_config::ConfigLoader, force_path_style: bool) ->
 impl ArtifactStore for S3Store {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
         validate_key(key)?;
-        let remote = self.remote().await;
+        let remote = &self.remote;
         self.check_bucket(remote, key).await?;
         remote
             .client
@@ -447,7 +424,7 @@ impl ArtifactStore for S3Store {
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         validate_key(key)?;
-        let remote = self.remote().await;
+        let remote = &self.remote;
         self.check_bucket(remote, key).await?;
         let mut attempt = 1;
         loop {
@@ -489,7 +466,7 @@ impl ArtifactStore for S3Store {
         if let Some(i) = prefix.rfind('/') {
             validate_key(&prefix[..i])?;
         }
-        let remote = self.remote().await;
+        let remote = &self.remote;
         self.check_bucket(remote, prefix).await?;
         let root = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
         let full = format!("{root}{prefix}");
@@ -648,7 +625,7 @@ mod tests {
             .region(Region::new(S3_REGION))
             .credentials_provider(Credentials::new(S3_ACCESS_KEY, S3_SECRET_KEY, None, None, "test"));
         let remote = env_remote(loader, true).await;
-        let s = S3Store::with_remote("bucket".into(), "p".into(), Some(remote), false);
+        let s = S3Store::with_remote("bucket".into(), "p".into(), remote);
         bounded("conformance", conformance::put_get_overwrite(&s)).await;
     }
 

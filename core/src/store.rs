@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
+use crate::location::Location;
 use crate::{Error, Result};
 
 #[async_trait]
@@ -55,38 +56,32 @@ pub fn validate_key(key: &str) -> Result<()> {
 /// Opens the store an atlas URI names: `s3://bucket/prefix` (configured the standard AWS
 /// way, see [`crate::s3`]), `file://PATH` or a plain directory path.
 pub async fn open(uri: &str) -> Result<std::sync::Arc<dyn ArtifactStore>> {
-    if uri.is_empty() {
-        return Err(Error::invalid("output", "the output location is empty"));
-    }
-    if uri.starts_with("s3://") {
-        let (bucket, prefix) = crate::s3::parse_s3_uri(uri)?;
-        return Ok(std::sync::Arc::new(crate::s3::S3Store::from_env(&bucket, &prefix).await?));
-    }
-    if let Some((scheme, _)) = uri.split_once("://") {
-        if scheme != "file" {
-            return Err(Error::invalid("output", format!("{uri:?}: unsupported scheme {scheme:?}; use s3://bucket/prefix or a directory")));
-        }
-    }
-    let path = uri.strip_prefix("file://").unwrap_or(uri);
-    Ok(std::sync::Arc::new(LocalStore::new(path)))
+    open_at(&Location::parse("output", uri)?).await
+}
+
+/// Opens the store at a location.
+pub async fn open_at(location: &Location) -> Result<std::sync::Arc<dyn ArtifactStore>> {
+    Ok(match location {
+        Location::S3 { bucket, key } => std::sync::Arc::new(crate::s3::S3Store::from_env(bucket, key).await?),
+        Location::Local(path) => std::sync::Arc::new(LocalStore::new(path)),
+    })
 }
 
 /// Reads a whole object named by URI: `s3://bucket/key` or a local file path. Models are
 /// fetched this way by the coordinator (to record their digest) and the workers.
 pub async fn fetch(uri: &str) -> Result<Option<Vec<u8>>> {
-    if uri.starts_with("s3://") {
-        let (bucket, key) = crate::s3::parse_s3_uri(uri)?;
-        if key.is_empty() {
-            return Err(Error::invalid("object", format!("{uri:?} names a bucket, not an object")));
+    match Location::parse("object", uri)? {
+        Location::S3 { bucket, key } => {
+            if key.is_empty() {
+                return Err(Error::invalid("object", format!("{uri:?} names a bucket, not an object")));
+            }
+            crate::s3::S3Store::from_env(&bucket, "").await?.get(&key).await
         }
-        let store = crate::s3::S3Store::from_env(&bucket, "").await?;
-        return store.get(&key).await;
-    }
-    let path = uri.strip_prefix("file://").unwrap_or(uri);
-    match tokio::fs::read(path).await {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io { key: path.to_string(), source: e }),
+        Location::Local(path) => match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io { key: path.display().to_string(), source: e }),
+        },
     }
 }
 
@@ -205,7 +200,8 @@ impl ArtifactStore for LocalStore {
 }
 
 /// The behaviour every [`ArtifactStore`] must show; each backend's tests call these.
-pub mod conformance {
+#[cfg(test)]
+pub(crate) mod conformance {
     use super::*;
 
     pub async fn put_get_overwrite(store: &dyn ArtifactStore) {

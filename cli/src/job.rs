@@ -9,11 +9,15 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use loupe_core::job::JobStatus;
-use loupe_core::spec::{DatasetSpec, DeadUnits, JobSpec, LayerPlan, ModelRef, ParamKind, Precision, RenderSettings, Technique, UnitSelection};
+use loupe_core::location::Location;
+use loupe_core::spec::{
+    DatasetSpec, DeadUnits, JobSpec, LayerInfo, LayerPlan, ModelRef, NamedImage, ParamKind, ParamSettings, Precision, RenderSettings, Technique, TechniqueOptions,
+    UnitSelection,
+};
 use loupe_core::store;
 use loupe_worker::model::{Model, Sidecar};
 
-use crate::jobfile::{JobFile, Layers};
+use crate::jobfile::{JobFile, LayerFile, Layers, ParamFile};
 
 /// The flags that describe a job, for `render` and `submit` alike. Each overrides the
 /// same setting of a `--spec` job file; the defaults below apply when neither gives it.
@@ -87,24 +91,8 @@ pub struct JobArgs {
 /// Images the colour matrix is estimated from.
 const COLOR_IMAGES: usize = 256;
 
-/// A local copy of the model (and its sidecar) to read its layers from: the file itself,
-/// or for `s3://` a download into `tmp`. Returns (uri to record, local path).
-async fn local_model(uri: &str, tmp: &Path) -> Result<(String, PathBuf)> {
-    if !uri.starts_with("s3://") {
-        let path = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
-        let path = path.canonicalize().with_context(|| format!("model file {} does not exist", path.display()))?;
-        return Ok((path.to_string_lossy().into_owned(), path));
-    }
-    let bytes = store::fetch(uri).await?.with_context(|| format!("model {uri} does not exist"))?;
-    let name = uri.rsplit('/').next().unwrap_or("model.pt");
-    let local = tmp.join(name);
-    std::fs::write(&local, bytes)?;
-    let sidecar_uri = format!("{}.json", uri.strip_suffix(".pt").unwrap_or(uri));
-    if let Some(sidecar) = store::fetch(&sidecar_uri).await? {
-        std::fs::write(Sidecar::path_for(&local), sidecar)?;
-    }
-    Ok((uri.to_string(), local))
-}
+/// The techniques when neither the flag nor the job file names them.
+const DEFAULT_TECHNIQUES: [Technique; 3] = [Technique::Channel, Technique::Neuron, Technique::Negative];
 
 /// Reads the model's layers and turns the job file and flags into a validated job.
 /// `out` is the flag's value, if given; `default_batch` is the units per task when
@@ -119,51 +107,113 @@ pub async fn job_spec(args: &JobArgs, out: Option<&str>, device: tch::Device, de
     let tmp = tempfile::tempdir()?;
     let (uri, path) = local_model(&model, tmp.path()).await?;
     let sidecar = Sidecar::read(&path)?;
+    let dataset = dataset(args, &file)?;
+    let settings = render_settings(args, &file, sidecar.input_size, dataset.as_ref()).await?;
+    let techniques = match &args.techniques {
+        Some(t) => Technique::parse_list(t)?,
+        None => file.techniques.clone().unwrap_or_else(|| DEFAULT_TECHNIQUES.to_vec()),
+    };
+    let units: UnitSelection = args.units.clone().or(file.units.clone()).unwrap_or_else(|| "all".into()).parse()?;
+    let layers = Model::load(&path, device)?.layers(settings.input_size, settings.param.channels)?;
+    let layers = layer_plans(args, &file, &layers, &units)?;
+    let name = sidecar.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    // The coordinator reads the model from its URI at submit and records its digest.
+    let model = ModelRef { uri, name, sha256: String::new() };
+    let batch = args.batch.or(file.batch).unwrap_or(default_batch);
+    let spec = JobSpec { model, layers, techniques, settings, batch, out, dataset };
+    spec.validate()?;
+    Ok(spec)
+}
 
+/// A local copy of the model (and its sidecar) to read its layers from: the file itself,
+/// or for `s3://` a download into `tmp`. Returns (uri to record, local path).
+async fn local_model(uri: &str, tmp: &Path) -> Result<(String, PathBuf)> {
+    let key = match Location::parse("model", uri)? {
+        Location::Local(path) => {
+            let path = path.canonicalize().with_context(|| format!("model file {} does not exist", path.display()))?;
+            return Ok((path.to_string_lossy().into_owned(), path));
+        }
+        Location::S3 { key, .. } => key,
+    };
+    let bytes = store::fetch(uri).await?.with_context(|| format!("model {uri} does not exist"))?;
+    let local = tmp.join(key.rsplit('/').next().unwrap_or("model.pt"));
+    std::fs::write(&local, bytes)?;
+    let sidecar_uri = format!("{}.json", uri.strip_suffix(".pt").unwrap_or(uri));
+    if let Some(sidecar) = store::fetch(&sidecar_uri).await? {
+        std::fs::write(Sidecar::path_for(&local), sidecar)?;
+    }
+    Ok((uri.to_string(), local))
+}
+
+/// The render settings: each from its flag, else the job file, else the default.
+async fn render_settings(args: &JobArgs, file: &JobFile, sidecar_input_size: Option<u32>, dataset: Option<&DatasetSpec>) -> Result<RenderSettings> {
     let defaults = RenderSettings::default();
     let size = args.size.or(file.size).unwrap_or(defaults.size);
-    let input_size = args.input_size.or(file.input_size).or(sidecar.input_size).unwrap_or(size);
-    let precision = match (&args.precision, &file.precision) {
-        (Some(p), _) => *p,
-        (None, Some(p)) => p.parse()?,
-        (None, None) => Precision::Fp32,
+    let dead_units = match &args.dead_units {
+        Some(d) => parse_dead_units(d)?,
+        None => file.dead_units.unwrap_or(defaults.dead_units),
     };
     let mut settings = RenderSettings {
         steps: args.steps.or(file.steps).unwrap_or(defaults.steps),
         size,
-        input_size,
+        input_size: args.input_size.or(file.input_size).or(sidecar_input_size).unwrap_or(size),
         seed: args.seed.or(file.seed).unwrap_or(defaults.seed),
         learning_rate: file.learning_rate.unwrap_or(defaults.learning_rate),
-        precision,
+        precision: args.precision.or(file.precision).unwrap_or(defaults.precision),
         transforms: file.transforms.clone().unwrap_or_default(),
-        dead_units: match &args.dead_units {
-            Some(d) => parse_dead_units(d)?,
-            None => file.dead_units.unwrap_or(DeadUnits::Keep),
-        },
-        ..defaults
+        dead_units,
+        thresholds: thresholds(args.thresholds.as_deref(), file)?,
+        param: image_param(args.param.as_deref(), file.param.as_ref())?,
+        options: technique_options(args, file)?,
     };
-    settings.thresholds = match &args.thresholds {
-        Some(t) => t.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse().with_context(|| format!("--thresholds: {t:?} is not a step count"))).collect::<Result<_>>()?,
-        None => file.thresholds.clone().unwrap_or_default(),
-    };
-    let p = file.param.as_ref();
-    let param = &mut settings.param;
-    if let Some(kind) = p.and_then(|p| p.kind) {
+    if args.color_from_dataset || file.param.as_ref().and_then(|p| p.color_from_dataset).unwrap_or(false) {
+        settings.param.color_matrix = Some(dataset_color_matrix(dataset, settings.param.channels).await?);
+    }
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// `--dead-units`: keep or reseed.
+fn parse_dead_units(s: &str) -> Result<DeadUnits> {
+    match s {
+        "keep" => Ok(DeadUnits::Keep),
+        "reseed" => Ok(DeadUnits::Reseed),
+        other => bail!("--dead-units {other:?}: use keep or reseed"),
+    }
+}
+
+/// The steps to keep intermediate images after: `--thresholds`, else the job file's list.
+fn thresholds(flag: Option<&str>, file: &JobFile) -> Result<Vec<u32>> {
+    match flag {
+        Some(t) => t.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse().with_context(|| format!("--thresholds: {t:?} is not a step count"))).collect(),
+        None => Ok(file.thresholds.clone().unwrap_or_default()),
+    }
+}
+
+/// The image parameterisation: the `[param]` table over the defaults, `--param` over both.
+fn image_param(flag: Option<&str>, table: Option<&ParamFile>) -> Result<ParamSettings> {
+    let mut param = ParamSettings::default();
+    if let Some(kind) = table.and_then(|p| p.kind) {
         param.kind = kind;
     }
-    if let Some(kind) = &args.param {
-        param.kind = match kind.as_str() {
+    if let Some(kind) = flag {
+        param.kind = match kind {
             "fft" => ParamKind::Fft,
             "pixel" => ParamKind::Pixel,
             other => bail!("--param {other:?}: use fft or pixel"),
         };
     }
-    param.decay = p.and_then(|p| p.decay).unwrap_or(param.decay);
-    param.channels = p.and_then(|p| p.channels).unwrap_or(param.channels);
+    param.decay = table.and_then(|p| p.decay).unwrap_or(param.decay);
+    param.channels = table.and_then(|p| p.channels).unwrap_or(param.channels);
     // Decorrelation is for RGB; other channel counts default to none.
-    param.decorrelate = p.and_then(|p| p.decorrelate).unwrap_or(param.channels == 3);
-    param.color_matrix = p.and_then(|p| p.color_matrix);
-    let options = &mut settings.options;
+    param.decorrelate = table.and_then(|p| p.decorrelate).unwrap_or(param.channels == 3);
+    param.color_matrix = table.and_then(|p| p.color_matrix);
+    Ok(param)
+}
+
+/// The techniques' options from the job file's tables, `--diversity-images` over its own.
+fn technique_options(args: &JobArgs, file: &JobFile) -> Result<TechniqueOptions> {
+    let mut options = TechniqueOptions::default();
     if let Some(d) = &file.diversity {
         options.diversity_images = d.images.unwrap_or(options.diversity_images);
         options.diversity_weight = d.weight.unwrap_or(options.diversity_weight);
@@ -181,44 +231,79 @@ pub async fn job_spec(args: &JobArgs, out: Option<&str>, device: tch::Device, de
     }
     options.directions = file.directions()?;
     for input in options.deepdream_inputs.iter_mut().chain(options.caricature_inputs.iter_mut()) {
-        if !input.uri.starts_with("s3://") {
-            let p = Path::new(&input.uri);
-            input.uri = p.canonicalize().with_context(|| format!("input image {:?}: {} does not exist", input.name, p.display()))?.to_string_lossy().into_owned();
-        }
+        absolute_input(input)?;
     }
+    Ok(options)
+}
 
-    let dataset_uri = args.dataset.clone().or(file.dataset.as_ref().map(|d| d.uri.clone()));
-    let dataset = dataset_uri.map(|uri| DatasetSpec {
-        uri: dataset_uri_of(&uri),
-        examples: args.examples.or(file.dataset.as_ref().and_then(|d| d.examples)).unwrap_or(16),
-        images_per_shard: args.images_per_shard.or(file.dataset.as_ref().and_then(|d| d.images_per_shard)).unwrap_or(1000),
-    });
-    if args.color_from_dataset || p.and_then(|p| p.color_from_dataset).unwrap_or(false) {
-        let Some(d) = &dataset else { bail!("the colour matrix from the dataset needs a dataset (--dataset or [dataset])") };
-        if settings.param.channels != 3 {
-            bail!("the colour matrix from the dataset is for 3 channels, not {}", settings.param.channels);
-        }
-        let m = loupe_dataset::color::color_correlation_sqrt(&d.uri, COLOR_IMAGES).await.with_context(|| format!("the colour matrix of the dataset {}", d.uri))?;
-        settings.param.color_matrix = Some(m);
+/// An input image's local path made absolute (the workers may run elsewhere); an S3 URI
+/// as given.
+fn absolute_input(input: &mut NamedImage) -> Result<()> {
+    let location = Location::parse("input image", &input.uri).with_context(|| format!("input image {:?}", input.name))?;
+    if let Location::Local(p) = location {
+        let path = p.canonicalize().with_context(|| format!("input image {:?}: {} does not exist", input.name, p.display()))?;
+        input.uri = path.to_string_lossy().into_owned();
     }
-    settings.validate()?;
+    Ok(())
+}
 
-    let techniques = match (&args.techniques, &file.techniques) {
-        (Some(t), _) => Technique::parse_list(t)?,
-        (None, Some(list)) => Technique::parse_list(&list.join(","))?,
-        (None, None) => Technique::parse_list("channel,neuron,negative")?,
+/// The job's dataset, if it has one: `--dataset` or `[dataset]`, each flag over the table.
+fn dataset(args: &JobArgs, file: &JobFile) -> Result<Option<DatasetSpec>> {
+    let table = file.dataset.as_ref();
+    let Some(uri) = args.dataset.as_deref().or(table.map(|d| d.uri.as_str())) else { return Ok(None) };
+    Ok(Some(DatasetSpec {
+        uri: dataset_uri_of(uri)?,
+        examples: args.examples.or(table.and_then(|d| d.examples)).unwrap_or(16),
+        images_per_shard: args.images_per_shard.or(table.and_then(|d| d.images_per_shard)).unwrap_or(1000),
+    }))
+}
+
+/// A dataset directory as an absolute path (the workers may run elsewhere); an s3://
+/// prefix as given.
+fn dataset_uri_of(uri: &str) -> Result<String> {
+    Ok(match Location::parse("dataset", uri)? {
+        Location::Local(path) => path.canonicalize().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| uri.to_string()),
+        Location::S3 { .. } => uri.to_string(),
+    })
+}
+
+/// The decorrelating colour matrix estimated from the job's dataset.
+async fn dataset_color_matrix(dataset: Option<&DatasetSpec>, channels: u32) -> Result<[[f32; 3]; 3]> {
+    let Some(d) = dataset else { bail!("the colour matrix from the dataset needs a dataset (--dataset or [dataset])") };
+    if channels != 3 {
+        bail!("the colour matrix from the dataset is for 3 channels, not {channels}");
+    }
+    loupe_dataset::color::color_correlation_sqrt(&d.uri, COLOR_IMAGES).await.with_context(|| format!("the colour matrix of the dataset {}", d.uri))
+}
+
+/// The job's layers of the model, each with its units and its `[[layer]]` table's
+/// techniques and steps.
+fn layer_plans(args: &JobArgs, file: &JobFile, layers: &[LayerInfo], units: &UnitSelection) -> Result<Vec<LayerPlan>> {
+    let chosen: Vec<LayerInfo> = match layer_names(args, file)? {
+        None => layers.to_vec(),
+        Some(names) => {
+            let mut seen = HashSet::new();
+            names.iter().filter(|n| seen.insert(n.as_str())).map(|n| find_layer(layers, n)).collect::<Result<_>>()?
+        }
     };
-    let units: UnitSelection = args.units.clone().or(file.units.clone()).unwrap_or_else(|| "all".into()).parse()?;
-
-    let mut model = Model::load(&path, device)?;
-    let layers = model.layers(input_size, settings.param.channels)?;
-    let find = |n: &str| {
-        layers.iter().find(|l| l.name == n).cloned().with_context(|| {
-            let known: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
-            format!("unknown layer {n:?}; the model has: {}", known.join(", "))
+    for table in &file.layer {
+        if !chosen.iter().any(|l| l.name == table.name) {
+            find_layer(layers, &table.name)?;
+            bail!("job file: [[layer]] {:?} is not among the job's layers", table.name);
+        }
+    }
+    chosen
+        .into_iter()
+        .map(|layer| {
+            let table = file.layer.iter().find(|t| t.name == layer.name);
+            layer_plan(layer, table, units)
         })
-    };
-    let names: Option<Vec<String>> = match (&args.layers, &file.layers) {
+        .collect()
+}
+
+/// The names of the layers asked for, in order; `None` for all the model's layers.
+fn layer_names(args: &JobArgs, file: &JobFile) -> Result<Option<Vec<String>>> {
+    Ok(match (&args.layers, &file.layers) {
         (Some(l), _) if l == "all" => None,
         (Some(l), _) => Some(l.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()),
         (None, Some(Layers::All(a))) if a == "all" => None,
@@ -227,56 +312,23 @@ pub async fn job_spec(args: &JobArgs, out: Option<&str>, device: tch::Device, de
         // With [[layer]] tables and no list, the tables are the job's layers.
         (None, None) if !file.layer.is_empty() => Some(file.layer.iter().map(|l| l.name.clone()).collect()),
         (None, None) => None,
-    };
-    let chosen: Vec<_> = match names {
-        None => layers.clone(),
-        Some(names) => {
-            let mut seen = HashSet::new();
-            names.iter().filter(|n| seen.insert(n.as_str())).map(|n| find(n)).collect::<Result<_>>()?
-        }
-    };
-    for table in &file.layer {
-        if !chosen.iter().any(|l| l.name == table.name) {
-            find(&table.name)?;
-            bail!("job file: [[layer]] {:?} is not among the job's layers", table.name);
-        }
-    }
-    let plans = chosen
-        .into_iter()
-        .map(|layer| {
-            let table = file.layer.iter().find(|t| t.name == layer.name);
-            let units = match table.and_then(|t| t.units.as_ref()) {
-                Some(u) => u.parse::<UnitSelection>()?,
-                None => units.clone(),
-            };
-            let techniques = table.and_then(|t| t.techniques.as_ref()).map(|t| Technique::parse_list(&t.join(","))).transpose()?;
-            Ok(LayerPlan { units: units.resolve(&layer.name, layer.units())?, techniques, steps: table.and_then(|t| t.steps), layer })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let name = sidecar.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-    // The coordinator reads the model from its URI at submit and records its digest.
-    let batch = args.batch.or(file.batch).unwrap_or(default_batch);
-    let spec = JobSpec { model: ModelRef { uri, name, sha256: String::new() }, layers: plans, techniques, settings, batch, out, dataset };
-    spec.validate()?;
-    Ok(spec)
+    })
 }
 
-fn parse_dead_units(s: &str) -> Result<DeadUnits> {
-    match s {
-        "keep" => Ok(DeadUnits::Keep),
-        "reseed" => Ok(DeadUnits::Reseed),
-        other => bail!("--dead-units {other:?}: use keep or reseed"),
-    }
+/// The model's layer of that name; the error lists the names it has.
+fn find_layer(layers: &[LayerInfo], name: &str) -> Result<LayerInfo> {
+    layers.iter().find(|l| l.name == name).cloned().with_context(|| {
+        let known: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+        format!("unknown layer {name:?}; the model has: {}", known.join(", "))
+    })
 }
 
-/// A dataset directory as an absolute path (the workers may run elsewhere); an s3://
-/// prefix as given.
-fn dataset_uri_of(uri: &str) -> String {
-    if uri.starts_with("s3://") {
-        return uri.to_string();
-    }
-    let path = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
-    path.canonicalize().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| uri.to_string())
+/// One layer's plan: its table's units, techniques and steps where it gives them, else
+/// the job's.
+fn layer_plan(layer: LayerInfo, table: Option<&LayerFile>, units: &UnitSelection) -> Result<LayerPlan> {
+    let own_units = table.and_then(|t| t.units.as_deref()).map(str::parse::<UnitSelection>).transpose()?;
+    let units = own_units.as_ref().unwrap_or(units).resolve(&layer.name, layer.units())?;
+    Ok(LayerPlan { units, techniques: table.and_then(|t| t.techniques.clone()), steps: table.and_then(|t| t.steps), layer })
 }
 
 /// A progress bar of a job's images, with units/s and the ETA.

@@ -2,12 +2,15 @@
 //! every setting from a TOML file (docs/job-files.md), and command-line flags override
 //! it. An unknown key is an error that names it (serde's `deny_unknown_fields`).
 
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-use loupe_core::spec::{DeadUnits, Direction, NamedImage, ParamKind, TransformSettings};
+use loupe_core::location::Location;
+use loupe_core::spec::{DeadUnits, Direction, NamedImage, ParamKind, Precision, Technique, TransformSettings};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -17,14 +20,16 @@ pub struct JobFile {
     /// `"all"`, or a list of layer names.
     pub layers: Option<Layers>,
     pub units: Option<String>,
-    pub techniques: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "techniques")]
+    pub techniques: Option<Vec<Technique>>,
     pub steps: Option<u32>,
     pub size: Option<u32>,
     pub input_size: Option<u32>,
     pub batch: Option<u32>,
     pub seed: Option<u64>,
     pub learning_rate: Option<f64>,
-    pub precision: Option<String>,
+    #[serde(default, deserialize_with = "from_str")]
+    pub precision: Option<Precision>,
     pub thresholds: Option<Vec<u32>>,
     pub dead_units: Option<DeadUnits>,
     pub param: Option<ParamFile>,
@@ -48,7 +53,7 @@ pub enum Layers {
     Names(Vec<String>),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParamFile {
     pub kind: Option<ParamKind>,
@@ -61,21 +66,21 @@ pub struct ParamFile {
     pub color_from_dataset: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiversityFile {
     pub images: Option<u32>,
     pub weight: Option<f64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputsFile {
     #[serde(default)]
     pub inputs: Vec<NamedImage>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaricatureFile {
     #[serde(default)]
@@ -83,7 +88,7 @@ pub struct CaricatureFile {
     pub cossim_pow: Option<f64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectionOptionsFile {
     pub cossim_pow: Option<f64>,
@@ -112,7 +117,8 @@ pub struct DatasetFile {
 pub struct LayerFile {
     pub name: String,
     pub units: Option<String>,
-    pub techniques: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "techniques")]
+    pub techniques: Option<Vec<Technique>>,
     pub steps: Option<u32>,
 }
 
@@ -123,19 +129,15 @@ impl JobFile {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading the job file {}", path.display()))?;
         let mut file: JobFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("job file {}: {}", path.display(), e.to_string().trim_end()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: &mut String| {
-            if !p.starts_with("s3://") && Path::new(p.as_str()).is_relative() {
-                *p = base.join(p.as_str()).to_string_lossy().into_owned();
+        let in_file = || format!("job file {}", path.display());
+        for (what, uri) in [("model", file.model.as_mut()), ("output", file.out.as_mut()), ("dataset", file.dataset.as_mut().map(|d| &mut d.uri))] {
+            if let Some(uri) = uri {
+                relative_to(base, what, uri).with_context(in_file)?;
             }
-        };
-        file.model.as_mut().map(resolve);
-        file.out.as_mut().map(resolve);
-        if let Some(d) = file.dataset.as_mut() {
-            resolve(&mut d.uri);
         }
         for list in [file.deepdream.as_mut().map(|d| &mut d.inputs), file.caricature.as_mut().map(|c| &mut c.inputs)].into_iter().flatten() {
             for i in list.iter_mut() {
-                resolve(&mut i.uri);
+                relative_to(base, "input image", &mut i.uri).with_context(in_file)?;
             }
         }
         for d in &mut file.directions {
@@ -162,6 +164,27 @@ impl JobFile {
             })
             .collect()
     }
+}
+
+/// A local path made relative to `base` when it is relative; an S3 URI left as written.
+fn relative_to(base: &Path, what: &'static str, uri: &mut String) -> Result<()> {
+    if let Location::Local(path) = Location::parse(what, uri)? {
+        if path.is_relative() {
+            *uri = base.join(path).to_string_lossy().into_owned();
+        }
+    }
+    Ok(())
+}
+
+/// A value parsed with its type's `FromStr`, whose error names the problem the way the
+/// flag's does; the TOML error around it names the file, line and key.
+fn from_str<'de, D: Deserializer<'de>, T: FromStr<Err: Display>>(d: D) -> std::result::Result<Option<T>, D::Error> {
+    Option::<String>::deserialize(d)?.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
+}
+
+/// A list of techniques, refused when empty or with one twice, as `--techniques` is.
+fn techniques<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<Technique>>, D::Error> {
+    Option::<Vec<String>>::deserialize(d)?.map(|list| Technique::parse_list(&list.join(",")).map_err(serde::de::Error::custom)).transpose()
 }
 
 /// A direction vector from a `.npy` file (float32 or float64, one dimension, little
@@ -248,5 +271,19 @@ mod tests {
         assert!(err.contains("stepz"), "{err}");
         let err = toml::from_str::<JobFile>("[[layer]]\nname = \"a\"\nsteps = \"many\"\n").unwrap_err().to_string();
         assert!(err.contains("steps") || err.contains("many"), "{err}");
+    }
+
+    #[test]
+    fn precision_and_techniques_are_parsed_on_reading() {
+        let file: JobFile = toml::from_str("precision = \"bf16\"\ntechniques = [\"channel\", \"deepdream\"]\n[[layer]]\nname = \"a\"\ntechniques = [\"neuron\"]\n").unwrap();
+        assert_eq!(file.precision, Some(Precision::Bf16));
+        assert_eq!(file.techniques, Some(vec![Technique::Channel, Technique::DeepDream]));
+        assert_eq!(file.layer[0].techniques, Some(vec![Technique::Neuron]));
+        let err = toml::from_str::<JobFile>("precision = \"fp16\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown precision \"fp16\"") && err.contains("line 1"), "{err}");
+        let err = toml::from_str::<JobFile>("techniques = [\"channel\", \"channel\"]\n").unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
+        let err = toml::from_str::<JobFile>("[[layer]]\nname = \"a\"\ntechniques = []\n").unwrap_err().to_string();
+        assert!(err.contains("no technique given") && err.contains("line 3"), "{err}");
     }
 }

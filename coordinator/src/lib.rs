@@ -14,7 +14,6 @@ pub mod server;
 pub mod shard;
 pub mod state;
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,18 +21,18 @@ use async_trait::async_trait;
 use tracing::{info, warn};
 
 use loupe_core::api::{ApiError, ApiResult, WorkerApi};
-use loupe_core::atlas::{self, AtlasManifest, ImageEntry, ItemEntry, ItemRecord, LayerDataset, LayerEntry, LayerExamples, LayerIndex, ModelSummary, SnapshotEntry, UnitEntry, UnitRecord};
-use loupe_core::spec::{JobSpec, Technique};
-use loupe_core::store::{self, ArtifactStore};
-use loupe_core::task::{Failure, Lease, LeaseState, ShardSource};
+use loupe_core::atlas::Atlas;
+use loupe_core::spec::JobSpec;
+use loupe_core::store;
+use loupe_core::task::{Failure, Lease, LeaseId, LeaseState, ShardSource};
 
-use shard::Done;
 use state::{JobState, JobStatus, LeasePolicy, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Invalid(#[from] loupe_core::Error),
+    Invalid(loupe_core::Error),
+    /// The atlas holds another model, or images of other render settings.
     #[error("{0}")]
     Conflict(String),
     /// The job's model cannot be read, or is not the file the submitter described.
@@ -47,6 +46,15 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<loupe_core::Error> for Error {
+    fn from(e: loupe_core::Error) -> Error {
+        match e {
+            loupe_core::Error::Conflict(message) => Error::Conflict(message),
+            other => Error::Invalid(other),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -99,14 +107,13 @@ impl Coordinator {
             }
         }
         spec.model.sha256 = model_digest(&spec.model).await?;
-        let store = store::open(&spec.out).await?;
-        let manifest = merged_manifest(store.as_ref(), &spec).await?;
-        let done = complete_images(store.as_ref(), &spec).await?;
-        let shards = dataset_shards(store.as_ref(), &spec).await?;
-        store.put(atlas::ATLAS_KEY, loupe_core::to_json(&manifest)).await?;
-        loupe_core::viewer::write(store.as_ref()).await?;
+        let atlas = Atlas::open(&spec.out).await?;
+        let manifest = atlas.manifest_for(&spec, rfc3339_now()).await?;
+        let done = atlas.complete_images(&spec).await?;
+        let shards = dataset_shards(&atlas, &spec).await?;
+        atlas.write_manifest(&manifest).await?;
         let tasks = shard::shard(&spec, &done, &shards);
-        let skipped = (done.units.len() + done.items.len()) as u64;
+        let skipped = done.len() as u64;
         let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
         info!(job_id, images_skipped = skipped, dataset_shards = shards.len(), "job submitted");
         self.index_if_done(&job_id).await?;
@@ -144,7 +151,8 @@ impl Coordinator {
         if status.state != JobState::Indexing {
             return Ok(());
         }
-        let outcome = match write_layer_indices(&status.spec).await {
+        let written = async { Atlas::open(&status.spec.out).await?.write_layer_indices(&status.spec).await };
+        let outcome = match written.await {
             Ok(()) => JobState::Succeeded,
             Err(e) => {
                 warn!(job_id, error = %e, "writing the atlas index failed");
@@ -184,25 +192,9 @@ async fn model_digest(model: &loupe_core::spec::ModelRef) -> Result<String> {
 /// dataset, or when the atlas already holds the statistics of every job layer (a resume
 /// runs either all the maps and reduces or none). A dataset that cannot be listed or
 /// holds no image makes the job invalid.
-async fn dataset_shards(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Vec<ShardSource>> {
+async fn dataset_shards(atlas: &Atlas, spec: &JobSpec) -> Result<Vec<ShardSource>> {
     let Some(dataset) = &spec.dataset else { return Ok(Vec::new()) };
-    let mut have_all = true;
-    for plan in &spec.layers {
-        // examples.json is the reduce's last write: with it, the layer's files are whole.
-        let key = atlas::examples_key(&atlas::layer_segment(&plan.layer.name)?);
-        let covered = match read_json::<LayerExamples>(store, &key).await {
-            Ok(Some(e)) => {
-                let units: HashSet<u32> = e.units.iter().map(|u| u.unit).collect();
-                e.dataset.uri == dataset.uri && e.dataset.examples == dataset.examples && plan.units.iter().all(|u| units.contains(u))
-            }
-            _ => false,
-        };
-        if !covered {
-            have_all = false;
-            break;
-        }
-    }
-    if have_all {
+    if atlas.has_dataset_statistics(spec).await? {
         info!(dataset = dataset.uri, "the atlas holds every layer's dataset statistics; no map or reduce to run");
         return Ok(Vec::new());
     }
@@ -218,211 +210,6 @@ async fn dataset_shards(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Vec
 }
 
 
-async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ArtifactStore, key: &str) -> loupe_core::Result<Option<T>> {
-    match store.get(key).await? {
-        None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| loupe_core::Error::Json { key: format!("{}/{key}", store.location()), source }),
-    }
-}
-
-/// The manifest for this job: new, or the existing one with this job's layers and
-/// techniques added. An atlas holds one model at one set of render settings, so a job
-/// that differs in either is refused rather than mixed in.
-async fn merged_manifest(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<AtlasManifest> {
-    let layers = spec.layers.iter().map(|p| LayerEntry::new(&p.layer)).collect::<loupe_core::Result<Vec<_>>>()?;
-    let Some(mut existing) = read_json::<AtlasManifest>(store, atlas::ATLAS_KEY).await? else {
-        return Ok(AtlasManifest {
-            format_version: atlas::FORMAT_VERSION,
-            loupe_version: loupe_core::LOUPE_VERSION.to_string(),
-            model: ModelSummary { name: spec.model.name.clone(), sha256: spec.model.sha256.clone() },
-            settings: spec.settings.clone(),
-            layers,
-            techniques: job_techniques(spec),
-            created: rfc3339_now(),
-            dataset: None,
-        });
-    };
-    let place = store.location();
-    if existing.model.sha256 != spec.model.sha256 {
-        return Err(Error::Conflict(format!(
-            "{place} already holds an atlas of another model ({} with sha256 {}); choose another output",
-            existing.model.name, existing.model.sha256
-        )));
-    }
-    if look(&existing.settings) != look(&spec.settings) {
-        return Err(Error::Conflict(format!(
-            "{place} already holds an atlas rendered with other settings ({}), not ({}); choose another output",
-            describe(&existing.settings),
-            describe(&spec.settings)
-        )));
-    }
-    for entry in layers {
-        match existing.layers.iter_mut().find(|l| l.name == entry.name) {
-            Some(l) => *l = entry,
-            None => existing.layers.push(entry),
-        }
-    }
-    for t in job_techniques(spec) {
-        if !existing.techniques.contains(&t) {
-            existing.techniques.push(t);
-        }
-    }
-    existing.loupe_version = loupe_core::LOUPE_VERSION.to_string();
-    Ok(existing)
-}
-
-/// Every technique of the job: the job's and the layers' own, in first-seen order.
-fn job_techniques(spec: &JobSpec) -> Vec<Technique> {
-    let mut all = spec.techniques.clone();
-    for plan in &spec.layers {
-        for &t in spec.techniques_for(plan) {
-            if !all.contains(&t) {
-                all.push(t);
-            }
-        }
-    }
-    all
-}
-
-/// The settings that decide how every image of an atlas looks. A technique's own options
-/// (diversity images, caricature inputs, directions) only decide its images, whose
-/// records carry them, so jobs that add techniques to an atlas may differ in them.
-fn look(s: &loupe_core::spec::RenderSettings) -> loupe_core::spec::RenderSettings {
-    loupe_core::spec::RenderSettings { options: Default::default(), ..s.clone() }
-}
-
-fn describe(s: &loupe_core::spec::RenderSettings) -> String {
-    format!("steps {}, size {}, input size {}, seed {}, learning rate {}, precision {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate, s.precision)
-}
-
-/// The images of the job that the atlas already holds whole: a record for this model and
-/// the layer's settings, with its image beside it.
-async fn complete_images(store: &dyn ArtifactStore, spec: &JobSpec) -> Result<Done> {
-    let mut done = Done::default();
-    for plan in &spec.layers {
-        let segment = atlas::layer_segment(&plan.layer.name)?;
-        let settings = spec.settings_for(plan);
-        let current = |sha: &str, s: &loupe_core::spec::RenderSettings| sha == spec.model.sha256 && *s == settings;
-        let keys: HashSet<String> = store.list(&format!("layers/{segment}/")).await?.into_iter().collect();
-        for &technique in spec.techniques_for(plan) {
-            if technique.per_unit() {
-                for &unit in &plan.units {
-                    let record_key = atlas::record_key(&segment, unit, technique);
-                    if !keys.contains(&record_key) || !keys.contains(&atlas::image_key(&segment, unit, technique)) {
-                        continue;
-                    }
-                    // An unreadable record means an unfinished image: render it again.
-                    if let Ok(Some(r)) = read_json::<UnitRecord>(store, &record_key).await {
-                        if current(&r.model_sha256, &r.settings) {
-                            done.units.insert((plan.layer.name.clone(), unit, technique));
-                        }
-                    }
-                }
-            } else {
-                for item in spec.layer_items(plan, technique) {
-                    let record_key = atlas::item_record_key(&segment, technique, &item);
-                    if !keys.contains(&record_key) || !keys.contains(&atlas::item_image_key(&segment, technique, &item, None)) {
-                        continue;
-                    }
-                    if let Ok(Some(r)) = read_json::<ItemRecord>(store, &record_key).await {
-                        if current(&r.model_sha256, &r.settings) {
-                            done.items.insert((plan.layer.name.clone(), technique, item));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(done)
-}
-
-/// Writes `layer.json` for each layer of the job, listing every complete unit record in
-/// the layer, including those of earlier jobs on the same atlas, with the units' dataset
-/// statistics and examples where the layer's reduce left an `examples.json`. When one
-/// did, `atlas.json` says which dataset they cover.
-async fn write_layer_indices(spec: &JobSpec) -> loupe_core::Result<()> {
-    let store = store::open(&spec.out).await?;
-    let mut dataset = None;
-    for plan in &spec.layers {
-        let segment = atlas::layer_segment(&plan.layer.name)?;
-        let prefix = format!("layers/{segment}/units/");
-        let keys = store.list(&prefix).await?;
-        let mut units: BTreeMap<u32, UnitEntry> = BTreeMap::new();
-        for key in &keys {
-            let Some((_, unit, technique)) = atlas::parse_record_key(key) else { continue };
-            let Some(record) = read_json::<UnitRecord>(store.as_ref(), key).await? else { continue };
-            let path = |name: &String| format!("units/{unit}/{name}");
-            let entry = ImageEntry {
-                image: path(&record.image),
-                objective: record.objective,
-                images: record.images.iter().map(path).collect(),
-                snapshots: record.snapshots.iter().map(|s| SnapshotEntry { step: s.step, images: s.images.iter().map(path).collect() }).collect(),
-                dead: record.dead,
-            };
-            units.entry(unit).or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None }).techniques.insert(technique, entry);
-        }
-        let items = layer_items(store.as_ref(), &segment).await?;
-        let examples = read_json::<LayerExamples>(store.as_ref(), &atlas::examples_key(&segment)).await?;
-        let layer_dataset = examples.map(|examples| {
-            for entry in examples.units {
-                let unit = entry.unit;
-                units.entry(unit).or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None }).dataset = Some(entry);
-            }
-            dataset.get_or_insert(examples.dataset.clone());
-            LayerDataset {
-                stats: examples.stats,
-                examples: "examples.json".into(),
-                receptive_field: examples.receptive_field,
-                images: examples.dataset.images,
-                images_skipped: examples.dataset.images_skipped,
-            }
-        });
-        let index = LayerIndex {
-            format_version: atlas::FORMAT_VERSION,
-            name: plan.layer.name.clone(),
-            shape: plan.layer.shape.clone(),
-            units: units.into_values().collect(),
-            items,
-            dataset: layer_dataset,
-        };
-        store.put(&atlas::layer_key(&segment), loupe_core::to_json(&index)).await?;
-    }
-    if let Some(summary) = dataset {
-        if let Some(mut manifest) = read_json::<AtlasManifest>(store.as_ref(), atlas::ATLAS_KEY).await? {
-            manifest.dataset = Some(summary);
-            store.put(atlas::ATLAS_KEY, loupe_core::to_json(&manifest)).await?;
-        }
-    }
-    Ok(())
-}
-
-/// The item records of a layer's per-layer techniques, for `layer.json`.
-async fn layer_items(store: &dyn ArtifactStore, segment: &str) -> loupe_core::Result<BTreeMap<Technique, Vec<ItemEntry>>> {
-    let mut items: BTreeMap<Technique, Vec<ItemEntry>> = BTreeMap::new();
-    for technique in Technique::ALL.into_iter().filter(|t| !t.per_unit()) {
-        let dir = format!("layers/{segment}/{technique}/");
-        for key in store.list(&dir).await? {
-            if !key.ends_with(".json") {
-                continue;
-            }
-            let Some(r) = read_json::<ItemRecord>(store, &key).await? else { continue };
-            let path = |name: &String| format!("{technique}/{name}");
-            items.entry(technique).or_default().push(ItemEntry {
-                item: r.item.clone(),
-                image: path(&r.image),
-                objective: r.objective,
-                snapshots: r.snapshots.iter().map(|s| SnapshotEntry { step: s.step, images: s.images.iter().map(path).collect() }).collect(),
-            });
-        }
-    }
-    for list in items.values_mut() {
-        list.sort_by(|a, b| a.item.cmp(&b.item));
-    }
-    Ok(items)
-}
-
 fn api_err(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(e.to_string())
 }
@@ -434,22 +221,21 @@ impl Coordinator {
         self.state.lease(worker, now_ms(), self.policy).await
     }
 
-    pub async fn renew_lease(&self, lease_id: &str) -> std::result::Result<LeaseState, StateError> {
+    pub async fn renew_lease(&self, lease_id: &LeaseId) -> std::result::Result<LeaseState, StateError> {
         self.state.renew(lease_id, now_ms(), self.policy).await
     }
 
     /// Records the task done; the last task of a job triggers its atlas index.
-    pub async fn complete_lease(&self, lease_id: &str) -> Result<LeaseState> {
+    pub async fn complete_lease(&self, lease_id: &LeaseId) -> Result<LeaseState> {
         let c = self.state.complete(lease_id, now_ms()).await?;
         if c.job_done {
-            let job_id = lease_id.rsplit_once('/').map(|(j, _)| j).unwrap_or(lease_id);
-            self.index_if_done(job_id).await?;
+            self.index_if_done(lease_id.job_id()).await?;
         }
         Ok(c.lease)
     }
 
-    pub async fn fail_lease(&self, lease_id: &str, failure: Failure) -> std::result::Result<LeaseState, StateError> {
-        warn!(lease_id, retryable = failure.retryable, message = %failure.message, "task failed");
+    pub async fn fail_lease(&self, lease_id: &LeaseId, failure: Failure) -> std::result::Result<LeaseState, StateError> {
+        warn!(%lease_id, retryable = failure.retryable, message = %failure.message, "task failed");
         self.state.fail(lease_id, failure, now_ms(), self.policy).await
     }
 }
@@ -460,15 +246,15 @@ impl WorkerApi for Coordinator {
         self.lease_for(worker).await.map_err(api_err)
     }
 
-    async fn renew(&self, lease_id: &str) -> ApiResult<LeaseState> {
+    async fn renew(&self, lease_id: &LeaseId) -> ApiResult<LeaseState> {
         self.renew_lease(lease_id).await.map_err(api_err)
     }
 
-    async fn complete(&self, lease_id: &str) -> ApiResult<LeaseState> {
+    async fn complete(&self, lease_id: &LeaseId) -> ApiResult<LeaseState> {
         self.complete_lease(lease_id).await.map_err(api_err)
     }
 
-    async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure) -> ApiResult<LeaseState> {
         self.fail_lease(lease_id, failure).await.map_err(api_err)
     }
 }
@@ -486,7 +272,8 @@ mod tests {
         assert!(!super::is_under("s3://b/atlases/../secrets", "s3://b/atlases"));
     }
     use super::*;
-    use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings};
+    use loupe_core::atlas::{self, LayerExamples};
+    use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
     use loupe_core::task::Work;
 
     use crate::state::MemoryStateStore;
@@ -547,7 +334,7 @@ mod tests {
         while let Some(lease) = c.lease_for("w").await.unwrap() {
             match &lease.task.work {
                 Work::Map { shard, source } => maps.push((*shard, source.clone())),
-                Work::Render { .. } | Work::LayerRender { .. } => {}
+                Work::Render { .. } => {}
                 Work::Reduce { .. } => panic!("a reduce leased before the maps were done"),
             }
             assert_eq!(lease.job.dataset, f.spec("images").dataset);

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use loupe_core::spec::JobSpec;
-use loupe_core::task::Failure;
+use loupe_core::task::{Failure, LeaseId};
 use loupe_proto::v1::jobs_server::{Jobs, JobsServer};
 use loupe_proto::v1::workers_server::{Workers, WorkersServer};
 use loupe_proto::{v1, PROTOCOL_VERSION};
@@ -134,21 +134,26 @@ impl Workers for WorkersApi {
     async fn renew(&self, req: Request<v1::LeaseRef>) -> Result<Response<v1::LeaseStateResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        Ok(lease_state(self.0.renew_lease(&req.lease_id).await.map_err(state_status)?))
+        Ok(lease_state(self.0.renew_lease(&lease_id(&req.lease_id)?).await.map_err(state_status)?))
     }
 
     async fn complete(&self, req: Request<v1::LeaseRef>) -> Result<Response<v1::LeaseStateResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        Ok(lease_state(self.0.complete_lease(&req.lease_id).await?))
+        Ok(lease_state(self.0.complete_lease(&lease_id(&req.lease_id)?).await?))
     }
 
     async fn fail(&self, req: Request<v1::FailRequest>) -> Result<Response<v1::LeaseStateResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let failure = Failure { retryable: req.retryable, message: req.message, released: req.released };
-        Ok(lease_state(self.0.fail_lease(&req.lease_id, failure).await.map_err(state_status)?))
+        Ok(lease_state(self.0.fail_lease(&lease_id(&req.lease_id)?, failure).await.map_err(state_status)?))
     }
+}
+
+/// A lease id from the wire; one that does not parse names the problem.
+fn lease_id(id: &str) -> Result<LeaseId, Status> {
+    id.parse().map_err(|e: loupe_core::Error| Status::invalid_argument(e.to_string()))
 }
 
 /// Checks `authorization: Bearer <token>` on every call. The token is compared in

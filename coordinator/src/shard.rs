@@ -1,21 +1,17 @@
-//! Sharding: a job becomes tasks. Render tasks of (layer, batch of units, technique);
+//! Sharding: a job becomes tasks. Render tasks of (layer, technique, batch of targets);
 //! then, for a job with a dataset, one map per dataset shard and one reduce per job
 //! layer, each reduce waiting on every map.
 
 use std::collections::HashSet;
 
-use loupe_core::spec::{JobSpec, Technique};
+use loupe_core::atlas::{ImageId, Target};
+use loupe_core::spec::JobSpec;
 use loupe_core::task::{ShardSource, Work};
 
 use crate::state::NewTask;
 
-/// What the atlas already holds whole for a job: per-unit images as (layer, unit,
-/// technique), per-layer items as (layer, technique, item).
-#[derive(Debug, Default)]
-pub struct Done {
-    pub units: HashSet<(String, u32, Technique)>,
-    pub items: HashSet<(String, Technique, String)>,
-}
+/// The images the atlas already holds whole for a job.
+pub type Done = HashSet<ImageId>;
 
 /// Splits the job into tasks, leaving out the images in `done`.
 /// Units keep their order, so a resumed job batches the remaining units the same way
@@ -29,21 +25,13 @@ pub struct Done {
 /// batched like units.
 pub fn shard(spec: &JobSpec, done: &Done, dataset_shards: &[ShardSource]) -> Vec<NewTask> {
     let mut tasks = Vec::new();
-    let batch = spec.batch as usize;
     for plan in &spec.layers {
         let layer = &plan.layer.name;
         for &technique in spec.techniques_for(plan) {
-            if technique.per_unit() {
-                let todo: Vec<u32> = plan.units.iter().copied().filter(|&u| !done.units.contains(&(layer.clone(), u, technique))).collect();
-                for chunk in todo.chunks(batch) {
-                    tasks.push(NewTask::runnable(Work::Render { layer: layer.clone(), technique, units: chunk.to_vec() }));
-                }
-            } else {
-                let todo: Vec<String> =
-                    spec.layer_items(plan, technique).into_iter().filter(|i| !done.items.contains(&(layer.clone(), technique, i.clone()))).collect();
-                for chunk in todo.chunks(batch) {
-                    tasks.push(NewTask::runnable(Work::LayerRender { layer: layer.clone(), technique, items: chunk.to_vec() }));
-                }
+            let is_done = |t: &Target| ImageId::new(layer, technique, t.clone()).is_ok_and(|id| done.contains(&id));
+            let todo: Vec<Target> = spec.targets(plan, technique).into_iter().filter(|t| !is_done(t)).collect();
+            for chunk in todo.chunks(spec.batch as usize) {
+                tasks.push(NewTask::runnable(Work::Render { layer: layer.clone(), technique, targets: chunk.to_vec() }));
             }
         }
     }
@@ -64,7 +52,11 @@ pub fn shard(spec: &JobSpec, done: &Done, dataset_shards: &[ShardSource]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings};
+    use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
+
+    fn unit(layer: &str, u: u32, t: Technique) -> ImageId {
+        ImageId::new(layer, t, Target::Unit(u)).unwrap()
+    }
 
     fn spec() -> JobSpec {
         JobSpec {
@@ -83,13 +75,13 @@ mod tests {
 
     #[test]
     fn tasks_cover_every_requested_image_once_except_those_done() {
-        let done = Done { units: [("a".to_string(), 5, Technique::Channel)].into_iter().collect(), ..Done::default() };
+        let done: Done = [unit("a", 5, Technique::Channel)].into_iter().collect();
         let tasks = shard(&spec(), &done, &[]);
         assert!(tasks.iter().all(|t| t.after.is_empty()));
-        let renders: Vec<(&String, Technique, &Vec<u32>)> = tasks
+        let renders: Vec<(&String, Technique, Vec<u32>)> = tasks
             .iter()
             .map(|t| match &t.work {
-                Work::Render { layer, technique, units } => (layer, *technique, units),
+                Work::Render { layer, technique, targets } => (layer, *technique, targets.iter().filter_map(Target::unit).collect()),
                 other => panic!("a job without a dataset has only renders, got {other:?}"),
             })
             .collect();
@@ -125,7 +117,7 @@ mod tests {
         for p in &spec.layers {
             for &u in &p.units {
                 for &t in &spec.techniques {
-                    all_done.units.insert((p.layer.name.clone(), u, t));
+                    all_done.insert(unit(&p.layer.name, u, t));
                 }
             }
         }
@@ -144,12 +136,14 @@ mod tests {
         spec.settings.options.directions = vec![Direction { name: "up".into(), layer: "b".into(), vector: vec![1.0, 0.0, 0.0] }];
         spec.layers[1].techniques = Some(vec![Technique::Caricature, Technique::Direction]);
         spec.validate().unwrap();
-        let done = Done { items: [("b".to_string(), Technique::Caricature, "cat".to_string())].into_iter().collect(), ..Done::default() };
+        let done: Done = [ImageId::new("b", Technique::Caricature, Target::Item("cat".into())).unwrap()].into_iter().collect();
         let tasks = shard(&spec, &done, &[]);
         let items: Vec<(String, Technique, Vec<String>)> = tasks
             .iter()
             .filter_map(|t| match &t.work {
-                Work::LayerRender { layer, technique, items } => Some((layer.clone(), *technique, items.clone())),
+                Work::Render { layer, technique, targets } if !technique.per_unit() => {
+                    Some((layer.clone(), *technique, targets.iter().filter_map(|t| t.item().map(str::to_string)).collect()))
+                }
                 _ => None,
             })
             .collect();
@@ -162,7 +156,7 @@ mod tests {
             ]
         );
         // Layer b renders no channel images: it has its own techniques.
-        assert!(tasks.iter().all(|t| !matches!(&t.work, Work::Render { layer, .. } if layer == "b")));
+        assert!(tasks.iter().all(|t| !matches!(&t.work, Work::Render { layer, technique, .. } if layer == "b" && technique.per_unit())));
         assert_eq!(spec.total_images(), 10 + 1 + 2 + 1);
     }
 }

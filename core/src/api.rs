@@ -4,18 +4,18 @@
 
 use async_trait::async_trait;
 
-use crate::task::{Failure, Lease, LeaseState};
+use crate::task::{Failure, Lease, LeaseId, LeaseState};
 
 #[async_trait]
 pub trait WorkerApi: Send + Sync {
     /// A lease on the next runnable task, or `None` when nothing is runnable now.
     async fn lease(&self, worker: &str) -> ApiResult<Option<Lease>>;
     /// Extends the lease (the heartbeat).
-    async fn renew(&self, lease_id: &str) -> ApiResult<LeaseState>;
+    async fn renew(&self, lease_id: &LeaseId) -> ApiResult<LeaseState>;
     /// Reports the task done; its artifacts are already in the store.
-    async fn complete(&self, lease_id: &str) -> ApiResult<LeaseState>;
+    async fn complete(&self, lease_id: &LeaseId) -> ApiResult<LeaseState>;
     /// Reports the task failed.
-    async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState>;
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure) -> ApiResult<LeaseState>;
 }
 
 /// Errors of the API itself, as opposed to outcomes such as a lost lease, which are

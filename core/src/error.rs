@@ -11,6 +11,10 @@ pub enum Error {
     /// A remote store (S3) refused or failed a request; `key` names the bucket and object.
     #[error("artifact {key}: {message}")]
     Remote { key: String, message: String },
+    /// An atlas already holds something this job would contradict (another model, other
+    /// render settings).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Error {

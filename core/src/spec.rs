@@ -642,7 +642,7 @@ impl JobSpec {
         let mut total = 0;
         for plan in &self.layers {
             for &t in self.techniques_for(plan) {
-                total += if t.per_unit() { plan.units.len() as u64 } else { self.layer_items(plan, t).len() as u64 };
+                total += self.targets(plan, t).len() as u64;
             }
         }
         total
@@ -660,6 +660,16 @@ impl JobSpec {
             s.steps = steps;
         }
         s
+    }
+
+    /// What a technique renders in a layer: the layer's units for a per-unit technique,
+    /// its items for a per-layer one.
+    pub fn targets(&self, plan: &LayerPlan, technique: Technique) -> Vec<crate::atlas::Target> {
+        if technique.per_unit() {
+            plan.units.iter().map(|&u| crate::atlas::Target::Unit(u)).collect()
+        } else {
+            self.layer_items(plan, technique).into_iter().map(crate::atlas::Target::Item).collect()
+        }
     }
 
     /// The items a per-layer technique renders in a layer: deepdream's start images (or

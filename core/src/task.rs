@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::atlas::Target;
 use crate::spec::{DatasetSpec, JobSpec, LayerPlan, ModelRef, RenderSettings, Technique};
 
 /// A task: one piece of a job's work, named by the job id and its position in the job.
@@ -37,7 +38,7 @@ impl TryFrom<StoredTaskSpec> for TaskSpec {
     fn try_from(t: StoredTaskSpec) -> Result<Self, String> {
         let work = match (t.work, t.layer, t.technique, t.units) {
             (Some(work), ..) => work,
-            (None, Some(layer), Some(technique), Some(units)) => Work::Render { layer, technique, units },
+            (None, Some(layer), Some(technique), Some(units)) => Work::render(layer, technique, units),
             _ => return Err(format!("task {}/{} has no work", t.job_id, t.index)),
         };
         Ok(TaskSpec { job_id: t.job_id, index: t.index, work })
@@ -46,13 +47,12 @@ impl TryFrom<StoredTaskSpec> for TaskSpec {
 
 /// What a task does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(into = "StoredWork", try_from = "StoredWork")]
 pub enum Work {
-    /// One optimisation of a batch of units of one layer with one technique.
-    Render { layer: String, technique: Technique, units: Vec<u32> },
-    /// One optimisation of items of a per-layer technique (deepdream starts, caricature
-    /// inputs, directions), named as in the job's technique options.
-    LayerRender { layer: String, technique: Technique, items: Vec<String> },
+    /// One optimisation of a batch of one technique's targets in one layer: units for a
+    /// per-unit technique, named items (deepdream starts, caricature inputs, directions)
+    /// for a per-layer one.
+    Render { layer: String, technique: Technique, targets: Vec<Target> },
     /// Statistics and examples of every job layer over one dataset shard; `shard` is its
     /// position in the job's shard list and names its partial results.
     Map { shard: u32, source: ShardSource },
@@ -61,19 +61,23 @@ pub enum Work {
 }
 
 impl Work {
+    /// A render of `targets` (unit numbers or item names).
+    pub fn render<T: Into<Target>>(layer: impl Into<String>, technique: Technique, targets: impl IntoIterator<Item = T>) -> Work {
+        Work::Render { layer: layer.into(), technique, targets: targets.into_iter().map(Into::into).collect() }
+    }
+
     /// The layer a render or reduce works on; a map works on every job layer.
     pub fn layer(&self) -> Option<&str> {
         match self {
-            Work::Render { layer, .. } | Work::LayerRender { layer, .. } | Work::Reduce { layer } => Some(layer),
+            Work::Render { layer, .. } | Work::Reduce { layer } => Some(layer),
             Work::Map { .. } => None,
         }
     }
 
-    /// The images (unit x technique) the task renders: its units for a render, else 0.
+    /// The images (target x technique) the task renders: its targets for a render, else 0.
     pub fn images(&self) -> u64 {
         match self {
-            Work::Render { units, .. } => units.len() as u64,
-            Work::LayerRender { items, .. } => items.len() as u64,
+            Work::Render { targets, .. } => targets.len() as u64,
             Work::Map { .. } | Work::Reduce { .. } => 0,
         }
     }
@@ -81,9 +85,50 @@ impl Work {
     /// `render`, `map` or `reduce`, for logs and counters.
     pub fn kind(&self) -> &'static str {
         match self {
-            Work::Render { .. } | Work::LayerRender { .. } => "render",
+            Work::Render { .. } => "render",
             Work::Map { .. } => "map",
             Work::Reduce { .. } => "reduce",
+        }
+    }
+}
+
+/// [`Work`] as state stores hold it: a per-unit render lists `units`, a per-layer one
+/// (`layer_render`) `items`, as loupe always stored them.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum StoredWork {
+    Render { layer: String, technique: Technique, units: Vec<u32> },
+    LayerRender { layer: String, technique: Technique, items: Vec<String> },
+    Map { shard: u32, source: ShardSource },
+    Reduce { layer: String },
+}
+
+impl From<Work> for StoredWork {
+    fn from(w: Work) -> StoredWork {
+        match w {
+            Work::Render { layer, technique, targets } if technique.per_unit() => {
+                StoredWork::Render { layer, technique, units: targets.iter().filter_map(Target::unit).collect() }
+            }
+            Work::Render { layer, technique, targets } => {
+                StoredWork::LayerRender { layer, technique, items: targets.iter().filter_map(|t| t.item().map(str::to_string)).collect() }
+            }
+            Work::Map { shard, source } => StoredWork::Map { shard, source },
+            Work::Reduce { layer } => StoredWork::Reduce { layer },
+        }
+    }
+}
+
+impl TryFrom<StoredWork> for Work {
+    type Error = String;
+    fn try_from(w: StoredWork) -> Result<Work, String> {
+        let render = |layer: String, technique: Technique, targets: Vec<Target>| {
+            crate::atlas::check_targets(technique, &targets).map(|()| Work::Render { layer, technique, targets }).map_err(|e| e.to_string())
+        };
+        match w {
+            StoredWork::Render { layer, technique, units } => render(layer, technique, units.into_iter().map(Target::Unit).collect()),
+            StoredWork::LayerRender { layer, technique, items } => render(layer, technique, items.into_iter().map(Target::Item).collect()),
+            StoredWork::Map { shard, source } => Ok(Work::Map { shard, source }),
+            StoredWork::Reduce { layer } => Ok(Work::Reduce { layer }),
         }
     }
 }
@@ -124,11 +169,72 @@ impl JobContext {
     }
 }
 
+/// A lease's id, `<job>/<index>#<attempt>`: one attempt at one task. The coordinator's
+/// Redis scripts build the same text (coordinator/src/state/redis.rs).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LeaseId {
+    job_id: String,
+    index: u32,
+    attempt: u32,
+}
+
+impl LeaseId {
+    pub fn new(job_id: &str, index: u32, attempt: u32) -> LeaseId {
+        LeaseId { job_id: job_id.to_string(), index, attempt }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// The task's position in its job.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}#{}", self.job_id, self.index, self.attempt)
+    }
+}
+
+impl std::str::FromStr for LeaseId {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<LeaseId> {
+        let bad = || crate::Error::invalid("lease id", format!("{s:?} is not <job>/<index>#<attempt>"));
+        let (task, attempt) = s.rsplit_once('#').ok_or_else(bad)?;
+        let (job_id, index) = task.rsplit_once('/').ok_or_else(bad)?;
+        if job_id.is_empty() {
+            return Err(bad());
+        }
+        Ok(LeaseId { job_id: job_id.to_string(), index: index.parse().map_err(|_| bad())?, attempt: attempt.parse().map_err(|_| bad())? })
+    }
+}
+
+impl TryFrom<String> for LeaseId {
+    type Error = crate::Error;
+    fn try_from(s: String) -> crate::Result<LeaseId> {
+        s.parse()
+    }
+}
+
+impl From<LeaseId> for String {
+    fn from(id: LeaseId) -> String {
+        id.to_string()
+    }
+}
+
 /// A lease: the right to run one attempt of a task until `deadline_ms` unless renewed.
 /// Renew, complete and fail name the lease id, so a stale holder is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
-    pub lease_id: String,
+    pub lease_id: LeaseId,
     pub task: TaskSpec,
     /// 1 for the first attempt.
     pub attempt: u32,
@@ -194,7 +300,7 @@ mod tests {
             TaskSpec {
                 job_id: "job-1".into(),
                 index: 0,
-                work: Work::Render { layer: "conv".into(), technique: Technique::Neuron, units: vec![1, 2] },
+                work: Work::render("conv", Technique::Neuron, [1, 2]),
             },
             TaskSpec { job_id: "job-1".into(), index: 1, work: Work::Map { shard: 0, source: ShardSource::Tar { key: "a.tar".into() } } },
             TaskSpec { job_id: "job-1".into(), index: 2, work: Work::Reduce { layer: "conv".into() } },
@@ -208,6 +314,13 @@ mod tests {
         let old = r#"{"job_id":"job-1","index":0,"layer":"conv","technique":"neuron","units":[1,2]}"#;
         assert_eq!(serde_json::from_str::<TaskSpec>(old).unwrap(), tasks[0]);
         assert!(serde_json::from_str::<TaskSpec>(r#"{"job_id":"j","index":0}"#).unwrap_err().to_string().contains("no work"));
+        let id: LeaseId = "job-7/12#3".parse().unwrap();
+        assert_eq!((id.job_id(), id.index(), id.attempt()), ("job-7", 12, 3));
+        assert_eq!(id.to_string(), "job-7/12#3");
+        assert_eq!("a/b/1#2".parse::<LeaseId>().unwrap().job_id(), "a/b");
+        for bad in ["job-7/12", "job-7#3", "/1#1", "j/x#1", "j/1#"] {
+            assert!(bad.parse::<LeaseId>().is_err(), "{bad}");
+        }
         let old_ctx = r#"{"model":{"uri":"m","name":"m","sha256":"0"},"settings":{"steps":1,"size":8,"input_size":8,"seed":0,"learning_rate":0.05},"out":"o"}"#;
         assert_eq!(serde_json::from_str::<JobContext>(old_ctx).unwrap().dataset, None);
     }

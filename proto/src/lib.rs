@@ -8,6 +8,7 @@ pub mod v1 {
 }
 
 use loupe_core::job::{JobState, JobStatus};
+use loupe_core::atlas::Target;
 use loupe_core::spec::{self, DatasetSpec, Precision, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
 use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Work};
 
@@ -162,15 +163,17 @@ impl From<&TaskSpec> for v1::Task {
     fn from(t: &TaskSpec) -> Self {
         let mut m = v1::Task { job_id: t.job_id.clone(), index: t.index, ..Default::default() };
         match &t.work {
-            Work::Render { layer, technique, units } => {
+            // A per-unit render's units travel in `units`, a per-layer render's items in
+            // `layer_items`, as the wire has always carried them.
+            Work::Render { layer, technique, targets } => {
                 m.layer = layer.clone();
                 m.technique = v1::Technique::from(*technique) as i32;
-                m.units = units.clone();
-            }
-            Work::LayerRender { layer, technique, items } => {
-                m.layer = layer.clone();
-                m.technique = v1::Technique::from(*technique) as i32;
-                m.work = Some(v1::task::Work::LayerItems(v1::LayerItems { items: items.clone() }));
+                if technique.per_unit() {
+                    m.units = targets.iter().filter_map(Target::unit).collect();
+                } else {
+                    let items = targets.iter().filter_map(|t| t.item().map(str::to_string)).collect();
+                    m.work = Some(v1::task::Work::LayerItems(v1::LayerItems { items }));
+                }
             }
             Work::Map { shard, source } => {
                 m.work = Some(v1::task::Work::Map(v1::MapWork { shard: *shard, source: Some(source.into()) }));
@@ -187,15 +190,21 @@ impl TryFrom<v1::Task> for TaskSpec {
     type Error = Invalid;
     fn try_from(t: v1::Task) -> Result<Self, Invalid> {
         let work = match t.work {
-            None => Work::Render { layer: t.layer, technique: technique_from_i32(t.technique)?, units: t.units },
+            None => render_work(t.layer, t.technique, t.units.into_iter().map(Target::Unit).collect())?,
             Some(v1::task::Work::Map(m)) => {
                 Work::Map { shard: m.shard, source: m.source.ok_or_else(|| missing("task.map.source"))?.try_into()? }
             }
             Some(v1::task::Work::Reduce(r)) => Work::Reduce { layer: r.layer },
-            Some(v1::task::Work::LayerItems(i)) => Work::LayerRender { layer: t.layer, technique: technique_from_i32(t.technique)?, items: i.items },
+            Some(v1::task::Work::LayerItems(i)) => render_work(t.layer, t.technique, i.items.into_iter().map(Target::Item).collect())?,
         };
         Ok(TaskSpec { job_id: t.job_id, index: t.index, work })
     }
+}
+
+fn render_work(layer: String, technique: i32, targets: Vec<Target>) -> Result<Work, Invalid> {
+    let technique = technique_from_i32(technique)?;
+    loupe_core::atlas::check_targets(technique, &targets).map_err(|e| Invalid(format!("task: {e}")))?;
+    Ok(Work::Render { layer, technique, targets })
 }
 
 impl From<&LayerPlan> for v1::LayerPlan {
@@ -265,7 +274,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
 impl From<&Lease> for v1::Lease {
     fn from(l: &Lease) -> Self {
         v1::Lease {
-            lease_id: l.lease_id.clone(),
+            lease_id: l.lease_id.to_string(),
             task: Some((&l.task).into()),
             attempt: l.attempt,
             deadline_ms: l.deadline_ms,
@@ -286,7 +295,7 @@ impl TryFrom<v1::Lease> for Lease {
         let t = l.task.ok_or_else(|| missing("lease.task"))?;
         let j = l.job.ok_or_else(|| missing("lease.job"))?;
         Ok(Lease {
-            lease_id: l.lease_id,
+            lease_id: l.lease_id.parse().map_err(|e| Invalid(format!("lease: {e}")))?,
             task: t.try_into()?,
             attempt: l.attempt,
             deadline_ms: l.deadline_ms,
@@ -408,7 +417,7 @@ mod tests {
     #[test]
     fn every_kind_of_task_survives_the_wire() {
         let works = [
-            Work::Render { layer: "conv".into(), technique: Technique::Negative, units: vec![0, 1, 7] },
+            Work::render("conv", Technique::Negative, [0, 1, 7]),
             Work::Map { shard: 3, source: ShardSource::Images { keys: vec!["a/0.jpg".into(), "a/1.png".into()] } },
             Work::Map { shard: 0, source: ShardSource::Images { keys: vec![] } },
             Work::Map { shard: 4, source: ShardSource::Tar { key: "train-0004.tar".into() } },
@@ -416,7 +425,7 @@ mod tests {
         ];
         for (index, work) in works.into_iter().enumerate() {
             let lease = Lease {
-                lease_id: format!("job-2/{index}#1"),
+                lease_id: format!("job-2/{index}#1").parse().unwrap(),
                 task: TaskSpec { job_id: "job-2".into(), index: index as u32, work },
                 attempt: 1,
                 deadline_ms: 7,
@@ -449,11 +458,11 @@ mod tests {
     #[test]
     fn a_lease_and_a_status_survive_the_wire() {
         let lease = Lease {
-            lease_id: "job-1/0#1".into(),
+            lease_id: "job-1/0#1".parse().unwrap(),
             task: TaskSpec {
                 job_id: "job-1".into(),
                 index: 0,
-                work: Work::Render { layer: "conv".into(), technique: Technique::Neuron, units: vec![1, 2] },
+                work: Work::render("conv", Technique::Neuron, [1, 2]),
             },
             attempt: 1,
             deadline_ms: 42,
@@ -504,7 +513,7 @@ mod tests {
         let task = TaskSpec {
             job_id: "j".into(),
             index: 3,
-            work: Work::LayerRender { layer: "conv".into(), technique: Technique::Caricature, items: vec!["dog".into()] },
+            work: Work::render("conv", Technique::Caricature, ["dog"]),
         };
         assert_eq!(TaskSpec::try_from(v1::Task::from(&task)).unwrap(), task);
     }

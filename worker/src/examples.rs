@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use loupe_core::atlas::{self, DatasetSummary, ExampleEntry, LayerExamples};
+use loupe_core::atlas::{self, Atlas, DatasetSummary, ExampleEntry, LayerExamples};
 use loupe_core::spec::{LayerPlan, Precision};
 use loupe_core::store::ArtifactStore;
 use loupe_core::task::{Lease, ShardSource};
@@ -248,7 +248,7 @@ pub(crate) async fn run_map(
     lease: &Lease,
     model_path: PathBuf,
     dataset: &dyn ArtifactStore,
-    out: &dyn ArtifactStore,
+    out: &Atlas,
     shard: u32,
     source: &ShardSource,
     cancel: Arc<AtomicBool>,
@@ -291,8 +291,7 @@ pub(crate) async fn run_map(
         })
         .await?;
     for (plan, partial) in lease.job.layers.iter().zip(partials) {
-        let segment = atlas::layer_segment(&plan.layer.name)?;
-        out.put(&atlas::partial_key(&lease.task.job_id, &segment, shard), partial.to_bytes()).await?;
+        out.write_partial(&lease.task.job_id, &plan.layer.name, shard, partial.to_bytes()).await?;
     }
     Ok(())
 }
@@ -304,21 +303,18 @@ pub(crate) async fn run_reduce(
     lease: &Lease,
     model_path: PathBuf,
     dataset: &dyn ArtifactStore,
-    out: &dyn ArtifactStore,
+    out: &Atlas,
     layer: &str,
 ) -> Result<()> {
     let spec = dataset_spec(lease)?;
     let plan = lease.job.layers.iter().find(|p| p.layer.name == layer).ok_or_else(|| Error::UnknownLayer(format!("{layer:?} is not a layer of this job")))?;
-    let segment = atlas::layer_segment(layer)?;
-    let mut keys = out.list(&atlas::partial_prefix(&lease.task.job_id, &segment)).await?;
-    keys.sort();
-    if keys.is_empty() {
+    let partials = out.partials(&lease.task.job_id, layer).await?;
+    if partials.is_empty() {
         return Err(Error::Model(format!("layer {layer:?}: no map left a partial result in {}", out.location())));
     }
     let mut merged = LayerPartial::new(plan.units.clone(), spec.examples as usize);
-    for key in &keys {
-        let bytes = out.get(key).await?.ok_or_else(|| Error::Model(format!("partial result {key} vanished")))?;
-        merged.merge(LayerPartial::from_bytes(&bytes).map_err(stats_error)?).map_err(stats_error)?;
+    for bytes in &partials {
+        merged.merge(LayerPartial::from_bytes(bytes).map_err(stats_error)?).map_err(stats_error)?;
     }
     let stats = merged.finish();
     let parquet = loupe_stats::write_parquet(layer, &stats, &plan.units).map_err(stats_error)?;
@@ -345,19 +341,7 @@ pub(crate) async fn run_reduce(
     .await
     .expect("encoding examples panicked");
 
-    let layer_dir = format!("layers/{segment}/");
-    // Sixteen puts in flight: S3 latency, not bandwidth, bounds many small files.
-    let mut files = files.into_iter().peekable();
-    while files.peek().is_some() {
-        let puts = files.by_ref().take(16).map(|(path, bytes)| {
-            let key = format!("{layer_dir}{path}");
-            async move { out.put(&key, bytes).await }
-        });
-        futures_util::future::try_join_all(puts).await?;
-    }
-    out.put(&atlas::stats_key(&segment), parquet).await?;
     let skipped: Vec<&str> = merged.skipped().collect();
-    out.put(&format!("{layer_dir}skipped.json"), loupe_core::to_json(&skipped)).await?;
     let examples = LayerExamples {
         format_version: atlas::FORMAT_VERSION,
         layer: layer.to_string(),
@@ -366,8 +350,7 @@ pub(crate) async fn run_reduce(
         stats: "stats.parquet".into(),
         units: entries,
     };
-    // Written last: its presence means the layer's dataset files are whole.
-    out.put(&atlas::examples_key(&segment), loupe_core::to_json(&examples)).await?;
+    out.write_layer_examples(&examples, files, parquet, &skipped).await?;
     Ok(())
 }
 

@@ -22,7 +22,7 @@ pub(crate) fn spec() -> JobSpec {
 
 fn tasks(n: u32) -> Vec<NewTask> {
     (0..n)
-        .map(|i| NewTask::runnable(Work::Render { layer: "conv".into(), technique: Technique::Channel, units: vec![2 * i, 2 * i + 1] }))
+        .map(|i| NewTask::runnable(Work::render("conv", Technique::Channel, [2 * i, 2 * i + 1])))
         .collect()
 }
 

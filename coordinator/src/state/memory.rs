@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use loupe_core::spec::JobSpec;
-use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec, Work};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, TaskSpec, Work};
 
 use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
@@ -32,7 +32,7 @@ struct Inner {
     /// of them completes.
     pending: VecDeque<(String, u32)>,
     /// Lease id -> the leased task.
-    leases: HashMap<String, Held>,
+    leases: HashMap<LeaseId, Held>,
     /// The monitoring totals; `queued` and `leased` are counted when asked.
     totals: StoreCounters,
 }
@@ -61,10 +61,6 @@ struct Held {
     worker: String,
 }
 
-fn lease_id(job_id: &str, index: u32, attempt: u32) -> String {
-    format!("{job_id}/{index}#{attempt}")
-}
-
 impl Inner {
     /// The attempts a lease's task has used, not counting leases handed back.
     fn counted(&self, held: &Held) -> u32 {
@@ -84,7 +80,7 @@ impl Inner {
     /// Puts tasks whose lease ran out back in line, or fails their job when they have
     /// used every attempt.
     fn reclaim_expired(&mut self, now_ms: u64, policy: LeasePolicy) {
-        let expired: Vec<String> = self.leases.iter().filter(|(_, h)| h.deadline_ms <= now_ms).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<LeaseId> = self.leases.iter().filter(|(_, h)| h.deadline_ms <= now_ms).map(|(id, _)| id.clone()).collect();
         for id in expired {
             // Failing a job above drops its other leases, which may be in this list too.
             let Some(held) = self.leases.remove(&id) else { continue };
@@ -109,11 +105,10 @@ impl Inner {
     }
 
     /// The state of a lease as its holder sees it.
-    fn lease_state(&self, lease_id: &str) -> LeaseState {
+    fn lease_state(&self, lease_id: &LeaseId) -> LeaseState {
         match self.leases.get(lease_id) {
             None => {
-                let job_id = lease_id.rsplit_once('/').map(|(j, _)| j).unwrap_or("");
-                match self.jobs.get(job_id).map(|j| &j.status.state) {
+                match self.jobs.get(lease_id.job_id()).map(|j| &j.status.state) {
                     Some(JobState::Cancelled) => LeaseState::Cancelled,
                     _ => LeaseState::Lost,
                 }
@@ -180,7 +175,7 @@ impl StateStore for MemoryStateStore {
             let task = &mut job.tasks[index as usize];
             task.attempts += 1;
             let lease = Lease {
-                lease_id: lease_id(&job_id, index, task.attempts),
+                lease_id: LeaseId::new(&job_id, index, task.attempts),
                 task: task.spec.clone(),
                 attempt: task.attempts,
                 deadline_ms: now_ms + policy.ttl_ms,
@@ -193,7 +188,7 @@ impl StateStore for MemoryStateStore {
         Ok(None)
     }
 
-    async fn renew(&self, lease_id: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn renew(&self, lease_id: &LeaseId, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inner = self.inner.lock().unwrap();
         inner.reclaim_expired(now_ms, policy);
         let state = inner.lease_state(lease_id);
@@ -203,7 +198,7 @@ impl StateStore for MemoryStateStore {
         Ok(state)
     }
 
-    async fn complete(&self, lease_id: &str, _now_ms: u64) -> StateResult<Completion> {
+    async fn complete(&self, lease_id: &LeaseId, _now_ms: u64) -> StateResult<Completion> {
         let mut inner = self.inner.lock().unwrap();
         let state = inner.lease_state(lease_id);
         let Some(held) = inner.leases.remove(lease_id) else {
@@ -217,7 +212,7 @@ impl StateStore for MemoryStateStore {
         match task.spec.work {
             Work::Map { .. } => job.status.maps_done += 1,
             Work::Reduce { .. } => job.status.reduces_done += 1,
-            Work::Render { .. } | Work::LayerRender { .. } => {}
+            Work::Render { .. } => {}
         }
         // A held lease means a running job: a failed or cancelled one has no leases, so it
         // never gets here and never releases the tasks waiting on this one.
@@ -238,7 +233,7 @@ impl StateStore for MemoryStateStore {
         Ok(Completion { lease: LeaseState::Held, job_done })
     }
 
-    async fn fail(&self, lease_id: &str, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inner = self.inner.lock().unwrap();
         let state = inner.lease_state(lease_id);
         let Some(held) = inner.leases.remove(lease_id) else {

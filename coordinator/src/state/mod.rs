@@ -10,7 +10,7 @@
 use async_trait::async_trait;
 use loupe_core::spec::JobSpec;
 pub use loupe_core::job::{JobState, JobStatus};
-use loupe_core::task::{Failure, Lease, LeaseState, Work};
+use loupe_core::task::{Failure, Lease, LeaseId, LeaseState, Work};
 
 mod memory;
 pub use memory::MemoryStateStore;
@@ -129,12 +129,12 @@ pub trait StateStore: Send + Sync {
     /// that has used all its attempts fails its job instead. A task still waiting on a
     /// prerequisite is never granted.
     async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>>;
-    async fn renew(&self, lease_id: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
+    async fn renew(&self, lease_id: &LeaseId, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
     /// Records the task done, and makes runnable the tasks for which it was the last
     /// prerequisite still to be done.
-    async fn complete(&self, lease_id: &str, now_ms: u64) -> StateResult<Completion>;
+    async fn complete(&self, lease_id: &LeaseId, now_ms: u64) -> StateResult<Completion>;
     /// A retryable failure goes back to pending while attempts remain; any other fails the job.
-    async fn fail(&self, lease_id: &str, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
     /// Ends an `Indexing` job as `Succeeded` or `Failed`.
     async fn finish(&self, job_id: &str, outcome: JobState) -> StateResult<()>;
     /// Cancels a running job; returns false if it had already ended.

@@ -52,7 +52,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ScriptInvocation};
 
 use loupe_core::spec::{to_ranges, JobSpec};
-use loupe_core::task::{Failure, JobContext, Lease, LeaseState, TaskSpec, Work};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, TaskSpec, Work};
 
 use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
@@ -74,7 +74,7 @@ local function job_key(job) return P .. 'job:' .. job end
 local function tasks_key(job) return P .. 'tasks:' .. job end
 local function job_leases_key(job) return P .. 'jobleases:' .. job end
 
--- A lease id is '<job>/<index>#<attempt>'.
+-- A lease id is '<job>/<index>#<attempt>', as loupe_core::task::LeaseId writes it.
 local function parse_lease(id)
   return string.match(id, '^(.*)/(%d+)#(%d+)$')
 end
@@ -612,28 +612,28 @@ impl StateStore for RedisStateStore {
         Ok(Some(Lease {
             task: serde_json::from_str(&task).map_err(|e| backend(format!("task of {lease_id}: {e}")))?,
             job: serde_json::from_str(&ctx).map_err(|e| backend(format!("job context of {lease_id}: {e}")))?,
-            lease_id,
+            lease_id: lease_id.parse().map_err(|e| backend(format!("the script granted {e}")))?,
             attempt,
             deadline_ms,
         }))
     }
 
-    async fn renew(&self, lease_id: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn renew(&self, lease_id: &LeaseId, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inv = self.invocation(&self.scripts.renew);
-        inv.arg(lease_id).arg(now_ms).arg(now_ms.saturating_add(policy.ttl_ms)).arg(policy.max_attempts);
+        inv.arg(lease_id.to_string()).arg(now_ms).arg(now_ms.saturating_add(policy.ttl_ms)).arg(policy.max_attempts);
         lease_state(self.invoke(&inv).await?)
     }
 
-    async fn complete(&self, lease_id: &str, _now_ms: u64) -> StateResult<Completion> {
+    async fn complete(&self, lease_id: &LeaseId, _now_ms: u64) -> StateResult<Completion> {
         let mut inv = self.invocation(&self.scripts.complete);
-        inv.arg(lease_id);
+        inv.arg(lease_id.to_string());
         let (code, job_done): (i64, i64) = self.invoke(&inv).await?;
         Ok(Completion { lease: lease_state(code)?, job_done: job_done == 1 })
     }
 
-    async fn fail(&self, lease_id: &str, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inv = self.invocation(&self.scripts.fail);
-        inv.arg(lease_id).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts).arg(if failure.released { "1" } else { "0" });
+        inv.arg(lease_id.to_string()).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts).arg(if failure.released { "1" } else { "0" });
         lease_state(self.invoke(&inv).await?)
     }
 
@@ -711,7 +711,7 @@ mod tests {
     }
 
     fn render(i: u32, units: u32) -> Work {
-        Work::Render { layer: "conv".into(), technique: Technique::Channel, units: (0..units).map(|u| i * units + u).collect() }
+        Work::render("conv", Technique::Channel, (0..units).map(|u| i * units + u))
     }
 
     fn tasks(n: u32, units: u32) -> Vec<NewTask> {
@@ -801,8 +801,8 @@ mod tests {
         assert!(matches!(a.job("job-99").await, Err(StateError::NoSuchJob(_))));
         assert!(matches!(a.cancel("job-99").await, Err(StateError::NoSuchJob(_))));
         assert!(matches!(a.finish("job-99", JobState::Succeeded).await, Err(StateError::NoSuchJob(_))));
-        assert_eq!(a.renew("nonsense", 0, POLICY).await.unwrap(), LeaseState::Lost);
-        assert_eq!(a.complete("job-1/0#7", 0).await.unwrap().lease, LeaseState::Lost);
+        assert_eq!(a.renew(&"nonsense/0#1".parse().unwrap(), 0, POLICY).await.unwrap(), LeaseState::Lost);
+        assert_eq!(a.complete(&"job-1/0#7".parse().unwrap(), 0).await.unwrap().lease, LeaseState::Lost);
     }
 
     #[tokio::test]
@@ -811,7 +811,7 @@ mod tests {
         let s = RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap();
         let id = s.create_job(spec(), tasks(3, 2), 5, 42).await.unwrap();
         let l = s.lease("w", 100, POLICY).await.unwrap().unwrap();
-        assert_eq!(l.lease_id, format!("{id}/0#1"));
+        assert_eq!(l.lease_id.to_string(), format!("{id}/0#1"));
         assert_eq!(l.task, TaskSpec { job_id: id.clone(), index: 0, work: render(0, 2) });
         assert_eq!(l.deadline_ms, 100 + POLICY.ttl_ms);
         assert_eq!(l.job, JobContext::of(&spec()));
@@ -972,7 +972,7 @@ mod tests {
                             maps_reported.fetch_add(1, Ordering::SeqCst);
                         }
                         Work::Reduce { .. } => assert_eq!(maps_reported.load(Ordering::SeqCst), MAPS, "a reduce granted early"),
-                        Work::Render { .. } | Work::LayerRender { .. } => {}
+                        Work::Render { .. } => {}
                     }
                     got.push(lease.task.index);
                     assert_eq!(store.complete(&lease.lease_id, 1).await.unwrap().lease, LeaseState::Held);

@@ -11,7 +11,13 @@
 //! layers/<layer>/<technique>/<item>.json         (the item record; written last)
 //! ```
 //!
-//! Keys are relative, `/`-separated, and identical on a local disk and in S3.
+//! Keys are relative, `/`-separated, and identical on a local disk and in S3. This module
+//! owns the format: the keys ([`ImageId`] for every rendered image), the JSON documents,
+//! and, in [`Atlas`], how they are read and written (images first, the record last).
+
+mod io;
+
+pub use io::{Atlas, RenderedImage};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,46 +62,6 @@ pub fn layer_key(segment: &str) -> String {
     format!("layers/{segment}/layer.json")
 }
 
-pub fn image_key(segment: &str, unit: u32, technique: Technique) -> String {
-    format!("layers/{segment}/units/{unit}/{}", unit_image_name(technique, 0, None))
-}
-
-/// The file name of a per-unit technique's image: `channel.png`; for diversity, image `i`
-/// of the unit's N, `diversity-<i>.png`; with `step`, the snapshot after that many steps,
-/// `channel.step64.png`.
-pub fn unit_image_name(technique: Technique, i: u32, step: Option<u32>) -> String {
-    let base = match technique {
-        Technique::Diversity => format!("diversity-{i}"),
-        t => t.to_string(),
-    };
-    match step {
-        Some(n) => format!("{base}.step{n}.png"),
-        None => format!("{base}.png"),
-    }
-}
-
-/// `layers/<segment>/units/<unit>/<name>`.
-pub fn unit_file_key(segment: &str, unit: u32, name: &str) -> String {
-    format!("layers/{segment}/units/{unit}/{name}")
-}
-
-/// The image of a per-layer technique's item (a deepdream start, a caricature input, a
-/// direction), or with `step` its snapshot: `layers/<segment>/<technique>/<item>.png`.
-pub fn item_image_key(segment: &str, technique: Technique, item: &str, step: Option<u32>) -> String {
-    match step {
-        Some(n) => format!("layers/{segment}/{technique}/{item}.step{n}.png"),
-        None => format!("layers/{segment}/{technique}/{item}.png"),
-    }
-}
-
-pub fn item_record_key(segment: &str, technique: Technique, item: &str) -> String {
-    format!("layers/{segment}/{technique}/{item}.json")
-}
-
-pub fn record_key(segment: &str, unit: u32, technique: Technique) -> String {
-    format!("layers/{segment}/units/{unit}/{technique}.json")
-}
-
 /// Reads `layers/<segment>/units/<unit>/<technique>.json` back into its parts.
 pub fn parse_record_key(key: &str) -> Option<(&str, u32, Technique)> {
     let rest = key.strip_prefix("layers/")?;
@@ -116,6 +82,123 @@ pub fn parse_record_key(key: &str) -> Option<(&str, u32, Technique)> {
 pub enum Target {
     Unit(u32),
     Item(String),
+}
+
+impl Target {
+    pub fn unit(&self) -> Option<u32> {
+        match self {
+            Target::Unit(u) => Some(*u),
+            Target::Item(_) => None,
+        }
+    }
+
+    pub fn item(&self) -> Option<&str> {
+        match self {
+            Target::Unit(_) => None,
+            Target::Item(name) => Some(name),
+        }
+    }
+}
+
+impl From<u32> for Target {
+    fn from(unit: u32) -> Target {
+        Target::Unit(unit)
+    }
+}
+
+impl From<String> for Target {
+    fn from(item: String) -> Target {
+        Target::Item(item)
+    }
+}
+
+impl From<&str> for Target {
+    fn from(item: &str) -> Target {
+        Target::Item(item.to_string())
+    }
+}
+
+/// Refuses targets of the wrong kind for the technique: a per-unit technique renders
+/// units, a per-layer one named items.
+pub fn check_targets(technique: Technique, targets: &[Target]) -> Result<()> {
+    let wrong = targets.iter().find(|t| matches!(t, Target::Unit(_)) != technique.per_unit());
+    match wrong {
+        Some(t) if technique.per_unit() => Err(Error::invalid("render", format!("{technique} renders units of a layer, not {t}"))),
+        Some(t) => Err(Error::invalid("render", format!("{technique} renders named items of a layer, not {t}"))),
+        None => Ok(()),
+    }
+}
+
+/// One image of an atlas (for diversity, a unit's N images): a layer, a technique and
+/// its target. Everything the atlas keeps of it lies at keys this type gives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageId {
+    layer: String,
+    segment: String,
+    technique: Technique,
+    target: Target,
+}
+
+impl ImageId {
+    pub fn new(layer: &str, technique: Technique, target: Target) -> Result<ImageId> {
+        check_targets(technique, std::slice::from_ref(&target))?;
+        Ok(ImageId { layer: layer.to_string(), segment: layer_segment(layer)?, technique, target })
+    }
+
+    pub fn layer(&self) -> &str {
+        &self.layer
+    }
+
+    pub fn technique(&self) -> Technique {
+        self.technique
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The file name of image `i` (diversity has several; the others one), or with
+    /// `step` of its snapshot after that many steps: `channel.png`, `diversity-2.png`,
+    /// `channel.step64.png`; an item's `<item>.png`, `<item>.step64.png`.
+    pub fn image_name(&self, i: u32, step: Option<u32>) -> String {
+        let base = match &self.target {
+            Target::Unit(_) if self.technique == Technique::Diversity => format!("diversity-{i}"),
+            Target::Unit(_) => self.technique.to_string(),
+            Target::Item(name) => name.clone(),
+        };
+        match step {
+            Some(n) => format!("{base}.step{n}.png"),
+            None => format!("{base}.png"),
+        }
+    }
+
+    /// The directory of the image's files: `layers/<layer>/units/<unit>/` or
+    /// `layers/<layer>/<technique>/`.
+    fn dir(&self) -> String {
+        match &self.target {
+            Target::Unit(u) => format!("layers/{}/units/{u}/", self.segment),
+            Target::Item(_) => format!("layers/{}/{}/", self.segment, self.technique),
+        }
+    }
+
+    /// The key of a file of the image, named as [`ImageId::image_name`] names it.
+    pub fn file_key(&self, name: &str) -> String {
+        format!("{}{name}", self.dir())
+    }
+
+    /// The key of the (first) image itself.
+    pub fn image_key(&self) -> String {
+        self.file_key(&self.image_name(0, None))
+    }
+
+    /// The key of its record, written after its images.
+    pub fn record_key(&self) -> String {
+        let name = match &self.target {
+            Target::Unit(_) => self.technique.as_str(),
+            Target::Item(name) => name,
+        };
+        format!("{}{name}.json", self.dir())
+    }
 }
 
 impl fmt::Display for Target {
@@ -367,6 +450,20 @@ pub struct LayerDataset {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_image_has_its_keys() {
+        let unit = ImageId::new("conv", Technique::Diversity, Target::Unit(3)).unwrap();
+        assert_eq!(unit.image_key(), "layers/conv/units/3/diversity-0.png");
+        assert_eq!(unit.file_key(&unit.image_name(2, Some(64))), "layers/conv/units/3/diversity-2.step64.png");
+        assert_eq!(unit.record_key(), "layers/conv/units/3/diversity.json");
+        let item = ImageId::new("conv", Technique::Caricature, Target::Item("dog".into())).unwrap();
+        assert_eq!(item.image_key(), "layers/conv/caricature/dog.png");
+        assert_eq!(item.file_key(&item.image_name(0, Some(8))), "layers/conv/caricature/dog.step8.png");
+        assert_eq!(item.record_key(), "layers/conv/caricature/dog.json");
+        assert!(ImageId::new("conv", Technique::Channel, Target::Item("dog".into())).is_err());
+        assert!(ImageId::new("conv", Technique::DeepDream, Target::Unit(0)).is_err());
+    }
+
     use super::*;
 
     #[test]
@@ -394,7 +491,7 @@ mod tests {
 
     #[test]
     fn record_keys_round_trip() {
-        let k = record_key("conv%2F1", 12, Technique::Negative);
+        let k = ImageId::new("conv/1", Technique::Negative, Target::Unit(12)).unwrap().record_key();
         assert_eq!(parse_record_key(&k), Some(("conv%2F1", 12, Technique::Negative)));
         assert_eq!(parse_record_key("layers/a/units/1/channel.png"), None);
         assert_eq!(parse_record_key("layers/a/layer.json"), None);

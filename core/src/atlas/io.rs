@@ -1,0 +1,385 @@
+//! [`Atlas`]: reading and writing the format over an [`ArtifactStore`]. The coordinator
+//! asks it what is complete and has it write the manifest and the layer indices; the
+//! workers hand it encoded images and dataset results.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use super::*;
+use crate::spec::{JobSpec, RenderSettings};
+use crate::store::ArtifactStore;
+
+/// An atlas in a store.
+#[derive(Clone)]
+pub struct Atlas {
+    store: Arc<dyn ArtifactStore>,
+}
+
+/// What a worker rendered for one [`ImageId`], encoded: the PNGs (diversity's N, the
+/// others one), their objectives, and the snapshots' PNGs by step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedImage {
+    pub pngs: Vec<Vec<u8>>,
+    pub objectives: Vec<f64>,
+    pub snapshots: Vec<(u32, Vec<Vec<u8>>)>,
+    pub dead: bool,
+}
+
+impl Atlas {
+    pub fn new(store: Arc<dyn ArtifactStore>) -> Atlas {
+        Atlas { store }
+    }
+
+    /// The atlas at an output URI (a directory or `s3://bucket/prefix`).
+    pub async fn open(uri: &str) -> Result<Atlas> {
+        Ok(Atlas::new(crate::store::open(uri).await?))
+    }
+
+    pub fn store(&self) -> &dyn ArtifactStore {
+        self.store.as_ref()
+    }
+
+    /// Where the atlas is, for messages.
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    async fn read_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.store.get(key).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| Error::Json { key: format!("{}/{key}", self.store.location()), source }),
+        }
+    }
+
+    pub async fn manifest(&self) -> Result<Option<AtlasManifest>> {
+        self.read_json(ATLAS_KEY).await
+    }
+
+    /// Writes `atlas.json` and the viewer beside it.
+    pub async fn write_manifest(&self, manifest: &AtlasManifest) -> Result<()> {
+        self.store.put(ATLAS_KEY, crate::to_json(manifest)).await?;
+        crate::viewer::write(self.store.as_ref()).await
+    }
+
+    /// The manifest for this job: new (created at `now`, RFC 3339), or the existing one
+    /// with this job's layers and techniques added. An atlas holds one model at one set of
+    /// render settings, so a job that differs in either is a [`Error::Conflict`] rather
+    /// than mixed in.
+    pub async fn manifest_for(&self, spec: &JobSpec, now: String) -> Result<AtlasManifest> {
+        let layers = spec.layers.iter().map(|p| LayerEntry::new(&p.layer)).collect::<Result<Vec<_>>>()?;
+        let Some(mut existing) = self.manifest().await? else {
+            return Ok(AtlasManifest {
+                format_version: FORMAT_VERSION,
+                loupe_version: crate::LOUPE_VERSION.to_string(),
+                model: ModelSummary { name: spec.model.name.clone(), sha256: spec.model.sha256.clone() },
+                settings: spec.settings.clone(),
+                layers,
+                techniques: job_techniques(spec),
+                created: now,
+                dataset: None,
+            });
+        };
+        self.check_same_look(&existing, spec)?;
+        for entry in layers {
+            match existing.layers.iter_mut().find(|l| l.name == entry.name) {
+                Some(l) => *l = entry,
+                None => existing.layers.push(entry),
+            }
+        }
+        for t in job_techniques(spec) {
+            if !existing.techniques.contains(&t) {
+                existing.techniques.push(t);
+            }
+        }
+        existing.loupe_version = crate::LOUPE_VERSION.to_string();
+        Ok(existing)
+    }
+
+    fn check_same_look(&self, existing: &AtlasManifest, spec: &JobSpec) -> Result<()> {
+        let place = self.location();
+        if existing.model.sha256 != spec.model.sha256 {
+            return Err(Error::Conflict(format!(
+                "{place} already holds an atlas of another model ({} with sha256 {}); choose another output",
+                existing.model.name, existing.model.sha256
+            )));
+        }
+        if look(&existing.settings) != look(&spec.settings) {
+            return Err(Error::Conflict(format!(
+                "{place} already holds an atlas rendered with other settings ({}), not ({}); choose another output",
+                describe(&existing.settings),
+                describe(&spec.settings)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The images of the job that the atlas already holds whole: a record for this model
+    /// and the layer's settings, with its image beside it.
+    pub async fn complete_images(&self, spec: &JobSpec) -> Result<HashSet<ImageId>> {
+        let mut done = HashSet::new();
+        for plan in &spec.layers {
+            let settings = spec.settings_for(plan);
+            let keys: HashSet<String> = self.store.list(&format!("layers/{}/", layer_segment(&plan.layer.name)?)).await?.into_iter().collect();
+            for &technique in spec.techniques_for(plan) {
+                for target in spec.targets(plan, technique) {
+                    let id = ImageId::new(&plan.layer.name, technique, target)?;
+                    if keys.contains(&id.record_key()) && keys.contains(&id.image_key()) && self.is_current(&id, &spec.model.sha256, &settings).await {
+                        done.insert(id);
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Whether the image's record is of this model and settings. An unreadable record
+    /// means an unfinished image: it is rendered again.
+    async fn is_current(&self, id: &ImageId, model_sha256: &str, settings: &RenderSettings) -> bool {
+        let stamp = match id.target() {
+            Target::Unit(_) => self.read_json::<UnitRecord>(&id.record_key()).await.ok().flatten().map(|r| (r.model_sha256, r.settings)),
+            Target::Item(_) => self.read_json::<ItemRecord>(&id.record_key()).await.ok().flatten().map(|r| (r.model_sha256, r.settings)),
+        };
+        stamp.is_some_and(|(sha, s)| sha == model_sha256 && s == *settings)
+    }
+
+    /// Writes an image's PNGs and snapshots, then its record: the record is written last,
+    /// so its presence means the images are whole.
+    pub async fn write_image(&self, id: &ImageId, image: &RenderedImage, model_sha256: &str, settings: &RenderSettings) -> Result<()> {
+        let mut names = Vec::with_capacity(image.pngs.len());
+        for (i, png) in image.pngs.iter().enumerate() {
+            names.push(self.put_image(id, i, None, png).await?);
+        }
+        let mut snapshots = Vec::with_capacity(image.snapshots.len());
+        for (step, pngs) in &image.snapshots {
+            let mut images = Vec::with_capacity(pngs.len());
+            for (i, png) in pngs.iter().enumerate() {
+                images.push(self.put_image(id, i, Some(*step), png).await?);
+            }
+            snapshots.push(SnapshotEntry { step: *step, images });
+        }
+        let record = match id.target() {
+            Target::Unit(unit) => crate::to_json(&unit_record(id, *unit, image, names, snapshots, model_sha256, settings)),
+            Target::Item(item) => crate::to_json(&ItemRecord {
+                format_version: FORMAT_VERSION,
+                layer: id.layer().to_string(),
+                technique: id.technique(),
+                item: item.clone(),
+                image: names.swap_remove(0),
+                objective: image.objectives[0],
+                snapshots,
+                model_sha256: model_sha256.to_string(),
+                settings: settings.clone(),
+            }),
+        };
+        self.store.put(&id.record_key(), record).await
+    }
+
+    async fn put_image(&self, id: &ImageId, i: usize, step: Option<u32>, png: &[u8]) -> Result<String> {
+        let name = id.image_name(i as u32, step);
+        self.store.put(&id.file_key(&name), png.to_vec()).await?;
+        Ok(name)
+    }
+
+    /// Writes `layer.json` for each layer of the job, listing every complete record in the
+    /// layer, including those of earlier jobs on the same atlas, with the units' dataset
+    /// statistics and examples where the layer's reduce left an `examples.json`. When one
+    /// did, `atlas.json` says which dataset they cover.
+    pub async fn write_layer_indices(&self, spec: &JobSpec) -> Result<()> {
+        let mut dataset = None;
+        for plan in &spec.layers {
+            let segment = layer_segment(&plan.layer.name)?;
+            let mut units = self.unit_entries(&segment).await?;
+            let examples = self.read_json::<LayerExamples>(&examples_key(&segment)).await?;
+            let layer_dataset = examples.map(|examples| {
+                dataset.get_or_insert(examples.dataset.clone());
+                add_examples(&mut units, examples)
+            });
+            let index = LayerIndex {
+                format_version: FORMAT_VERSION,
+                name: plan.layer.name.clone(),
+                shape: plan.layer.shape.clone(),
+                units: units.into_values().collect(),
+                items: self.item_entries(&segment).await?,
+                dataset: layer_dataset,
+            };
+            self.store.put(&layer_key(&segment), crate::to_json(&index)).await?;
+        }
+        if let Some(summary) = dataset {
+            if let Some(mut manifest) = self.manifest().await? {
+                manifest.dataset = Some(summary);
+                self.store.put(ATLAS_KEY, crate::to_json(&manifest)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-unit records of a layer, for `layer.json`.
+    async fn unit_entries(&self, segment: &str) -> Result<BTreeMap<u32, UnitEntry>> {
+        let mut units: BTreeMap<u32, UnitEntry> = BTreeMap::new();
+        for key in self.store.list(&format!("layers/{segment}/units/")).await? {
+            let Some((_, unit, technique)) = parse_record_key(&key) else { continue };
+            let Some(record) = self.read_json::<UnitRecord>(&key).await? else { continue };
+            let path = |name: &String| format!("units/{unit}/{name}");
+            let entry = ImageEntry {
+                image: path(&record.image),
+                objective: record.objective,
+                images: record.images.iter().map(path).collect(),
+                snapshots: relative_snapshots(&record.snapshots, path),
+                dead: record.dead,
+            };
+            unit_entry(&mut units, unit).techniques.insert(technique, entry);
+        }
+        Ok(units)
+    }
+
+    /// The item records of a layer's per-layer techniques, for `layer.json`.
+    async fn item_entries(&self, segment: &str) -> Result<BTreeMap<Technique, Vec<ItemEntry>>> {
+        let mut items: BTreeMap<Technique, Vec<ItemEntry>> = BTreeMap::new();
+        for technique in Technique::ALL.into_iter().filter(|t| !t.per_unit()) {
+            for key in self.store.list(&format!("layers/{segment}/{technique}/")).await? {
+                if !key.ends_with(".json") {
+                    continue;
+                }
+                let Some(r) = self.read_json::<ItemRecord>(&key).await? else { continue };
+                let path = |name: &String| format!("{technique}/{name}");
+                items.entry(technique).or_default().push(ItemEntry {
+                    item: r.item.clone(),
+                    image: path(&r.image),
+                    objective: r.objective,
+                    snapshots: relative_snapshots(&r.snapshots, path),
+                });
+            }
+        }
+        for list in items.values_mut() {
+            list.sort_by(|a, b| a.item.cmp(&b.item));
+        }
+        Ok(items)
+    }
+
+    /// Whether the atlas holds the statistics of every job layer over the job's dataset:
+    /// an `examples.json` (a reduce's last write) for the same dataset and K, covering the
+    /// layer's units.
+    pub async fn has_dataset_statistics(&self, spec: &JobSpec) -> Result<bool> {
+        let Some(dataset) = &spec.dataset else { return Ok(false) };
+        for plan in &spec.layers {
+            let key = examples_key(&layer_segment(&plan.layer.name)?);
+            let covered = match self.read_json::<LayerExamples>(&key).await {
+                Ok(Some(e)) => {
+                    let units: HashSet<u32> = e.units.iter().map(|u| u.unit).collect();
+                    e.dataset.uri == dataset.uri && e.dataset.examples == dataset.examples && plan.units.iter().all(|u| units.contains(u))
+                }
+                _ => false,
+            };
+            if !covered {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Leaves a map's partial statistics of one layer for the reduce.
+    pub async fn write_partial(&self, job_id: &str, layer: &str, shard: u32, bytes: Vec<u8>) -> Result<()> {
+        self.store.put(&partial_key(job_id, &layer_segment(layer)?, shard), bytes).await
+    }
+
+    /// Every map's partial of one layer, in shard order.
+    pub async fn partials(&self, job_id: &str, layer: &str) -> Result<Vec<Vec<u8>>> {
+        let mut keys = self.store.list(&partial_prefix(job_id, &layer_segment(layer)?)).await?;
+        keys.sort();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let bytes = self.store.get(&key).await?;
+            out.push(bytes.ok_or_else(|| Error::Remote { key: format!("{}/{key}", self.location()), message: "the partial result vanished".into() })?);
+        }
+        Ok(out)
+    }
+
+    /// Writes a layer's dataset results: the example files (paths relative to the layer
+    /// directory), `stats.parquet`, `skipped.json` and, last, `examples.json`, whose
+    /// presence means the others are whole.
+    pub async fn write_layer_examples(&self, examples: &LayerExamples, files: Vec<(String, Vec<u8>)>, parquet: Vec<u8>, skipped: &[&str]) -> Result<()> {
+        let segment = layer_segment(&examples.layer)?;
+        let layer_dir = format!("layers/{segment}/");
+        // Sixteen puts in flight: S3 latency, not bandwidth, bounds many small files.
+        let mut files = files.into_iter().peekable();
+        while files.peek().is_some() {
+            let puts = files.by_ref().take(16).map(|(path, bytes)| {
+                let key = format!("{layer_dir}{path}");
+                async move { self.store.put(&key, bytes).await }
+            });
+            futures_util::future::try_join_all(puts).await?;
+        }
+        self.store.put(&stats_key(&segment), parquet).await?;
+        self.store.put(&format!("{layer_dir}skipped.json"), crate::to_json(&skipped)).await?;
+        self.store.put(&examples_key(&segment), crate::to_json(examples)).await
+    }
+}
+
+fn unit_record(id: &ImageId, unit: u32, image: &RenderedImage, names: Vec<String>, snapshots: Vec<SnapshotEntry>, model_sha256: &str, settings: &RenderSettings) -> UnitRecord {
+    let several = names.len() > 1;
+    UnitRecord {
+        format_version: FORMAT_VERSION,
+        layer: id.layer().to_string(),
+        unit,
+        technique: id.technique(),
+        image: names[0].clone(),
+        objective: image.objectives.iter().sum::<f64>() / image.objectives.len().max(1) as f64,
+        images: if several { names } else { Vec::new() },
+        objectives: if several { image.objectives.clone() } else { Vec::new() },
+        snapshots,
+        dead: image.dead,
+        model_sha256: model_sha256.to_string(),
+        settings: settings.clone(),
+    }
+}
+
+fn unit_entry(units: &mut BTreeMap<u32, UnitEntry>, unit: u32) -> &mut UnitEntry {
+    units.entry(unit).or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None })
+}
+
+fn relative_snapshots(snapshots: &[SnapshotEntry], path: impl Fn(&String) -> String) -> Vec<SnapshotEntry> {
+    snapshots.iter().map(|s| SnapshotEntry { step: s.step, images: s.images.iter().map(&path).collect() }).collect()
+}
+
+/// Folds a layer's `examples.json` into its units and says what `layer.json` lists of it.
+fn add_examples(units: &mut BTreeMap<u32, UnitEntry>, examples: LayerExamples) -> LayerDataset {
+    for entry in examples.units {
+        let unit = entry.unit;
+        unit_entry(units, unit).dataset = Some(entry);
+    }
+    LayerDataset {
+        stats: examples.stats,
+        examples: "examples.json".into(),
+        receptive_field: examples.receptive_field,
+        images: examples.dataset.images,
+        images_skipped: examples.dataset.images_skipped,
+    }
+}
+
+/// Every technique of the job: the job's and the layers' own, in first-seen order.
+fn job_techniques(spec: &JobSpec) -> Vec<Technique> {
+    let mut all = spec.techniques.clone();
+    for plan in &spec.layers {
+        for &t in spec.techniques_for(plan) {
+            if !all.contains(&t) {
+                all.push(t);
+            }
+        }
+    }
+    all
+}
+
+/// The settings that decide how every image of an atlas looks. A technique's own options
+/// (diversity images, caricature inputs, directions) only decide its images, whose
+/// records carry them, so jobs that add techniques to an atlas may differ in them.
+fn look(s: &RenderSettings) -> RenderSettings {
+    RenderSettings { options: Default::default(), ..s.clone() }
+}
+
+fn describe(s: &RenderSettings) -> String {
+    format!("steps {}, size {}, input size {}, seed {}, learning rate {}, precision {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate, s.precision)
+}

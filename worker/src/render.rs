@@ -1,10 +1,12 @@
 //! Optimisations: batches of parameterised images, each pushed up its objective by Adam
 //! through the random transforms (docs/techniques.md "The peers' recipe").
 //!
-//! - [`render`]: the per-unit techniques (channel, neuron, negative: one image per unit;
-//!   diversity: N images per unit optimised together against each other).
-//! - [`render_layer`]: the per-layer techniques (deepdream, caricature, direction), one
-//!   image per named item.
+//! [`render`] renders a [`RenderRequest`]: for each of its subjects, a unit of the layer
+//! under a per-unit technique (channel, neuron, negative: one image; diversity: N images
+//! optimised together against each other) or a named item under a per-layer technique
+//! (deepdream, caricature, direction: one image). Techniques differ only in what is
+//! optimised: the goal of a batch ([`Goal::for_batch`]) and the images' starts
+//! (`image_specs`); the batching, the initial values and the steps are shared.
 //!
 //! Every image has its own SplitMix64 stream (from the job seed and the unit's or item's
 //! identity): its initial values are drawn first, then, under `DeadUnits::Reseed`, any
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tch::{nn, Device, Kind, Tensor};
 
+use loupe_core::atlas::Target;
 use loupe_core::seed::{unit_seed, SplitMix64};
 use loupe_core::spec::{DeadUnits, RenderSettings, Technique};
 
@@ -25,14 +28,43 @@ use crate::param::{ParamImage, INIT_SD};
 use crate::transform;
 use crate::{Error, Result};
 
-/// What to render: each unit of `units` in `layer` under a per-unit `technique`
-/// (channel, neuron, negative or diversity).
+/// What to render: each of `subjects` in `layer` under `technique`. Units go with the
+/// per-unit techniques and items of the technique's kind with the per-layer ones;
+/// [`render`] refuses any other mix.
 #[derive(Debug, Clone)]
 pub struct RenderRequest<'a> {
     pub layer: &'a str,
     pub technique: Technique,
-    pub units: &'a [u32],
+    pub subjects: &'a [Subject],
     pub settings: &'a RenderSettings,
+}
+
+/// What one image (diversity: N images) is optimised for.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// A unit of the layer, for channel, neuron, negative or diversity.
+    Unit(u32),
+    /// A named item, for deepdream, caricature or direction.
+    Item(LayerItem),
+}
+
+impl Subject {
+    /// What the subject's images show.
+    pub fn target(&self) -> Target {
+        match self {
+            Subject::Unit(u) => Target::Unit(*u),
+            Subject::Item(item) => Target::Item(item.name.clone()),
+        }
+    }
+
+    /// The number that, with the job seed, the layer and the technique, seeds its stream:
+    /// the unit, or [`item_index`] of the item's name.
+    fn seed_index(&self) -> u32 {
+        match self {
+            Subject::Unit(u) => *u,
+            Subject::Item(item) => item_index(&item.name),
+        }
+    }
 }
 
 /// One rendered image, `size x size`, row-major, `channels` bytes a pixel: 3 (RGB) for a
@@ -50,10 +82,10 @@ pub struct Snapshot {
     pub images: Vec<Pixels>,
 }
 
-/// One unit's images: one, or `options.diversity_images` for diversity.
+/// One subject's images: one, or `options.diversity_images` for diversity.
 #[derive(Debug, Clone)]
-pub struct RenderedUnit {
-    pub unit: u32,
+pub struct Rendered {
+    pub target: Target,
     pub images: Vec<Pixels>,
     /// Per image, the objective on the final image resampled to the input size without
     /// transforms; for diversity each image's channel objective (the penalty left out).
@@ -61,7 +93,8 @@ pub struct RenderedUnit {
     /// One per threshold, each with as many images as `images`.
     pub snapshots: Vec<Snapshot>,
     /// Under `DeadUnits::Reseed`: no initial image (however bright) gave the unit's
-    /// objective a gradient, so it was rendered as `Keep` renders it.
+    /// objective a gradient, so it was rendered as `Keep` renders it. Always false for an
+    /// item: only a unit's record has the mark.
     pub dead: bool,
 }
 
@@ -83,20 +116,22 @@ pub enum LayerItemKind {
     Direction { vector: Vec<f32> },
 }
 
+impl LayerItemKind {
+    /// The per-layer technique the item is for.
+    fn technique(&self) -> Technique {
+        match self {
+            LayerItemKind::DeepDream { .. } => Technique::DeepDream,
+            LayerItemKind::Caricature { .. } => Technique::Caricature,
+            LayerItemKind::Direction { .. } => Technique::Direction,
+        }
+    }
+}
+
 /// One item of a per-layer technique; `name` also seeds its stream.
 #[derive(Debug, Clone)]
 pub struct LayerItem {
     pub name: String,
     pub kind: LayerItemKind,
-}
-
-#[derive(Debug, Clone)]
-pub struct RenderedItem {
-    pub name: String,
-    pub image: Pixels,
-    /// The item's objective on the final image without transforms.
-    pub objective: f64,
-    pub snapshots: Vec<Snapshot>,
 }
 
 /// Decodes a JPEG or PNG into an [`InputImage`] of `channels` at `size x size`: resized
@@ -139,6 +174,60 @@ pub fn item_index(name: &str) -> u32 {
     h
 }
 
+/// Checks, once before anything renders, that every subject suits the technique: units
+/// for a per-unit technique; for a per-layer one, items of its kind whose images have the
+/// model's channel count and whose directions are finite and all of one length.
+fn check(req: &RenderRequest) -> Result<()> {
+    let technique = req.technique;
+    for subject in req.subjects {
+        match subject {
+            Subject::Unit(u) if !technique.per_unit() => return Err(Error::Model(format!("{technique} renders items of a layer, not unit {u}"))),
+            Subject::Unit(_) => {}
+            Subject::Item(item) if technique.per_unit() => {
+                return Err(Error::Model(format!("{technique} renders units, not items such as {:?}", item.name)));
+            }
+            Subject::Item(item) => check_item(item, technique, req.settings.param.channels)?,
+        }
+    }
+    let mut vectors = req.subjects.iter().filter_map(|s| match s {
+        Subject::Item(LayerItem { name, kind: LayerItemKind::Direction { vector } }) => Some((name, vector.len())),
+        _ => None,
+    });
+    if let Some((_, len)) = vectors.next() {
+        if let Some((name, bad)) = vectors.find(|&(_, l)| l != len) {
+            return Err(Error::Model(format!("direction {name:?} has {bad} values; the others {len}")));
+        }
+    }
+    Ok(())
+}
+
+/// One item of a per-layer `technique`'s request (see [`check`]).
+fn check_item(item: &LayerItem, technique: Technique, channels: u32) -> Result<()> {
+    if item.kind.technique() != technique {
+        return Err(Error::Model(format!("item {:?} is a {} item, not a {technique} item", item.name, item.kind.technique())));
+    }
+    let fits = |img: &InputImage| -> Result<()> {
+        if img.channels != channels || img.data.len() != (img.channels * img.size * img.size) as usize || img.size == 0 {
+            return Err(Error::Model(format!(
+                "{technique} item {:?}: the image has {} channels at {} px ({} values); the model takes {channels} channels",
+                item.name,
+                img.channels,
+                img.size,
+                img.data.len()
+            )));
+        }
+        Ok(())
+    };
+    match &item.kind {
+        LayerItemKind::DeepDream { start } => start.as_ref().map_or(Ok(()), fits),
+        LayerItemKind::Caricature { input } => fits(input),
+        LayerItemKind::Direction { vector } if vector.is_empty() || vector.iter().any(|v| !v.is_finite()) => {
+            Err(Error::Model(format!("direction {:?} must be a vector of finite numbers", item.name)))
+        }
+        LayerItemKind::Direction { .. } => Ok(()),
+    }
+}
+
 /// How an image starts.
 enum Init {
     /// Values drawn from the image's stream, N(0, 0.01).
@@ -155,28 +244,44 @@ struct ImageSpec {
     label: String,
 }
 
-/// The streams of a per-unit request: per unit one image from the unit's stream, or for
-/// diversity N images, each with a stream seeded by the unit's stream in turn.
-fn unit_specs(req: &RenderRequest, units: &[u32]) -> Vec<ImageSpec> {
+/// The images of a batch of the request's subjects, in order: per subject one image
+/// from its stream, or for diversity N images, each with a stream seeded by the unit's
+/// stream in turn. A deepdream item with a start image starts from it, at the render's
+/// size; every other image from noise.
+fn image_specs(req: &RenderRequest, subjects: &[Subject], device: Device) -> Vec<ImageSpec> {
     let s = req.settings;
     let mut out = Vec::new();
-    for &u in units {
-        let mut rng = SplitMix64::new(unit_seed(s.seed, req.layer, u, req.technique));
-        if req.technique == Technique::Diversity {
-            for k in 0..s.options.diversity_images {
-                let label = format!("unit {u} (diversity image {k})");
-                out.push(ImageSpec { rng: SplitMix64::new(rng.next_u64()), init: Init::Noise, label });
+    for subject in subjects {
+        let mut rng = SplitMix64::new(unit_seed(s.seed, req.layer, subject.seed_index(), req.technique));
+        match subject {
+            Subject::Unit(u) if req.technique == Technique::Diversity => {
+                for k in 0..s.options.diversity_images {
+                    let label = format!("unit {u} (diversity image {k})");
+                    out.push(ImageSpec { rng: SplitMix64::new(rng.next_u64()), init: Init::Noise, label });
+                }
             }
-        } else {
-            out.push(ImageSpec { rng, init: Init::Noise, label: format!("unit {u}") });
+            Subject::Unit(u) => out.push(ImageSpec { rng, init: Init::Noise, label: format!("unit {u}") }),
+            Subject::Item(item) => {
+                let init = match &item.kind {
+                    LayerItemKind::DeepDream { start: Some(img) } => Init::Image(input_tensor(img, s.size as i64, device).squeeze_dim(0).to_device(Device::Cpu)),
+                    _ => Init::Noise,
+                };
+                out.push(ImageSpec { rng, init, label: format!("{} item {:?}", req.technique, item.name) });
+            }
         }
     }
     out
 }
 
-/// Images per unit of a request.
-fn images_per_unit(req: &RenderRequest) -> usize {
+/// Images per subject of a request.
+fn images_per_subject(req: &RenderRequest) -> usize {
     if req.technique == Technique::Diversity { req.settings.options.diversity_images as usize } else { 1 }
+}
+
+/// An input image as a `[1, C, side, side]` tensor on the device.
+fn input_tensor(img: &InputImage, side: i64, device: Device) -> Tensor {
+    let t = Tensor::from_slice(&img.data).reshape([1, img.channels as i64, img.size as i64, img.size as i64]).to_device(device);
+    if img.size as i64 == side { t } else { resized(&t, side) }
 }
 
 /// The batch at the model's input size: one affine resampling per image. Sampling
@@ -197,18 +302,19 @@ fn resized(images: &Tensor, side: i64) -> Tensor {
 
 /// The images of a request before any step: what the optimisation starts from (without
 /// any re-seeding, which needs the model).
-pub fn initial_images(req: &RenderRequest, device: Device) -> Vec<RenderedUnit> {
+pub fn initial_images(req: &RenderRequest, device: Device) -> Vec<Rendered> {
     let s = req.settings;
     let size = s.size as usize;
-    let mut specs = unit_specs(req, req.units);
-    let values: Vec<f32> = specs.iter_mut().flat_map(|spec| ParamImage::draw(&s.param, size, INIT_SD, &mut spec.rng)).collect();
+    let mut specs = image_specs(req, req.subjects, device);
+    let blank = blank(s);
+    let values: Vec<f32> = specs.iter_mut().flat_map(|spec| start_values(s, &blank, spec)).collect();
     let param = Tensor::from_slice(&values).reshape(ParamImage::shape(&s.param, specs.len(), size).as_slice()).to_device(device);
     let images = to_pixels(&ParamImage::new(param, &s.param, size, device).image());
-    let n = images_per_unit(req);
-    req.units
+    let n = images_per_subject(req);
+    req.subjects
         .iter()
         .zip(images.chunks(n))
-        .map(|(&unit, images)| RenderedUnit { unit, images: images.to_vec(), objectives: vec![f64::NAN; n], snapshots: Vec::new(), dead: false })
+        .map(|(subject, images)| Rendered { target: subject.target(), images: images.to_vec(), objectives: vec![f64::NAN; n], snapshots: Vec::new(), dead: false })
         .collect()
 }
 
@@ -274,151 +380,24 @@ impl Stopwatch<'_> {
     }
 }
 
-/// Renders the request's units, in as few optimisations as the device's memory allows.
+/// Renders the request's subjects, in as few optimisations as the device's memory allows.
+/// Each unit's or item's stream is seeded by the job seed, the layer, the technique and
+/// the unit or the item's name ([`item_index`]).
 ///
 /// `max_batch` is the largest batch, in images, known to fit (`None`: not yet known). A
 /// batch that runs out of memory is halved and run again, and the limit is lowered for the
 /// caller's next request; so the batch follows the device's free memory unless the job's
 /// batch is smaller. A diversity unit's N images always share an optimisation. Each image
 /// has its own seeded stream, so grouping never changes what is drawn.
-pub fn render(model: &Model, req: &RenderRequest, cancel: &AtomicBool, max_batch: &mut Option<usize>, times: Option<&mut StepTimes>) -> Result<Vec<RenderedUnit>> {
-    if !req.technique.per_unit() {
-        return Err(Error::Model(format!("{} renders items of a layer; use render_layer", req.technique)));
-    }
+pub fn render(model: &Model, req: &RenderRequest, cancel: &AtomicBool, max_batch: &mut Option<usize>, times: Option<&mut StepTimes>) -> Result<Vec<Rendered>> {
+    check(req)?;
     let mut times = times;
-    let n = images_per_unit(req);
-    let s = req.settings;
-    in_batches(req.units, n, max_batch, |units| {
-        let specs = unit_specs(req, units);
-        let device = model.device();
-        let goal = if req.technique == Technique::Diversity {
-            let repeated: Vec<u32> = units.iter().flat_map(|&u| std::iter::repeat(u).take(n)).collect();
-            Goal::Diversity { units: unit_tensor(&repeated, device), n: n as i64, weight: s.options.diversity_weight }
-        } else {
-            Goal::Unit { technique: req.technique, units: unit_tensor(units, device) }
-        };
-        let done = optimise(model, req.layer, s, &goal, specs, cancel, times.as_deref_mut())?;
-        let pixels = to_pixels(&done.images);
-        let snapshots: Vec<(u32, Vec<Pixels>)> = done.snapshots.iter().map(|(step, t)| (*step, to_pixels(t))).collect();
-        Ok(units
-            .iter()
-            .enumerate()
-            .map(|(i, &unit)| {
-                let range = i * n..(i + 1) * n;
-                RenderedUnit {
-                    unit,
-                    images: pixels[range.clone()].to_vec(),
-                    objectives: done.objectives[range.clone()].to_vec(),
-                    snapshots: snapshots.iter().map(|(step, p)| Snapshot { step: *step, images: p[range.clone()].to_vec() }).collect(),
-                    dead: done.dead[range].iter().all(|&d| d),
-                }
-            })
-            .collect())
-    })
-}
-
-/// Renders one per-layer technique's items (deepdream, caricature, direction), one image
-/// each, batched like [`render`]. Each item's stream is seeded by the job seed, the
-/// layer, the technique and its name ([`item_index`]).
-#[allow(clippy::too_many_arguments)]
-pub fn render_layer(
-    model: &Model,
-    layer: &str,
-    technique: Technique,
-    items: &[LayerItem],
-    settings: &RenderSettings,
-    cancel: &AtomicBool,
-    max_batch: &mut Option<usize>,
-    times: Option<&mut StepTimes>,
-) -> Result<Vec<RenderedItem>> {
-    let s = settings;
-    let (size, channels) = (s.size as i64, s.param.channels);
-    let device = model.device();
-    for item in items {
-        let fits = |img: &InputImage| -> Result<()> {
-            if img.channels != channels || img.data.len() != (img.channels * img.size * img.size) as usize || img.size == 0 {
-                return Err(Error::Model(format!(
-                    "{technique} item {:?}: the image has {} channels at {} px ({} values); the model takes {channels} channels",
-                    item.name,
-                    img.channels,
-                    img.size,
-                    img.data.len()
-                )));
-            }
-            Ok(())
-        };
-        match (&item.kind, technique) {
-            (LayerItemKind::DeepDream { start }, Technique::DeepDream) => start.as_ref().map(fits).transpose().map(|_| ())?,
-            (LayerItemKind::Caricature { input }, Technique::Caricature) => fits(input)?,
-            (LayerItemKind::Direction { vector }, Technique::Direction) => {
-                if vector.is_empty() || vector.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::Model(format!("direction {:?} must be a vector of finite numbers", item.name)));
-                }
-            }
-            _ => return Err(Error::Model(format!("item {:?} is not a {technique} item", item.name))),
-        }
-    }
-    // An input image as a [1, C, side, side] tensor on the device.
-    let tensor = |img: &InputImage, side: i64| -> Tensor {
-        let t = Tensor::from_slice(&img.data).reshape([1, img.channels as i64, img.size as i64, img.size as i64]).to_device(device);
-        if img.size as i64 == side { t } else { resized(&t, side) }
-    };
-    let mut times = times;
-    in_batches(items, 1, max_batch, |items| {
-        let specs: Vec<ImageSpec> = items
-            .iter()
-            .map(|item| {
-                let rng = SplitMix64::new(unit_seed(s.seed, layer, item_index(&item.name), technique));
-                let init = match &item.kind {
-                    LayerItemKind::DeepDream { start: Some(img) } => Init::Image(tensor(img, size).squeeze_dim(0).to_device(Device::Cpu)),
-                    _ => Init::Noise,
-                };
-                ImageSpec { rng, init, label: format!("{technique} item {:?}", item.name) }
-            })
-            .collect();
-        let goal = match technique {
-            Technique::DeepDream => Goal::DeepDream,
-            Technique::Caricature => {
-                let inputs: Vec<Tensor> = items
-                    .iter()
-                    .map(|item| match &item.kind {
-                        LayerItemKind::Caricature { input } => tensor(input, s.input_size as i64),
-                        _ => unreachable!("checked above"),
-                    })
-                    .collect();
-                let _no_grad = tch::no_grad_guard();
-                let targets = model.activation(&Tensor::cat(&inputs, 0), layer)?.to_kind(Kind::Float);
-                Goal::Caricature { targets, pow: s.options.caricature_cossim_pow }
-            }
-            Technique::Direction => {
-                let rows: Vec<Tensor> = items
-                    .iter()
-                    .map(|item| match &item.kind {
-                        LayerItemKind::Direction { vector } => Tensor::from_slice(vector).reshape([1, -1]),
-                        _ => unreachable!("checked above"),
-                    })
-                    .collect();
-                let len = rows[0].size()[1];
-                if let Some(bad) = items.iter().zip(&rows).find(|(_, r)| r.size()[1] != len) {
-                    return Err(Error::Model(format!("direction {:?} has {} values; the others {len}", bad.0.name, bad.1.size()[1])));
-                }
-                Goal::Direction { vectors: Tensor::cat(&rows, 0).to_device(device), pow: s.options.direction_cossim_pow }
-            }
-            _ => unreachable!("checked above"),
-        };
-        let done = optimise(model, layer, s, &goal, specs, cancel, times.as_deref_mut())?;
-        let pixels = to_pixels(&done.images);
-        let snapshots: Vec<(u32, Vec<Pixels>)> = done.snapshots.iter().map(|(step, t)| (*step, to_pixels(t))).collect();
-        Ok(items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| RenderedItem {
-                name: item.name.clone(),
-                image: pixels[i].clone(),
-                objective: done.objectives[i],
-                snapshots: snapshots.iter().map(|(step, p)| Snapshot { step: *step, images: vec![p[i].clone()] }).collect(),
-            })
-            .collect())
+    let n = images_per_subject(req);
+    in_batches(req.subjects, n, max_batch, |subjects| {
+        let specs = image_specs(req, subjects, model.device());
+        let goal = Goal::for_batch(model, req, subjects)?;
+        let o = Optimisation { model, layer: req.layer, settings: req.settings, goal: &goal, cancel };
+        Ok(optimise(&o, specs, times.as_deref_mut())?.per_subject(subjects, n))
     })
 }
 
@@ -461,6 +440,37 @@ enum Goal {
 }
 
 impl Goal {
+    /// The goal of a batch of the request's subjects, which [`check`] has found to suit
+    /// the technique. Any per-unit technique but diversity is [`objective`] of one unit
+    /// per element.
+    fn for_batch(model: &Model, req: &RenderRequest, subjects: &[Subject]) -> Result<Goal> {
+        let (s, device) = (req.settings, model.device());
+        let units = || subjects.iter().filter_map(|x| if let Subject::Unit(u) = x { Some(*u) } else { None });
+        let items = || subjects.iter().filter_map(|x| if let Subject::Item(item) = x { Some(&item.kind) } else { None });
+        Ok(match req.technique {
+            Technique::DeepDream => Goal::DeepDream,
+            Technique::Caricature => {
+                let inputs: Vec<Tensor> = items()
+                    .filter_map(|kind| if let LayerItemKind::Caricature { input } = kind { Some(input_tensor(input, s.input_size as i64, device)) } else { None })
+                    .collect();
+                let _no_grad = tch::no_grad_guard();
+                let targets = model.activation(&Tensor::cat(&inputs, 0), req.layer)?.to_kind(Kind::Float);
+                Goal::Caricature { targets, pow: s.options.caricature_cossim_pow }
+            }
+            Technique::Direction => {
+                let rows: Vec<Tensor> =
+                    items().filter_map(|kind| if let LayerItemKind::Direction { vector } = kind { Some(Tensor::from_slice(vector).reshape([1, -1])) } else { None }).collect();
+                Goal::Direction { vectors: Tensor::cat(&rows, 0).to_device(device), pow: s.options.direction_cossim_pow }
+            }
+            Technique::Diversity => {
+                let n = images_per_subject(req);
+                let repeated: Vec<u32> = units().flat_map(|u| std::iter::repeat_n(u, n)).collect();
+                Goal::Diversity { units: unit_tensor(&repeated, device), n: n as i64, weight: s.options.diversity_weight }
+            }
+            technique => Goal::Unit { technique, units: unit_tensor(&units().collect::<Vec<_>>(), device) },
+        })
+    }
+
     /// The objective each element reports, `[B]`.
     fn values(&self, act: &Tensor, layer: &str) -> Result<Tensor> {
         let shape = act.size();
@@ -503,6 +513,16 @@ impl Goal {
     }
 }
 
+/// One optimisation's fixed parts: its goal at `layer` of `model` under `settings`, and
+/// the flag that stops it.
+struct Optimisation<'a> {
+    model: &'a Model,
+    layer: &'a str,
+    settings: &'a RenderSettings,
+    goal: &'a Goal,
+    cancel: &'a AtomicBool,
+}
+
 /// An optimisation's result, in the order of its images.
 struct Optimised {
     /// `[B, C, S, S]` in [0, 1], on the CPU.
@@ -511,6 +531,28 @@ struct Optimised {
     /// After each threshold's steps, the images.
     snapshots: Vec<(u32, Tensor)>,
     dead: Vec<bool>,
+}
+
+impl Optimised {
+    /// The images of `subjects`, `n` consecutive images each.
+    fn per_subject(self, subjects: &[Subject], n: usize) -> Vec<Rendered> {
+        let pixels = to_pixels(&self.images);
+        let snapshots: Vec<(u32, Vec<Pixels>)> = self.snapshots.iter().map(|(step, t)| (*step, to_pixels(t))).collect();
+        subjects
+            .iter()
+            .enumerate()
+            .map(|(i, subject)| {
+                let range = i * n..(i + 1) * n;
+                Rendered {
+                    target: subject.target(),
+                    images: pixels[range.clone()].to_vec(),
+                    objectives: self.objectives[range.clone()].to_vec(),
+                    snapshots: snapshots.iter().map(|(step, p)| Snapshot { step: *step, images: p[range.clone()].to_vec() }).collect(),
+                    dead: matches!(subject, Subject::Unit(_)) && self.dead[range].iter().all(|&d| d),
+                }
+            })
+            .collect()
+    }
 }
 
 /// The amplitudes, as multiples of the initial N(0, 0.01), of the re-drawn initial images
@@ -523,13 +565,69 @@ struct Optimised {
 /// three excites is taken as dead for this model.
 pub const RESEED_AMPLITUDES: [f64; 3] = [10.0, 50.0, 250.0];
 
+/// The parameterisation of nothing, on the CPU: what inverts a start image into
+/// initial values.
+fn blank(s: &RenderSettings) -> ParamImage {
+    ParamImage::new(Tensor::zeros([1].as_slice(), (Kind::Float, Device::Cpu)), &s.param, s.size as usize, Device::Cpu)
+}
+
+/// An image's initial values: its start image's, or drawn from its stream.
+fn start_values(s: &RenderSettings, blank: &ParamImage, spec: &mut ImageSpec) -> Vec<f32> {
+    match &spec.init {
+        Init::Image(img) => Vec::<f32>::try_from(blank.invert(&img.unsqueeze(0)).flatten(0, -1)).expect("a float tensor converts to floats"),
+        Init::Noise => ParamImage::draw(&s.param, s.size as usize, INIT_SD, &mut spec.rng),
+    }
+}
+
+/// The batch's initial values, in image order, and per image whether it is dead: under
+/// `DeadUnits::Reseed` a noise image that leaves its goal unexcited is re-drawn
+/// ([`reseeded`]).
+fn initial_values(o: &Optimisation, specs: &mut [ImageSpec]) -> Result<(Vec<f32>, Vec<bool>)> {
+    let s = o.settings;
+    let blank = blank(s);
+    let mut dead = vec![false; specs.len()];
+    let mut init: Vec<f32> = Vec::with_capacity(specs.len() * ParamImage::values_per_image(&s.param, s.size as usize));
+    for (b, spec) in specs.iter_mut().enumerate() {
+        let mut values = start_values(s, &blank, spec);
+        if matches!(spec.init, Init::Noise) && s.dead_units == DeadUnits::Reseed {
+            (values, dead[b]) = reseeded(o, b, spec, values)?;
+        }
+        init.extend(values);
+    }
+    Ok((init, dead))
+}
+
+/// Image b's noise `values`, or, when they leave b's own goal unexcited, values drawn
+/// again at each of [`RESEED_AMPLITUDES`] in turn until one excites it; and whether none
+/// did (dead: then the first values and the stream after them are kept, as under `Keep`).
+fn reseeded(o: &Optimisation, b: usize, spec: &mut ImageSpec, values: Vec<f32>) -> Result<(Vec<f32>, bool)> {
+    let single = o.goal.single(b as i64);
+    if !unexcited(o, &single, &values)? {
+        return Ok((values, false));
+    }
+    let kept = spec.rng.clone();
+    for k in RESEED_AMPLITUDES {
+        if o.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let again = ParamImage::draw(&o.settings.param, o.settings.size as usize, INIT_SD * k, &mut spec.rng);
+        if !unexcited(o, &single, &again)? {
+            tracing::debug!(image = %spec.label, amplitude = k, "re-seeded an unexcited initial image");
+            return Ok((again, false));
+        }
+    }
+    tracing::debug!(image = %spec.label, "no initial image excites it: dead");
+    spec.rng = kept;
+    Ok((values, true))
+}
+
 /// Whether an image gives `goal` (of one element) a zero value and a zero gradient.
-fn unexcited(model: &Model, layer: &str, s: &RenderSettings, goal: &Goal, values: &[f32]) -> Result<bool> {
-    let device = model.device();
+fn unexcited(o: &Optimisation, goal: &Goal, values: &[f32]) -> Result<bool> {
+    let (s, device, layer) = (o.settings, o.model.device(), o.layer);
     let size = s.size as usize;
     let param = Tensor::from_slice(values).reshape(ParamImage::shape(&s.param, 1, size).as_slice()).to_device(device).set_requires_grad(true);
     let image = ParamImage::new(param.shallow_clone(), &s.param, size, device);
-    let value = goal.values(&model.activation(&resized(&image.image(), s.input_size as i64), layer)?, layer)?.sum(Kind::Float);
+    let value = goal.values(&o.model.activation(&resized(&image.image(), s.input_size as i64), layer)?, layer)?.sum(Kind::Float);
     if value.double_value(&[]) != 0.0 {
         return Ok(false);
     }
@@ -538,70 +636,51 @@ fn unexcited(model: &Model, layer: &str, s: &RenderSettings, goal: &Goal, values
 }
 
 /// One optimisation of all the given images together.
-fn optimise(model: &Model, layer: &str, s: &RenderSettings, goal: &Goal, mut specs: Vec<ImageSpec>, cancel: &AtomicBool, times: Option<&mut StepTimes>) -> Result<Optimised> {
-    let device = model.device();
+fn optimise(o: &Optimisation, mut specs: Vec<ImageSpec>, times: Option<&mut StepTimes>) -> Result<Optimised> {
+    let (s, device, layer) = (o.settings, o.model.device(), o.layer);
     if s.param.decorrelate && s.param.channels != 3 {
         return Err(Error::Model(format!("colour decorrelation needs 3 channels, not {}", s.param.channels)));
     }
-    let (size, batch, input_size) = (s.size as usize, specs.len(), s.input_size as i64);
-    let shape = ParamImage::shape(&s.param, batch, size);
-    let blank = ParamImage::new(Tensor::zeros([1].as_slice(), (Kind::Float, Device::Cpu)), &s.param, size, Device::Cpu);
-    let mut dead = vec![false; batch];
-    let mut init: Vec<f32> = Vec::with_capacity(batch * ParamImage::values_per_image(&s.param, size));
-    for (b, spec) in specs.iter_mut().enumerate() {
-        match &spec.init {
-            Init::Image(img) => init.extend(Vec::<f32>::try_from(blank.invert(&img.unsqueeze(0)).flatten(0, -1)).map_err(torch)?),
-            Init::Noise => {
-                let mut values = ParamImage::draw(&s.param, size, INIT_SD, &mut spec.rng);
-                if s.dead_units == DeadUnits::Reseed {
-                    let single = goal.single(b as i64);
-                    if unexcited(model, layer, s, &single, &values)? {
-                        // Keep's image and stream, in case no amplitude excites the unit.
-                        let kept = spec.rng.clone();
-                        dead[b] = true;
-                        for k in RESEED_AMPLITUDES {
-                            if cancel.load(Ordering::Relaxed) {
-                                return Err(Error::Cancelled);
-                            }
-                            let again = ParamImage::draw(&s.param, size, INIT_SD * k, &mut spec.rng);
-                            if !unexcited(model, layer, s, &single, &again)? {
-                                tracing::debug!(image = %spec.label, amplitude = k, "re-seeded an unexcited initial image");
-                                values = again;
-                                dead[b] = false;
-                                break;
-                            }
-                        }
-                        if dead[b] {
-                            tracing::debug!(image = %spec.label, "no initial image excites it: dead");
-                            spec.rng = kept;
-                        }
-                    }
-                }
-                init.extend(values);
-            }
-        }
-    }
+    let batch = specs.len();
+    let (init, dead) = initial_values(o, &mut specs)?;
     let mut rngs: Vec<SplitMix64> = specs.iter().map(|spec| spec.rng.clone()).collect();
     // Every step's transform for every image, drawn up front and moved once, so the loop
     // never waits on the host.
     let thetas = Tensor::from_slice(&transform::thetas(s.steps, s.size, &s.transforms, &mut rngs))
         .reshape([s.steps as i64, batch as i64, 2, 3])
         .to_device(device);
+    let (image, snapshots) = ascend(o, &init, batch, &thetas, times)?;
 
+    let _no_grad = tch::no_grad_guard();
+    let images = image.image();
+    let value = o.goal.values(&o.model.activation(&resized(&images, s.input_size as i64), layer)?, layer)?;
+    let objectives: Vec<f64> = Vec::<f32>::try_from(&value.to_device(Device::Cpu)).map_err(torch)?.into_iter().map(f64::from).collect();
+    if let Some(i) = objectives.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Torch(format!("{} of layer {layer:?}: the objective is not finite ({})", specs[i].label, objectives[i])));
+    }
+    Ok(Optimised { images: images.to_device(Device::Cpu), objectives, snapshots, dead })
+}
+
+/// Adam's steps from the `batch` images' initial values `init`, each step through its
+/// transforms `thetas[step]`: the parameterised images after the last step, and after
+/// each threshold's steps the images.
+fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: Option<&mut StepTimes>) -> Result<(ParamImage, Vec<(u32, Tensor)>)> {
+    let (s, device, layer) = (o.settings, o.model.device(), o.layer);
+    let size = s.size as usize;
     let vs = nn::VarStore::new(device);
-    let init = Tensor::from_slice(&init).reshape(shape.as_slice()).to_device(device);
+    let init = Tensor::from_slice(init).reshape(ParamImage::shape(&s.param, batch, size).as_slice()).to_device(device);
     let image = ParamImage::new(vs.root().var_copy("spectrum", &init), &s.param, size, device);
     let mut adam = nn::OptimizerConfig::build(nn::Adam::default(), &vs, s.learning_rate).map_err(torch)?;
 
     let mut snapshots = Vec::with_capacity(s.thresholds.len());
     let mut watch = Stopwatch { times, device, mark: Instant::now() };
     for step in 0..s.steps as i64 {
-        if cancel.load(Ordering::Relaxed) {
+        if o.cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
-        let x = transformed(&image.image(), &thetas.get(step), input_size);
+        let x = transformed(&image.image(), &thetas.get(step), s.input_size as i64);
         watch.lap(|t| &mut t.transforms);
-        let loss = goal.loss(&model.activation(&x, layer)?, layer)?;
+        let loss = o.goal.loss(&o.model.activation(&x, layer)?, layer)?;
         watch.lap(|t| &mut t.forward);
         adam.zero_grad();
         loss.f_backward().map_err(torch)?;
@@ -618,15 +697,7 @@ fn optimise(model: &Model, layer: &str, s: &RenderSettings, goal: &Goal, mut spe
     if let Some(t) = watch.times.as_deref_mut() {
         t.steps += s.steps as u64;
     }
-
-    let _no_grad = tch::no_grad_guard();
-    let images = image.image();
-    let value = goal.values(&model.activation(&resized(&images, input_size), layer)?, layer)?;
-    let objectives: Vec<f64> = Vec::<f32>::try_from(&value.to_device(Device::Cpu)).map_err(torch)?.into_iter().map(f64::from).collect();
-    if let Some(i) = objectives.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Torch(format!("{} of layer {layer:?}: the objective is not finite ({})", specs[i].label, objectives[i])));
-    }
-    Ok(Optimised { images: images.to_device(Device::Cpu), objectives, snapshots, dead })
+    Ok((image, snapshots))
 }
 
 /// `[B, C, S, S]` in [0, 1] -> per-image bytes, rounded to nearest: RGB from the first
@@ -698,12 +769,29 @@ mod tests {
         RenderSettings { steps, size, input_size: size, seed: 7, learning_rate: 0.05, ..Default::default() }
     }
 
-    fn run(m: &Model, layer: &str, technique: Technique, units: &[u32], s: &RenderSettings) -> Vec<RenderedUnit> {
-        render(m, &RenderRequest { layer, technique, units, settings: s }, &AtomicBool::new(false), &mut None, None).unwrap()
+    fn run(m: &Model, layer: &str, technique: Technique, units: &[u32], s: &RenderSettings) -> Vec<Rendered> {
+        render(m, &RenderRequest { layer, technique, subjects: &unit_subjects(units), settings: s }, &AtomicBool::new(false), &mut None, None).unwrap()
     }
 
-    fn run_layer(m: &Model, layer: &str, technique: Technique, items: &[LayerItem], s: &RenderSettings) -> Vec<RenderedItem> {
-        render_layer(m, layer, technique, items, s, &AtomicBool::new(false), &mut None, None).unwrap()
+    fn run_layer(m: &Model, layer: &str, technique: Technique, items: &[LayerItem], s: &RenderSettings) -> Vec<Rendered> {
+        try_run_layer(m, layer, technique, items, s).unwrap()
+    }
+
+    fn try_run_layer(m: &Model, layer: &str, technique: Technique, items: &[LayerItem], s: &RenderSettings) -> Result<Vec<Rendered>> {
+        let subjects: Vec<Subject> = items.iter().cloned().map(Subject::Item).collect();
+        render(m, &RenderRequest { layer, technique, subjects: &subjects, settings: s }, &AtomicBool::new(false), &mut None, None)
+    }
+
+    fn unit_subjects(units: &[u32]) -> Vec<Subject> {
+        units.iter().map(|&u| Subject::Unit(u)).collect()
+    }
+
+    /// The unit a per-unit render's images show.
+    fn unit(r: &Rendered) -> u32 {
+        match r.target {
+            Target::Unit(u) => u,
+            Target::Item(ref name) => panic!("item {name:?} where a unit was rendered"),
+        }
     }
 
     /// The objective of `technique` for `unit` on given pixels (resized to the input).
@@ -812,7 +900,7 @@ mod tests {
             let out = run(&model(path), layer, technique, units, &settings(20, size));
             for (u, want) in out.iter().zip(want) {
                 assert_eq!((u.images.len(), u.images[0].channels, u.snapshots.len(), u.dead), (1, 3, 0, false));
-                assert_eq!(loupe_core::sha256_bytes(&u.images[0].bytes), *want, "{path} {layer} {technique} unit {}", u.unit);
+                assert_eq!(loupe_core::sha256_bytes(&u.images[0].bytes), *want, "{path} {layer} {technique} unit {}", unit(u));
             }
         }
     }
@@ -828,15 +916,15 @@ mod tests {
         let mut bf16 = model("models/demo/demo.pt");
         bf16.set_precision(Precision::Bf16);
         let s = settings(512, 64);
-        let req = RenderRequest { layer: "logits", technique: Technique::Channel, units: &units, settings: &s };
+        let req = RenderRequest { layer: "logits", technique: Technique::Channel, subjects: &unit_subjects(&units), settings: &s };
         let start = initial_images(&req, Device::Cpu);
         let want = run(&fp32, "logits", Technique::Channel, &units, &s);
         let got = run(&bf16, "logits", Technique::Channel, &units, &RenderSettings { precision: Precision::Bf16, ..s.clone() });
         for ((w, g), st) in want.iter().zip(&got).zip(&start) {
             let (w, g) = (w.objectives[0], g.objectives[0]);
-            let before = score(&fp32, "logits", Technique::Channel, st.unit, &st.images[0], &s);
-            assert!(w > before + 1.0 && g > before + 1.0, "unit {}: optimised {w} (fp32), {g} (bf16) from {before}", st.unit);
-            assert!((g - w).abs() <= 0.10 * w.abs(), "unit {}: bf16 objective {g} is not within 10% of fp32's {w}", st.unit);
+            let before = score(&fp32, "logits", Technique::Channel, unit(st), &st.images[0], &s);
+            assert!(w > before + 1.0 && g > before + 1.0, "unit {}: optimised {w} (fp32), {g} (bf16) from {before}", unit(st));
+            assert!((g - w).abs() <= 0.10 * w.abs(), "unit {}: bf16 objective {g} is not within 10% of fp32's {w}", unit(st));
         }
     }
 
@@ -849,26 +937,26 @@ mod tests {
         let mut s = settings(12, 16);
         s.options.diversity_images = 3;
         s.dead_units = DeadUnits::Reseed;
-        let req = |units: &'static [u32], technique, s: &'static RenderSettings| RenderRequest { layer: "conv3", technique, units, settings: s };
+        let req = |subjects: &'static [Subject], technique, s: &'static RenderSettings| RenderRequest { layer: "conv3", technique, subjects, settings: s };
         let s: &'static RenderSettings = Box::leak(Box::new(s));
         let pixel: &'static RenderSettings = Box::leak(Box::new(RenderSettings { param: ParamSettings { kind: ParamKind::Pixel, ..Default::default() }, ..s.clone() }));
         for (technique, s) in [(Technique::Diversity, s), (Technique::Channel, pixel), (Technique::Channel, s)] {
-            let r = req(&[0, 14, 1], technique, s);
+            let r = req(Box::leak(unit_subjects(&[0, 14, 1]).into_boxed_slice()), technique, s);
             let together = render(&demo, &r, &AtomicBool::new(false), &mut None, None).unwrap();
-            let per = images_per_unit(&r);
+            let per = images_per_subject(&r);
             let mut limit = Some(per);
             let alone = render(&demo, &r, &AtomicBool::new(false), &mut limit, None).unwrap();
             for (a, b) in together.iter().zip(&alone) {
-                assert_eq!(a.images, b.images, "{technique} unit {}", a.unit);
+                assert_eq!(a.images, b.images, "{technique} unit {}", unit(a));
                 assert_eq!(a.images.len(), per);
             }
         }
         let items: Vec<LayerItem> =
             ["a", "b", "c"].iter().map(|n| LayerItem { name: n.to_string(), kind: LayerItemKind::DeepDream { start: None } }).collect();
         let together = run_layer(&demo, "conv2", Technique::DeepDream, &items, s);
-        let alone = render_layer(&demo, "conv2", Technique::DeepDream, &items[1..2], s, &AtomicBool::new(false), &mut None, None).unwrap();
-        assert_eq!(together[1].image, alone[0].image, "an item's image does not depend on the others");
-        assert_ne!(together[0].image, together[1].image, "items have their own streams");
+        let alone = run_layer(&demo, "conv2", Technique::DeepDream, &items[1..2], s);
+        assert_eq!(together[1].images[0], alone[0].images[0], "an item's image does not depend on the others");
+        assert_ne!(together[0].images[0], together[1].images[0], "items have their own streams");
     }
 
     /// Diversity pushes a unit's images apart: lucid's similarity (the summed pairwise
@@ -889,7 +977,7 @@ mod tests {
         let with = run(&demo, layer, Technique::Diversity, &[0], &diverse).remove(0);
         let (sim_without, sim_with) = (similarity(&demo, layer, &without.images, &plain), similarity(&demo, layer, &with.images, &diverse));
         assert!(sim_without > 2.9 && sim_with < 0.5 * sim_without, "similarity {sim_with} with the penalty, {sim_without} without");
-        let init = initial_images(&RenderRequest { layer, technique: Technique::Diversity, units: &[0], settings: &diverse }, Device::Cpu).remove(0);
+        let init = initial_images(&RenderRequest { layer, technique: Technique::Diversity, subjects: &[Subject::Unit(0)], settings: &diverse }, Device::Cpu).remove(0);
         assert_eq!((with.images.len(), with.objectives.len()), (4, 4));
         let mut mean = (0.0, 0.0);
         for (i, (img, obj)) in with.images.iter().zip(&with.objectives).enumerate() {
@@ -920,12 +1008,12 @@ mod tests {
         ];
         let out = run_layer(&demo, "conv2", Technique::Caricature, &items, &settings(64, 32));
         let sq = input_grey(&square);
-        let (car_square, car_stripes) = (grey(&out[0].image), grey(&out[1].image));
+        let (car_square, car_stripes) = (grey(&out[0].images[0]), grey(&out[1].images[0]));
         let (mine, other) = (correlation(&car_square, &sq), correlation(&car_stripes, &sq));
         assert!(mine > 0.3 && mine > other + 0.3, "correlation with the square: its caricature {mine}, the stripes' {other}");
         let (rows_stripes, rows_square) = (row_col_ratio(&car_stripes, 32), row_col_ratio(&car_square, 32));
         assert!(rows_stripes > 1.5 && rows_stripes > rows_square, "row/column variance: stripes {rows_stripes}, square {rows_square}");
-        assert!(out.iter().all(|o| o.objective > 0.0));
+        assert!(out.iter().all(|o| o.objectives[0] > 0.0));
     }
 
     /// A direction that is one unit's basis vector is that unit's channel objective: from
@@ -940,20 +1028,20 @@ mod tests {
         basis[unit as usize] = 1.0;
         let spec = ImageSpec { rng: SplitMix64::new(unit_seed(s.seed, layer, unit, Technique::Channel)), init: Init::Noise, label: "d".into() };
         let goal = Goal::Direction { vectors: Tensor::from_slice(&basis).reshape([1, -1]), pow: 0.0 };
-        let done = optimise(&demo, layer, &s, &goal, vec![spec], &AtomicBool::new(false), None).unwrap();
+        let done = optimise(&Optimisation { model: &demo, layer, settings: &s, goal: &goal, cancel: &AtomicBool::new(false) }, vec![spec], None).unwrap();
         let image = to_pixels(&done.images).remove(0);
         assert!(l1(&image, &channel.images[0]) < 1.0 / 255.0, "mean difference {}", l1(&image, &channel.images[0]));
         assert!((done.objectives[0] - channel.objectives[0]).abs() < 1e-4 * channel.objectives[0].abs());
         // Through the public API (the item's own stream) it excites the unit as well.
         let item = LayerItem { name: "basis".into(), kind: LayerItemKind::Direction { vector: basis } };
         let out = run_layer(&demo, layer, Technique::Direction, &[item], &s).remove(0);
-        let start = initial_images(&RenderRequest { layer, technique: Technique::Channel, units: &[unit], settings: &s }, Device::Cpu).remove(0);
-        let now = score(&demo, layer, Technique::Channel, unit, &out.image, &s);
-        assert!((now - out.objective).abs() < 0.05 * now.abs());
+        let start = initial_images(&RenderRequest { layer, technique: Technique::Channel, subjects: &[Subject::Unit(unit)], settings: &s }, Device::Cpu).remove(0);
+        let now = score(&demo, layer, Technique::Channel, unit, &out.images[0], &s);
+        assert!((now - out.objectives[0]).abs() < 0.05 * now.abs());
         assert!(now > 0.5 * channel.objectives[0] && now > 3.0 * score(&demo, layer, Technique::Channel, unit, &start.images[0], &s), "{now}");
         // A wrong length is an error.
         let bad = LayerItem { name: "short".into(), kind: LayerItemKind::Direction { vector: vec![1.0; 3] } };
-        assert!(render_layer(&demo, layer, Technique::Direction, &[bad], &s, &AtomicBool::new(false), &mut None, None).is_err());
+        assert!(try_run_layer(&demo, layer, Technique::Direction, &[bad], &s).is_err());
     }
 
     #[test]
@@ -977,7 +1065,7 @@ mod tests {
         let items = [LayerItem { name: "noise".into(), kind: LayerItemKind::DeepDream { start: None } }];
         let out = run_layer(&demo, "conv2", Technique::DeepDream, &items, &s).remove(0);
         assert_eq!(out.snapshots.len(), 3);
-        assert_ne!(out.snapshots[1].images[0], out.image);
+        assert_ne!(out.snapshots[1].images[0], out.images[0]);
     }
 
     /// Both parameterisations raise the objective well above the initial image's; the
@@ -998,7 +1086,7 @@ mod tests {
         for (name, param) in variants {
             let s = RenderSettings { param, ..base.clone() };
             let out = run(&demo, layer, Technique::Channel, &[unit], &s).remove(0);
-            let start = initial_images(&RenderRequest { layer, technique: Technique::Channel, units: &[unit], settings: &s }, Device::Cpu).remove(0);
+            let start = initial_images(&RenderRequest { layer, technique: Technique::Channel, subjects: &[Subject::Unit(unit)], settings: &s }, Device::Cpu).remove(0);
             let before = score(&demo, layer, Technique::Channel, unit, &start.images[0], &s);
             assert!(out.objectives[0] > 3.0 * before.max(0.1), "{name}: objective {} from {before}", out.objectives[0]);
             images.push((name, out.images[0].clone()));
@@ -1016,12 +1104,12 @@ mod tests {
         for kind in [ParamKind::Fft, ParamKind::Pixel] {
             s.param.kind = kind;
             let out = run(&gray, "conv", Technique::Channel, &[0, 1, 2, 3], &s);
-            let start = initial_images(&RenderRequest { layer: "conv", technique: Technique::Channel, units: &[0, 1, 2, 3], settings: &s }, Device::Cpu);
+            let start = initial_images(&RenderRequest { layer: "conv", technique: Technique::Channel, subjects: &unit_subjects(&[0, 1, 2, 3]), settings: &s }, Device::Cpu);
             let mut raised = 0;
             for (u, st) in out.iter().zip(&start) {
                 assert_eq!((u.images[0].channels, u.images[0].bytes.len()), (1, 16 * 16));
-                let before = score(&gray, "conv", Technique::Channel, u.unit, &st.images[0], &s);
-                assert!(u.objectives[0] >= before - 1e-3, "{kind:?} unit {}: {} from {before}", u.unit, u.objectives[0]);
+                let before = score(&gray, "conv", Technique::Channel, unit(u), &st.images[0], &s);
+                assert!(u.objectives[0] >= before - 1e-3, "{kind:?} unit {}: {} from {before}", unit(u), u.objectives[0]);
                 if u.objectives[0] > 1.2 * before + 0.01 {
                     raised += 1;
                 }
@@ -1032,9 +1120,9 @@ mod tests {
         // A start image of the model's channel count, and a mismatched one.
         let start = InputImage { channels: 1, size: 16, data: (0..256).map(|i| (i % 16) as f32 / 15.0).collect() };
         let item = LayerItem { name: "ramp".into(), kind: LayerItemKind::DeepDream { start: Some(start) } };
-        assert_eq!(run_layer(&gray, "conv", Technique::DeepDream, &[item], &s)[0].image.channels, 1);
+        assert_eq!(run_layer(&gray, "conv", Technique::DeepDream, &[item], &s)[0].images[0].channels, 1);
         let rgb = LayerItem { name: "rgb".into(), kind: LayerItemKind::Caricature { input: synthetic(16, |_, _| 0.5) } };
-        assert!(render_layer(&gray, "conv", Technique::Caricature, &[rgb], &s, &AtomicBool::new(false), &mut None, None).is_err());
+        assert!(try_run_layer(&gray, "conv", Technique::Caricature, &[rgb], &s).is_err());
     }
 
     /// Deepdream from a start image begins at that image (within 1/255: the
@@ -1050,7 +1138,7 @@ mod tests {
             let s = RenderSettings { param, ..settings(0, 32) };
             let out = run_layer(&demo, "conv2", Technique::DeepDream, &[item("start", Some(start.clone()))], &s).remove(0);
             let want: Vec<u8> = (0..1024).flat_map(|p| (0..3).map(move |c| p + c * 1024)).map(|i| (start.data[i] * 255.0).round() as u8).collect();
-            let worst = out.image.bytes.iter().zip(&want).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+            let worst = out.images[0].bytes.iter().zip(&want).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
             assert!(worst <= 1, "{:?}: the initial image is {worst}/255 off the start image", s.param.kind);
         }
         let s = settings(32, 32);
@@ -1062,8 +1150,8 @@ mod tests {
             let img = ParamImage::new(Tensor::from_slice(&v).reshape(ParamImage::shape(&s.param, 1, 32).as_slice()), &s.param, 32, Device::Cpu).image();
             deepdream(&demo.activation(&img, "conv2").unwrap()).double_value(&[0])
         };
-        assert!(out[0].objective > 3.0 * init, "deepdream objective {} from {init}", out[0].objective);
-        assert!(out[1].objective > out[0].objective * 0.1);
+        assert!(out[0].objectives[0] > 3.0 * init, "deepdream objective {} from {init}", out[0].objectives[0]);
+        assert!(out[1].objectives[0] > out[0].objectives[0] * 0.1);
     }
 
     /// Demo-model units that are off on the near-grey initial image (conv3 14: objective
@@ -1107,16 +1195,16 @@ mod tests {
     fn cancelling_and_misuse_are_errors() {
         let tiny = model("tests/fixtures/tiny.pt");
         let s = settings(4, 16);
-        let req = RenderRequest { layer: "conv", technique: Technique::Channel, units: &[0], settings: &s };
+        let req = RenderRequest { layer: "conv", technique: Technique::Channel, subjects: &[Subject::Unit(0)], settings: &s };
         assert!(matches!(render(&tiny, &req, &AtomicBool::new(true), &mut None, None), Err(Error::Cancelled)));
         let req = RenderRequest { technique: Technique::DeepDream, ..req };
         assert!(render(&tiny, &req, &AtomicBool::new(false), &mut None, None).is_err());
         let item = LayerItem { name: "x".into(), kind: LayerItemKind::Direction { vector: vec![1.0; 4] } };
-        assert!(render_layer(&tiny, "conv", Technique::DeepDream, &[item], &s, &AtomicBool::new(false), &mut None, None).is_err());
+        assert!(try_run_layer(&tiny, "conv", Technique::DeepDream, &[item], &s).is_err());
         // No transform at all works too, and profiling counts the steps.
         let mut times = StepTimes::default();
         let s = RenderSettings { transforms: TransformSettings::none(), ..s };
-        let req = RenderRequest { layer: "conv", technique: Technique::Channel, units: &[1, 2], settings: &s };
+        let req = RenderRequest { layer: "conv", technique: Technique::Channel, subjects: &unit_subjects(&[1, 2]), settings: &s };
         render(&tiny, &req, &AtomicBool::new(false), &mut None, Some(&mut times)).unwrap();
         assert_eq!(times.steps, 4);
     }

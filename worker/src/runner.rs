@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use loupe_core::api::{ApiError, WorkerApi};
-use loupe_core::atlas::{self, ItemRecord, SnapshotEntry, UnitRecord};
+use loupe_core::atlas::{self, ItemRecord, SnapshotEntry, Target, UnitRecord};
 use loupe_core::spec::{LayerInfo, ModelRef, NamedImage, RenderSettings, Technique, DEEPDREAM_NOISE};
 use loupe_core::store::{self, ArtifactStore};
 use loupe_core::task::{Failure, Lease, LeaseState, Work};
@@ -21,7 +21,7 @@ use loupe_core::task::{Failure, Lease, LeaseState, Work};
 use crate::examples;
 use crate::metrics::{TaskOutcome, WorkerMetrics};
 use crate::model::Model;
-use crate::render::{decode_input, render, render_layer, LayerItem, LayerItemKind, Pixels, RenderRequest, RenderedItem, RenderedUnit, StepTimes};
+use crate::render::{decode_input, render, LayerItem, LayerItemKind, Pixels, RenderRequest, Rendered, StepTimes, Subject};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -144,29 +144,19 @@ impl Loaded {
     }
 }
 
-/// Renders one render task's units on the torch thread.
-fn render_units(l: &mut Loaded, lease: &Lease, profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<RenderedUnit>> {
-    let Work::Render { layer, technique, units } = &lease.task.work else { unreachable!("only render tasks are rendered") };
+/// Renders one render or layer render task's units or items on the torch thread.
+fn render_subjects(l: &mut Loaded, lease: &Lease, subjects: &[Subject], profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<Rendered>> {
+    let (Work::Render { layer, technique, .. } | Work::LayerRender { layer, technique, .. }) = &lease.task.work else { unreachable!("only renders are rendered") };
+    // Unknown layers and units out of range are named here; render checks each direction against the layer.
     let info = l.layer(layer)?;
-    if let Some(u) = units.iter().find(|&&u| u >= info.units()) {
+    if let Some(u) = subjects.iter().find_map(|s| match s { Subject::Unit(u) if *u >= info.units() => Some(u), _ => None }) {
         return Err(Error::Model(format!("unit {u} is out of range: layer {layer:?} has {} units", info.units())));
     }
     let settings = lease.job.settings_for(layer);
     l.model.set_precision(settings.precision);
-    let req = RenderRequest { layer, technique: *technique, units, settings: &settings };
+    let req = RenderRequest { layer, technique: *technique, subjects, settings: &settings };
     let max_batch = l.max_batch.entry(format!("{layer}/{technique}")).or_default();
-    timed(lease, units.len(), settings.steps, profile, metrics, |times| render(&l.model, &req, cancel, max_batch, times))
-}
-
-/// Renders one per-layer technique's items on the torch thread.
-fn render_items(l: &mut Loaded, lease: &Lease, items: &[LayerItem], profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<RenderedItem>> {
-    let Work::LayerRender { layer, technique, .. } = &lease.task.work else { unreachable!("only layer renders render items") };
-    // Unknown layers are named here; render_layer checks each direction against the layer.
-    l.layer(layer)?;
-    let settings = lease.job.settings_for(layer);
-    l.model.set_precision(settings.precision);
-    let max_batch = l.max_batch.entry(format!("{layer}/{technique}")).or_default();
-    timed(lease, items.len(), settings.steps, profile, metrics, |times| render_layer(&l.model, layer, *technique, items, &settings, cancel, max_batch, times))
+    timed(lease, subjects.len(), settings.steps, profile, metrics, |times| render(&l.model, &req, cancel, max_batch, times))
 }
 
 /// Runs a render, counting its speed for the metrics and its step split when profiling.
@@ -182,9 +172,14 @@ fn timed<T>(lease: &Lease, images: usize, steps: u32, profile: bool, metrics: &W
     Ok(rendered)
 }
 
-/// The items of a layer render, with the input images they need fetched and decoded.
-async fn layer_items(lease: &Lease) -> Result<Vec<LayerItem>> {
-    let Work::LayerRender { layer, technique, items } = &lease.task.work else { unreachable!("only layer renders have items") };
+/// What a render task renders: its units, or a layer render's items with the input
+/// images they need fetched and decoded.
+async fn subjects(lease: &Lease) -> Result<Vec<Subject>> {
+    let (layer, technique, items) = match &lease.task.work {
+        Work::Render { units, .. } => return Ok(units.iter().map(|&u| Subject::Unit(u)).collect()),
+        Work::LayerRender { layer, technique, items } => (layer, technique, items),
+        _ => unreachable!("only renders have units or items"),
+    };
     let settings = &lease.job.settings;
     let o = &settings.options;
     let input = |list: &[NamedImage], name: &str| {
@@ -203,7 +198,7 @@ async fn layer_items(lease: &Lease) -> Result<Vec<LayerItem>> {
             }
             other => unreachable!("{other} is a per-unit technique"),
         };
-        out.push(LayerItem { name: name.clone(), kind });
+        out.push(Subject::Item(LayerItem { name: name.clone(), kind }));
     }
     Ok(out)
 }
@@ -343,25 +338,10 @@ impl WorkerStats {
     }
 }
 
-/// What a render task rendered.
-enum Rendered {
-    Units(Vec<RenderedUnit>),
-    Items(Vec<RenderedItem>),
-}
-
-impl Rendered {
-    fn len(&self) -> usize {
-        match self {
-            Rendered::Units(u) => u.len(),
-            Rendered::Items(i) => i.len(),
-        }
-    }
-}
-
 /// How a task's work ended, when it did not fail.
 enum Outcome {
     /// Rendered; the images still have to be stored and the task reported.
-    Rendered(Arc<dyn ArtifactStore>, Rendered),
+    Rendered(Arc<dyn ArtifactStore>, Vec<Rendered>),
     /// Everything stored and the task reported.
     Done,
 }
@@ -386,16 +366,11 @@ async fn run_task(
         };
         let model_path = local_model(lease, &config.model_cache).await?;
         match &lease.task.work {
-            Work::Render { .. } => {
+            Work::Render { .. } | Work::LayerRender { .. } => {
+                let subjects = subjects(lease).await?;
                 let (l, profile, cancel, metrics) = (lease.clone(), config.profile, cancel.clone(), config.metrics.clone());
-                let units = torch.run(lease, model_path, move |loaded| render_units(loaded, &l, profile, &cancel, &metrics)).await?;
-                Ok(Some((store, Rendered::Units(units))))
-            }
-            Work::LayerRender { .. } => {
-                let items = layer_items(lease).await?;
-                let (l, profile, cancel, metrics) = (lease.clone(), config.profile, cancel.clone(), config.metrics.clone());
-                let items = torch.run(lease, model_path, move |loaded| render_items(loaded, &l, &items, profile, &cancel, &metrics)).await?;
-                Ok(Some((store, Rendered::Items(items))))
+                let rendered = torch.run(lease, model_path, move |loaded| render_subjects(loaded, &l, &subjects, profile, &cancel, &metrics)).await?;
+                Ok(Some((store, rendered)))
             }
             Work::Map { shard, source } => {
                 let dataset = dataset_store(stores, lease).await?;
@@ -484,7 +459,7 @@ async fn finish_render(
     api: Arc<dyn WorkerApi>,
     store: Arc<dyn ArtifactStore>,
     lease: Lease,
-    rendered: Rendered,
+    rendered: Vec<Rendered>,
     mut shutdown: watch::Receiver<bool>,
     metrics: &WorkerMetrics,
 ) -> Option<u64> {
@@ -492,9 +467,9 @@ async fn finish_render(
     // that ends (the job cancelled) stops it.
     let ended = AtomicBool::new(false);
     let write = async {
-        match &rendered {
-            Rendered::Units(units) => write_units(store.as_ref(), &lease, units, &ended).await,
-            Rendered::Items(items) => write_items(store.as_ref(), &lease, items, &ended).await,
+        match &lease.task.work {
+            Work::Render { .. } => write_units(store.as_ref(), &lease, &rendered, &ended).await,
+            _ => write_items(store.as_ref(), &lease, &rendered, &ended).await,
         }
     };
     let (result, _) = with_renewal(api.as_ref(), &lease, &ended, None, write).await;
@@ -550,7 +525,7 @@ async fn write_placeholder(store: &dyn ArtifactStore, lease: &Lease) -> Result<(
 
 /// Each unit's PNGs (its images and snapshots), then its record: the record is written
 /// last, so its presence means the images are whole.
-async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[RenderedUnit], ended: &AtomicBool) -> Result<()> {
+async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[Rendered], ended: &AtomicBool) -> Result<()> {
     let Work::Render { layer, technique, .. } = &lease.task.work else { unreachable!("only render tasks have unit images") };
     let (segment, technique) = (atlas::layer_segment(layer)?, *technique);
     let settings = lease.job.settings_for(layer);
@@ -558,10 +533,11 @@ async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[Rendered
         if ended.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
+        let Target::Unit(unit) = u.target else { unreachable!("a render task renders units") };
         let mut names = Vec::with_capacity(u.images.len());
         for (i, image) in u.images.iter().enumerate() {
             let name = atlas::unit_image_name(technique, i as u32, None);
-            store.put(&atlas::unit_file_key(&segment, u.unit, &name), encode(image, settings.size)).await?;
+            store.put(&atlas::unit_file_key(&segment, unit, &name), encode(image, settings.size)).await?;
             names.push(name);
         }
         let mut snapshots = Vec::with_capacity(u.snapshots.len());
@@ -569,7 +545,7 @@ async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[Rendered
             let mut images = Vec::with_capacity(snap.images.len());
             for (i, image) in snap.images.iter().enumerate() {
                 let name = atlas::unit_image_name(technique, i as u32, Some(snap.step));
-                store.put(&atlas::unit_file_key(&segment, u.unit, &name), encode(image, settings.size)).await?;
+                store.put(&atlas::unit_file_key(&segment, unit, &name), encode(image, settings.size)).await?;
                 images.push(name);
             }
             snapshots.push(SnapshotEntry { step: snap.step, images });
@@ -578,7 +554,7 @@ async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[Rendered
         let record = UnitRecord {
             format_version: atlas::FORMAT_VERSION,
             layer: layer.clone(),
-            unit: u.unit,
+            unit,
             technique,
             image: names[0].clone(),
             objective: u.objectives.iter().sum::<f64>() / u.objectives.len().max(1) as f64,
@@ -589,13 +565,13 @@ async fn write_units(store: &dyn ArtifactStore, lease: &Lease, units: &[Rendered
             model_sha256: lease.job.model.sha256.clone(),
             settings: settings.clone(),
         };
-        store.put(&atlas::record_key(&segment, u.unit, technique), loupe_core::to_json(&record)).await?;
+        store.put(&atlas::record_key(&segment, unit, technique), loupe_core::to_json(&record)).await?;
     }
     Ok(())
 }
 
 /// Each item's PNGs, then its record.
-async fn write_items(store: &dyn ArtifactStore, lease: &Lease, items: &[RenderedItem], ended: &AtomicBool) -> Result<()> {
+async fn write_items(store: &dyn ArtifactStore, lease: &Lease, items: &[Rendered], ended: &AtomicBool) -> Result<()> {
     let Work::LayerRender { layer, technique, .. } = &lease.task.work else { unreachable!("only layer renders have items") };
     let (segment, technique) = (atlas::layer_segment(layer)?, *technique);
     let settings = lease.job.settings_for(layer);
@@ -603,25 +579,26 @@ async fn write_items(store: &dyn ArtifactStore, lease: &Lease, items: &[Rendered
         if ended.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
-        store.put(&atlas::item_image_key(&segment, technique, &item.name, None), encode(&item.image, settings.size)).await?;
+        let Target::Item(name) = &item.target else { unreachable!("a layer render renders items") };
+        store.put(&atlas::item_image_key(&segment, technique, name, None), encode(&item.images[0], settings.size)).await?;
         let mut snapshots = Vec::with_capacity(item.snapshots.len());
         for snap in &item.snapshots {
-            let image = snap.images.first().ok_or_else(|| Error::Torch(format!("snapshot {} of {:?} has no image", snap.step, item.name)))?;
-            store.put(&atlas::item_image_key(&segment, technique, &item.name, Some(snap.step)), encode(image, settings.size)).await?;
-            snapshots.push(SnapshotEntry { step: snap.step, images: vec![format!("{}.step{}.png", item.name, snap.step)] });
+            let image = snap.images.first().ok_or_else(|| Error::Torch(format!("snapshot {} of {:?} has no image", snap.step, name)))?;
+            store.put(&atlas::item_image_key(&segment, technique, name, Some(snap.step)), encode(image, settings.size)).await?;
+            snapshots.push(SnapshotEntry { step: snap.step, images: vec![format!("{}.step{}.png", name, snap.step)] });
         }
         let record = ItemRecord {
             format_version: atlas::FORMAT_VERSION,
             layer: layer.clone(),
             technique,
-            item: item.name.clone(),
-            image: format!("{}.png", item.name),
-            objective: item.objective,
+            item: name.clone(),
+            image: format!("{}.png", name),
+            objective: item.objectives[0],
             snapshots,
             model_sha256: lease.job.model.sha256.clone(),
             settings: settings.clone(),
         };
-        store.put(&atlas::item_record_key(&segment, technique, &item.name), loupe_core::to_json(&record)).await?;
+        store.put(&atlas::item_record_key(&segment, technique, name), loupe_core::to_json(&record)).await?;
     }
     Ok(())
 }

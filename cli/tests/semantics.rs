@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use loupe_core::spec::{RenderSettings, Technique};
-use loupe_worker::render::{initial_images, RenderRequest};
+use loupe_worker::render::{initial_images, RenderRequest, Subject};
 use tch::{Device, Kind, Tensor};
 
 /// Logit order of the demo model (models/demo/demo.json "classes").
@@ -81,7 +81,7 @@ fn shows_stripes(rgb: &[u8], degrees: f64) -> bool {
 
 fn initial(unit: u32) -> Vec<u8> {
     let settings = RenderSettings { steps: 256, size: SIZE, input_size: SIZE, seed: 0, learning_rate: 0.05, ..Default::default() };
-    let req = RenderRequest { layer: "logits", technique: Technique::Channel, units: &[unit], settings: &settings };
+    let req = RenderRequest { layer: "logits", technique: Technique::Channel, subjects: &[Subject::Unit(unit)], settings: &settings };
     initial_images(&req, Device::Cpu).remove(0).images.remove(0).bytes
 }
 

@@ -317,7 +317,21 @@ impl RenderSettings {
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(Error::invalid("learning rate", format!("{} is not a positive number", self.learning_rate)));
         }
-        let p = &self.param;
+        self.param.validate()?;
+        self.transforms.validate()?;
+        if let Some(bad) = self.thresholds.iter().find(|&&n| n == 0 || n > self.steps) {
+            return Err(Error::invalid("thresholds", format!("threshold {bad} is outside 1..={} (the steps)", self.steps)));
+        }
+        if self.thresholds.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::invalid("thresholds", format!("{:?} must be increasing", self.thresholds)));
+        }
+        self.options.validate()
+    }
+}
+
+impl ParamSettings {
+    fn validate(&self) -> Result<()> {
+        let p = self;
         if !(1..=16).contains(&p.channels) {
             return Err(Error::invalid("param.channels", format!("{} input channels is outside 1..=16", p.channels)));
         }
@@ -330,23 +344,30 @@ impl RenderSettings {
         if p.color_matrix.is_some_and(|m| m.iter().flatten().any(|v| !v.is_finite())) {
             return Err(Error::invalid("param.color_matrix", "holds a value that is not finite"));
         }
-        let t = &self.transforms;
+        Ok(())
+    }
+}
+
+impl TransformSettings {
+    fn validate(&self) -> Result<()> {
+        let t = self;
+        const MAX: u32 = RenderSettings::MAX_SIZE;
         if t.scales.is_empty() || t.scales.iter().any(|s| !(s.is_finite() && (0.1..=10.0).contains(s))) {
             return Err(Error::invalid("transforms.scales", format!("{:?}: give at least one scale in 0.1..=10", t.scales)));
         }
         if t.angles.is_empty() || t.angles.iter().any(|a| !(a.is_finite() && a.abs() <= 360.0)) {
             return Err(Error::invalid("transforms.angles", format!("{:?}: give at least one angle in -360..=360 degrees", t.angles)));
         }
-        if t.pad > Self::MAX_SIZE || t.jitter > Self::MAX_SIZE || t.jitter_after > Self::MAX_SIZE {
-            return Err(Error::invalid("transforms", format!("pad and jitter must not exceed {} pixels", Self::MAX_SIZE)));
+        if t.pad > MAX || t.jitter > MAX || t.jitter_after > MAX {
+            return Err(Error::invalid("transforms", format!("pad and jitter must not exceed {MAX} pixels")));
         }
-        if let Some(bad) = self.thresholds.iter().find(|&&n| n == 0 || n > self.steps) {
-            return Err(Error::invalid("thresholds", format!("threshold {bad} is outside 1..={} (the steps)", self.steps)));
-        }
-        if self.thresholds.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::invalid("thresholds", format!("{:?} must be increasing", self.thresholds)));
-        }
-        let o = &self.options;
+        Ok(())
+    }
+}
+
+impl TechniqueOptions {
+    fn validate(&self) -> Result<()> {
+        let o = self;
         if !(2..=16).contains(&o.diversity_images) {
             return Err(Error::invalid("options.diversity_images", format!("{} is outside 2..=16", o.diversity_images)));
         }

@@ -32,31 +32,21 @@ fn missing(field: &str) -> Invalid {
     Invalid(format!("{field} is missing"))
 }
 
+/// A technique travels as the wire value `TECHNIQUE_<NAME>` of common.proto, matched by
+/// name, so adding a technique adds its wire value there and nothing here.
+fn wire_name(t: Technique) -> String {
+    format!("TECHNIQUE_{}", t.as_str().to_ascii_uppercase())
+}
+
 impl From<Technique> for v1::Technique {
     fn from(t: Technique) -> Self {
-        match t {
-            Technique::Channel => v1::Technique::Channel,
-            Technique::Neuron => v1::Technique::Neuron,
-            Technique::Negative => v1::Technique::Negative,
-            Technique::Diversity => v1::Technique::Diversity,
-            Technique::DeepDream => v1::Technique::Deepdream,
-            Technique::Caricature => v1::Technique::Caricature,
-            Technique::Direction => v1::Technique::Direction,
-        }
+        v1::Technique::from_str_name(&wire_name(t)).unwrap_or_else(|| panic!("common.proto has no {}", wire_name(t)))
     }
 }
 
 pub fn technique_from_i32(t: i32) -> Result<Technique, Invalid> {
-    match v1::Technique::try_from(t) {
-        Ok(v1::Technique::Channel) => Ok(Technique::Channel),
-        Ok(v1::Technique::Neuron) => Ok(Technique::Neuron),
-        Ok(v1::Technique::Negative) => Ok(Technique::Negative),
-        Ok(v1::Technique::Diversity) => Ok(Technique::Diversity),
-        Ok(v1::Technique::Deepdream) => Ok(Technique::DeepDream),
-        Ok(v1::Technique::Caricature) => Ok(Technique::Caricature),
-        Ok(v1::Technique::Direction) => Ok(Technique::Direction),
-        _ => Err(Invalid(format!("technique {t} is not a known technique"))),
-    }
+    let name = v1::Technique::try_from(t).ok().and_then(|w| w.as_str_name().strip_prefix("TECHNIQUE_").map(str::to_ascii_lowercase));
+    name.and_then(|n| n.parse().ok()).ok_or_else(|| Invalid(format!("technique {t} is not a known technique")))
 }
 
 /// The settings `options_json` carries.
@@ -412,6 +402,15 @@ mod tests {
         assert_eq!(JobSpec::try_from(v1::JobSpec::from(&spec)).unwrap(), spec);
         let with_dataset = JobSpec { dataset: Some(dataset()), ..job() };
         assert_eq!(JobSpec::try_from(v1::JobSpec::from(&with_dataset)).unwrap(), with_dataset);
+    }
+
+    #[test]
+    fn every_technique_has_its_wire_value() {
+        for t in Technique::ALL {
+            assert_eq!(technique_from_i32(v1::Technique::from(t) as i32).unwrap(), t);
+        }
+        assert!(technique_from_i32(0).is_err(), "unspecified");
+        assert!(technique_from_i32(99).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use loupe_core::api::{ApiError, ApiResult, WorkerApi};
-use loupe_core::task::{Failure, Lease, LeaseState};
+use loupe_core::task::{Failure, Lease, LeaseId, LeaseState};
 use loupe_proto::v1::workers_client::WorkersClient;
 use loupe_proto::{lease_state_from_i32, v1, PROTOCOL_VERSION};
 
@@ -102,17 +102,17 @@ impl WorkerApi for GrpcWorkerApi {
         resp.lease.map(Lease::try_from).transpose().map_err(|e| ApiError::Unavailable(format!("a malformed lease: {e}")))
     }
 
-    async fn renew(&self, lease_id: &str) -> ApiResult<LeaseState> {
+    async fn renew(&self, lease_id: &LeaseId) -> ApiResult<LeaseState> {
         let req = v1::LeaseRef { protocol_version: PROTOCOL_VERSION, lease_id: lease_id.to_string() };
         state(self.client.clone().renew(req).await.map_err(api_error)?.into_inner())
     }
 
-    async fn complete(&self, lease_id: &str) -> ApiResult<LeaseState> {
+    async fn complete(&self, lease_id: &LeaseId) -> ApiResult<LeaseState> {
         let req = v1::LeaseRef { protocol_version: PROTOCOL_VERSION, lease_id: lease_id.to_string() };
         state(self.client.clone().complete(req).await.map_err(api_error)?.into_inner())
     }
 
-    async fn fail(&self, lease_id: &str, failure: Failure) -> ApiResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure) -> ApiResult<LeaseState> {
         let req = v1::FailRequest { protocol_version: PROTOCOL_VERSION, lease_id: lease_id.to_string(), retryable: failure.retryable, message: failure.message, released: failure.released };
         state(self.client.clone().fail(req).await.map_err(api_error)?.into_inner())
     }

@@ -20,7 +20,7 @@ use loupe_dataset::Preprocessed;
 use loupe_stats::{LayerPartial, UnitSummary};
 
 use crate::model::Model;
-use crate::runner::TorchThread;
+use crate::torch::TorchThread;
 use crate::{Error, Result};
 
 /// Images per forward pass of a map. Every pass has exactly this many images (a short

@@ -6,7 +6,9 @@
 //! - [`png`]: deterministic PNG encoding.
 //! - [`examples`]: the dataset tasks: a map's statistics over one shard, a reduce's merge,
 //!   crops and `stats.parquet`.
-//! - [`runner`]: the worker loop, with the render thread and lease renewal beside it.
+//! - [`runner`]: the worker loop: leases, lease renewal, reports, hand-back on shutdown.
+//! - [`tasks`]: a leased task's work (render, map, reduce) and storing its images.
+//! - [`torch`]: the torch thread, where libtorch runs with the last model loaded.
 //! - [`device`]: `auto`, `cpu`, `cuda:N`, checked at start-up.
 //! - [`metrics`]: the worker's Prometheus metrics and readiness.
 //! - [`client`]: the coordinator over gRPC (bearer token, TLS).
@@ -21,6 +23,8 @@ pub mod param;
 pub mod png;
 pub mod render;
 pub mod runner;
+pub mod tasks;
+pub mod torch;
 pub mod transform;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,9 @@ pub enum Error {
     OutOfMemory(String),
     #[error(transparent)]
     Store(#[from] loupe_core::Error),
+    /// The worker's own disk failed (the model cache): another worker may do better.
+    #[error("{0}")]
+    LocalDisk(String),
     /// The task was stopped before it finished: cancelled, lease lost or shutdown.
     #[error("stopped before finishing")]
     Cancelled,
@@ -49,7 +56,7 @@ impl Error {
     /// Whether running the task again could succeed. A bad model or layer fails the
     /// same way every time.
     pub fn retryable(&self) -> bool {
-        matches!(self, Error::Torch(_) | Error::OutOfMemory(_) | Error::Store(_) | Error::Cancelled)
+        matches!(self, Error::Torch(_) | Error::OutOfMemory(_) | Error::Store(_) | Error::LocalDisk(_) | Error::Cancelled)
     }
 }
 

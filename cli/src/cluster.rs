@@ -8,7 +8,7 @@ use clap::Args;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use loupe_core::job::{JobState, JobStatus};
+use loupe_core::job::{JobId, JobState, JobStatus};
 use loupe_proto::v1;
 use loupe_proto::v1::jobs_client::JobsClient;
 use loupe_worker::client::{channel, BearerToken, TlsOptions};
@@ -47,7 +47,8 @@ pub struct SubmitArgs {
 #[derive(Args, Debug)]
 pub struct JobRef {
     /// The job id `submit` printed.
-    pub job: String,
+    // Parsed by clap, so a malformed id is refused before any call.
+    pub job: JobId,
     #[command(flatten)]
     pub conn: Connection,
 }
@@ -91,7 +92,7 @@ fn describe(s: &JobStatus) -> String {
 
 pub async fn watch(args: JobRef) -> Result<ExitCode> {
     let mut c = client(&args.conn)?;
-    let mut stream = c.watch(v1::GetJobRequest { job_id: args.job.clone() }).await.map_err(|s| refused("watch refused", s))?.into_inner();
+    let mut stream = c.watch(v1::GetJobRequest { job_id: args.job.to_string() }).await.map_err(|s| refused("watch refused", s))?.into_inner();
     let mut bar: Option<Progress> = None;
     let mut last = None;
     while let Some(msg) = stream.message().await.map_err(|s| refused("the watch stream broke", s))? {
@@ -116,7 +117,7 @@ pub async fn watch(args: JobRef) -> Result<ExitCode> {
 
 pub async fn status(args: JobRef) -> Result<ExitCode> {
     let mut c = client(&args.conn)?;
-    let s = status_of(c.get(v1::GetJobRequest { job_id: args.job }).await.map_err(|s| refused("status refused", s))?.into_inner())?;
+    let s = status_of(c.get(v1::GetJobRequest { job_id: args.job.into() }).await.map_err(|s| refused("status refused", s))?.into_inner())?;
     println!("{}", describe(&s));
     println!("  model {} ({})  out {}", s.spec.model.uri, &s.spec.model.sha256[..12.min(s.spec.model.sha256.len())], s.spec.out);
     Ok(ExitCode::SUCCESS)
@@ -134,7 +135,7 @@ pub async fn jobs(conn: Connection) -> Result<ExitCode> {
 
 pub async fn cancel(args: JobRef) -> Result<ExitCode> {
     let mut c = client(&args.conn)?;
-    let resp = c.cancel(v1::CancelJobRequest { job_id: args.job.clone() }).await.map_err(|s| refused("cancel refused", s))?.into_inner();
+    let resp = c.cancel(v1::CancelJobRequest { job_id: args.job.to_string() }).await.map_err(|s| refused("cancel refused", s))?.into_inner();
     if resp.cancelled {
         println!("{} cancelled", args.job);
     } else {

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use loupe_core::api::ApiError;
-use loupe_core::job::JobStatus;
+use loupe_core::job::{JobId, JobStatus};
 use loupe_coordinator::state::{JobState, MemoryStateStore};
 use loupe_coordinator::{Coordinator, CoordinatorConfig};
 use loupe_worker::device::{describe, parse_device};
@@ -95,7 +95,7 @@ fn start_workers(coordinator: &Arc<Coordinator>, args: &RenderArgs, device: tch:
 }
 
 /// Shows the job's progress until it ends or Ctrl-C; returns whether it was interrupted.
-async fn follow(coordinator: &Coordinator, job_id: &str, bar: &Progress) -> Result<bool> {
+async fn follow(coordinator: &Coordinator, job_id: &JobId, bar: &Progress) -> Result<bool> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {

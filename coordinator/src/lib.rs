@@ -1,5 +1,6 @@
-//! The coordinator: it takes a job, shards it into tasks, leases them to workers, counts
-//! retries and writes the atlas index when the last task is done.
+//! The coordinator: it takes a job, asks the [`Atlas`] what is already complete, shards
+//! the rest into tasks, leases them to workers, counts retries and has the atlas index
+//! written when the last task is done.
 //!
 //! - [`state`]: the [`state::StateStore`] trait and its backends (one atomic transition
 //!   per method, dependencies between tasks included).
@@ -26,7 +27,7 @@ use loupe_core::spec::JobSpec;
 use loupe_core::store;
 use loupe_core::task::{Failure, Lease, LeaseId, LeaseState, ShardSource};
 
-use state::{JobState, JobStatus, LeasePolicy, StateError, StateStore};
+use state::{JobId, JobState, JobStatus, LeasePolicy, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -96,7 +97,7 @@ impl Coordinator {
     /// dataset, writes `atlas.json` and queues the tasks for images not yet complete, and
     /// the dataset's maps and reduces unless the atlas holds every layer's statistics.
     /// Returns the job id.
-    pub async fn submit(&self, mut spec: JobSpec) -> Result<String> {
+    pub async fn submit(&self, mut spec: JobSpec) -> Result<JobId> {
         spec.validate()?;
         if let Some(prefix) = &self.out_prefix {
             if !is_under(&spec.out, prefix) {
@@ -115,7 +116,7 @@ impl Coordinator {
         let tasks = shard::shard(&spec, &done, &shards);
         let skipped = done.len() as u64;
         let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
-        info!(job_id, images_skipped = skipped, dataset_shards = shards.len(), "job submitted");
+        info!(job_id = job_id.as_str(), images_skipped = skipped, dataset_shards = shards.len(), "job submitted");
         self.index_if_done(&job_id).await?;
         Ok(job_id)
     }
@@ -125,14 +126,14 @@ impl Coordinator {
     pub async fn recover(&self) -> Result<()> {
         for job in self.state.jobs().await? {
             if job.state == JobState::Indexing {
-                info!(job_id = job.id, "writing the atlas index of a job finished before a restart");
+                info!(job_id = job.id.as_str(), "writing the atlas index of a job finished before a restart");
                 self.index_if_done(&job.id).await?;
             }
         }
         Ok(())
     }
 
-    pub async fn status(&self, job_id: &str) -> Result<JobStatus> {
+    pub async fn status(&self, job_id: &JobId) -> Result<JobStatus> {
         Ok(self.state.job(job_id).await?)
     }
 
@@ -140,13 +141,13 @@ impl Coordinator {
         Ok(self.state.jobs().await?)
     }
 
-    pub async fn cancel(&self, job_id: &str) -> Result<bool> {
+    pub async fn cancel(&self, job_id: &JobId) -> Result<bool> {
         Ok(self.state.cancel(job_id).await?)
     }
 
     /// Writes each layer's `layer.json` from the unit records in the atlas, once the job's
     /// tasks are all done, and ends the job.
-    async fn index_if_done(&self, job_id: &str) -> Result<()> {
+    async fn index_if_done(&self, job_id: &JobId) -> Result<()> {
         let status = self.state.job(job_id).await?;
         if status.state != JobState::Indexing {
             return Ok(());
@@ -155,11 +156,11 @@ impl Coordinator {
         let outcome = match written.await {
             Ok(()) => JobState::Succeeded,
             Err(e) => {
-                warn!(job_id, error = %e, "writing the atlas index failed");
+                warn!(job_id = job_id.as_str(), error = %e, "writing the atlas index failed");
                 JobState::Failed { message: format!("writing the atlas index: {e}") }
             }
         };
-        info!(job_id, ?outcome, "job ended");
+        info!(job_id = job_id.as_str(), ?outcome, "job ended");
         self.state.finish(job_id, outcome).await?;
         Ok(())
     }

@@ -11,6 +11,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use loupe_core::job::JobId;
 use loupe_core::spec::JobSpec;
 use loupe_core::task::{Failure, LeaseId};
 use loupe_proto::v1::jobs_server::{Jobs, JobsServer};
@@ -56,18 +57,18 @@ impl Jobs for JobsApi {
         let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec is missing"))?;
         let spec = JobSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let job_id = self.0.submit(spec).await?;
-        Ok(Response::new(v1::SubmitResponse { job_id }))
+        Ok(Response::new(v1::SubmitResponse { job_id: job_id.into() }))
     }
 
     async fn get(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::JobStatus>, Status> {
-        let status = self.0.status(&req.into_inner().job_id).await?;
+        let status = self.0.status(&job_id(req.into_inner().job_id)?).await?;
         Ok(Response::new((&status).into()))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::JobStatus, Status>> + Send>>;
 
     async fn watch(&self, req: Request<v1::GetJobRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let job_id = req.into_inner().job_id;
+        let job_id = job_id(req.into_inner().job_id)?;
         let first = self.0.status(&job_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let coordinator = self.0.clone();
@@ -109,9 +110,9 @@ impl Jobs for JobsApi {
     }
 
     async fn cancel(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::CancelJobResponse>, Status> {
-        let job_id = req.into_inner().job_id;
+        let job_id = job_id(req.into_inner().job_id)?;
         let cancelled = self.0.cancel(&job_id).await?;
-        info!(job_id, cancelled, "cancel requested");
+        info!(job_id = job_id.as_str(), cancelled, "cancel requested");
         Ok(Response::new(v1::CancelJobResponse { cancelled }))
     }
 }
@@ -149,6 +150,11 @@ impl Workers for WorkersApi {
         let failure = Failure { retryable: req.retryable, message: req.message, released: req.released };
         Ok(lease_state(self.0.fail_lease(&lease_id(&req.lease_id)?, failure).await.map_err(state_status)?))
     }
+}
+
+/// A job id from the wire; a malformed one is refused here, naming the problem.
+fn job_id(id: String) -> Result<JobId, Status> {
+    JobId::try_from(id).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// A lease id from the wire; one that does not parse names the problem.

@@ -1,8 +1,64 @@
-//! A job's progress as the coordinator's state store keeps it and clients see it.
+//! A job's id, and its progress as the coordinator's state store keeps it and clients see it.
+
+use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::spec::JobSpec;
+
+/// A job's id, as a state store makes it (`job-<n>`). Ids also come in from users and
+/// over gRPC, so they are checked once, where they arrive. '/' and '#' are refused
+/// because task and lease ids (`<job>/<index>#<attempt>`) and atlas keys embed the job
+/// id; whitespace and control characters because ids are printed and typed back.
+/// It serialises as the plain string, so stored and wire formats stay as they were.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct JobId(String);
+
+impl JobId {
+    /// The id a state store gives the `n`th job it records.
+    pub fn numbered(n: u64) -> JobId {
+        JobId(format!("job-{n}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for JobId {
+    type Error = crate::Error;
+    fn try_from(s: String) -> crate::Result<JobId> {
+        let bad = |why: &str| Err(crate::Error::invalid("job id", format!("{s:?} {why}")));
+        if s.is_empty() {
+            return bad("is empty");
+        }
+        if let Some(c) = s.chars().find(|&c| c == '/' || c == '#' || c.is_whitespace() || c.is_control()) {
+            return bad(&format!("contains {c:?}"));
+        }
+        Ok(JobId(s))
+    }
+}
+
+impl FromStr for JobId {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<JobId> {
+        JobId::try_from(s.to_string())
+    }
+}
+
+impl From<JobId> for String {
+    fn from(id: JobId) -> String {
+        id.0
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -25,7 +81,7 @@ impl JobState {
 /// A job as the state store knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
-    pub id: String,
+    pub id: JobId,
     pub spec: JobSpec,
     pub state: JobState,
     pub created_ms: u64,
@@ -50,3 +106,22 @@ pub struct JobStatus {
     pub images_done: u64,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_parse_and_print_back() {
+        for good in ["job-1", "job-42", "nonsense", "a.b_c-d"] {
+            let id: JobId = good.parse().unwrap();
+            assert_eq!((id.as_str(), id.to_string()), (good, good.to_string()));
+            assert_eq!(serde_json::to_string(&id).unwrap(), format!("{good:?}"));
+            assert_eq!(serde_json::from_str::<JobId>(&format!("{good:?}")).unwrap(), id);
+        }
+        for (bad, why) in [("", "is empty"), ("a/b", "'/'"), ("job-1#2", "'#'"), ("job 1", "' '"), ("job-1\n", "'\\n'"), ("\u{7f}", "'\\u{7f}'")] {
+            let e = bad.parse::<JobId>().unwrap_err().to_string();
+            assert!(e.starts_with("invalid job id") && e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(serde_json::from_str::<JobId>(r#""a/b""#).is_err());
+    }
+}

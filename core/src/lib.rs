@@ -8,7 +8,7 @@
 //! - [`s3`]: the S3 backend of [`store::ArtifactStore`] (any S3-compatible store).
 //! - [`viewer`]: the static atlas viewer (viewer/), embedded and written into each atlas.
 //! - [`seed`]: how per-unit seeds derive from the job seed, so any worker gives the same image.
-//! - [`job`]: a job's state and progress.
+//! - [`job`]: a job's id, state and progress.
 //! - [`api`]: the [`api::WorkerApi`] trait, the coordinator as a worker sees it.
 
 pub mod api;

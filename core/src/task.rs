@@ -3,13 +3,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::atlas::Target;
+use crate::job::JobId;
 use crate::spec::{DatasetSpec, JobSpec, LayerPlan, ModelRef, RenderSettings, Technique};
 
 /// A task: one piece of a job's work, named by the job id and its position in the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "StoredTaskSpec")]
 pub struct TaskSpec {
-    pub job_id: String,
+    pub job_id: JobId,
     /// Position of the task in its job; with the job id it names the task.
     pub index: u32,
     pub work: Work,
@@ -25,7 +26,7 @@ impl TaskSpec {
 /// holds it, a render's `layer`, `technique` and `units` beside the id.
 #[derive(Deserialize)]
 struct StoredTaskSpec {
-    job_id: String,
+    job_id: JobId,
     index: u32,
     work: Option<Work>,
     layer: Option<String>,
@@ -174,17 +175,17 @@ impl JobContext {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct LeaseId {
-    job_id: String,
+    job_id: JobId,
     index: u32,
     attempt: u32,
 }
 
 impl LeaseId {
-    pub fn new(job_id: &str, index: u32, attempt: u32) -> LeaseId {
-        LeaseId { job_id: job_id.to_string(), index, attempt }
+    pub fn new(job_id: &JobId, index: u32, attempt: u32) -> LeaseId {
+        LeaseId { job_id: job_id.clone(), index, attempt }
     }
 
-    pub fn job_id(&self) -> &str {
+    pub fn job_id(&self) -> &JobId {
         &self.job_id
     }
 
@@ -210,10 +211,8 @@ impl std::str::FromStr for LeaseId {
         let bad = || crate::Error::invalid("lease id", format!("{s:?} is not <job>/<index>#<attempt>"));
         let (task, attempt) = s.rsplit_once('#').ok_or_else(bad)?;
         let (job_id, index) = task.rsplit_once('/').ok_or_else(bad)?;
-        if job_id.is_empty() {
-            return Err(bad());
-        }
-        Ok(LeaseId { job_id: job_id.to_string(), index: index.parse().map_err(|_| bad())?, attempt: attempt.parse().map_err(|_| bad())? })
+        let job_id = job_id.parse::<JobId>().map_err(|e| crate::Error::invalid("lease id", format!("{s:?}: {e}")))?;
+        Ok(LeaseId { job_id, index: index.parse().map_err(|_| bad())?, attempt: attempt.parse().map_err(|_| bad())? })
     }
 }
 
@@ -298,12 +297,12 @@ mod tests {
     fn tasks_round_trip_and_old_render_tasks_still_read() {
         let tasks = [
             TaskSpec {
-                job_id: "job-1".into(),
+                job_id: "job-1".parse().unwrap(),
                 index: 0,
                 work: Work::render("conv", Technique::Neuron, [1, 2]),
             },
-            TaskSpec { job_id: "job-1".into(), index: 1, work: Work::Map { shard: 0, source: ShardSource::Tar { key: "a.tar".into() } } },
-            TaskSpec { job_id: "job-1".into(), index: 2, work: Work::Reduce { layer: "conv".into() } },
+            TaskSpec { job_id: "job-1".parse().unwrap(), index: 1, work: Work::Map { shard: 0, source: ShardSource::Tar { key: "a.tar".into() } } },
+            TaskSpec { job_id: "job-1".parse().unwrap(), index: 2, work: Work::Reduce { layer: "conv".into() } },
         ];
         for t in &tasks {
             let json = serde_json::to_string(t).unwrap();
@@ -315,10 +314,10 @@ mod tests {
         assert_eq!(serde_json::from_str::<TaskSpec>(old).unwrap(), tasks[0]);
         assert!(serde_json::from_str::<TaskSpec>(r#"{"job_id":"j","index":0}"#).unwrap_err().to_string().contains("no work"));
         let id: LeaseId = "job-7/12#3".parse().unwrap();
-        assert_eq!((id.job_id(), id.index(), id.attempt()), ("job-7", 12, 3));
+        assert_eq!((id.job_id().as_str(), id.index(), id.attempt()), ("job-7", 12, 3));
         assert_eq!(id.to_string(), "job-7/12#3");
-        assert_eq!("a/b/1#2".parse::<LeaseId>().unwrap().job_id(), "a/b");
-        for bad in ["job-7/12", "job-7#3", "/1#1", "j/x#1", "j/1#"] {
+        // A job id holds no '/', so a lease id's job part is everything before its one '/'.
+        for bad in ["job-7/12", "job-7#3", "/1#1", "j/x#1", "j/1#", "a/b/1#2"] {
             assert!(bad.parse::<LeaseId>().is_err(), "{bad}");
         }
         let old_ctx = r#"{"model":{"uri":"m","name":"m","sha256":"0"},"settings":{"steps":1,"size":8,"input_size":8,"seed":0,"learning_rate":0.05},"out":"o"}"#;

@@ -7,7 +7,7 @@ pub mod v1 {
     tonic::include_proto!("loupe.v1");
 }
 
-use loupe_core::job::{JobState, JobStatus};
+use loupe_core::job::{JobId, JobState, JobStatus};
 use loupe_core::atlas::Target;
 use loupe_core::spec::{self, DatasetSpec, Precision, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
 use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Work};
@@ -30,6 +30,10 @@ impl std::error::Error for Invalid {}
 
 fn missing(field: &str) -> Invalid {
     Invalid(format!("{field} is missing"))
+}
+
+fn job_id(field: &str, id: String) -> Result<JobId, Invalid> {
+    JobId::try_from(id).map_err(|e| Invalid(format!("{field}: {e}")))
 }
 
 /// A technique travels as the wire value `TECHNIQUE_<NAME>` of common.proto, matched by
@@ -151,7 +155,7 @@ impl TryFrom<v1::ShardSource> for ShardSource {
 
 impl From<&TaskSpec> for v1::Task {
     fn from(t: &TaskSpec) -> Self {
-        let mut m = v1::Task { job_id: t.job_id.clone(), index: t.index, ..Default::default() };
+        let mut m = v1::Task { job_id: t.job_id.to_string(), index: t.index, ..Default::default() };
         match &t.work {
             // A per-unit render's units travel in `units`, a per-layer render's items in
             // `layer_items`, as the wire has always carried them.
@@ -187,7 +191,7 @@ impl TryFrom<v1::Task> for TaskSpec {
             Some(v1::task::Work::Reduce(r)) => Work::Reduce { layer: r.layer },
             Some(v1::task::Work::LayerItems(i)) => render_work(t.layer, t.technique, i.items.into_iter().map(Target::Item).collect())?,
         };
-        Ok(TaskSpec { job_id: t.job_id, index: t.index, work })
+        Ok(TaskSpec { job_id: job_id("task.job_id", t.job_id)?, index: t.index, work })
     }
 }
 
@@ -329,7 +333,7 @@ impl From<&JobStatus> for v1::JobStatus {
             JobState::Cancelled => (v1::JobState::Cancelled, String::new()),
         };
         v1::JobStatus {
-            job_id: s.id.clone(),
+            job_id: s.id.to_string(),
             spec: Some((&s.spec).into()),
             state: state as i32,
             message,
@@ -359,7 +363,7 @@ impl TryFrom<v1::JobStatus> for JobStatus {
             _ => return Err(Invalid(format!("job state {} is unknown", s.state))),
         };
         Ok(JobStatus {
-            id: s.job_id,
+            id: job_id("status.job_id", s.job_id)?,
             spec: s.spec.ok_or_else(|| missing("status.spec"))?.try_into()?,
             state,
             created_ms: s.created_ms,
@@ -425,7 +429,7 @@ mod tests {
         for (index, work) in works.into_iter().enumerate() {
             let lease = Lease {
                 lease_id: format!("job-2/{index}#1").parse().unwrap(),
-                task: TaskSpec { job_id: "job-2".into(), index: index as u32, work },
+                task: TaskSpec { job_id: "job-2".parse().unwrap(), index: index as u32, work },
                 attempt: 1,
                 deadline_ms: 7,
                 job: JobContext { model: job().model, settings: job().settings, out: "o".into(), dataset: Some(dataset()), layers: job().layers },
@@ -434,7 +438,7 @@ mod tests {
         }
         // A map without its source is refused, naming the field.
         let mut m = v1::Task::from(&TaskSpec {
-            job_id: "j".into(),
+            job_id: "j".parse().unwrap(),
             index: 0,
             work: Work::Map { shard: 0, source: ShardSource::Tar { key: "t.tar".into() } },
         });
@@ -459,7 +463,7 @@ mod tests {
         let lease = Lease {
             lease_id: "job-1/0#1".parse().unwrap(),
             task: TaskSpec {
-                job_id: "job-1".into(),
+                job_id: "job-1".parse().unwrap(),
                 index: 0,
                 work: Work::render("conv", Technique::Neuron, [1, 2]),
             },
@@ -469,7 +473,7 @@ mod tests {
         };
         assert_eq!(Lease::try_from(v1::Lease::from(&lease)).unwrap(), lease);
         let status = JobStatus {
-            id: "job-1".into(),
+            id: "job-1".parse().unwrap(),
             spec: job(),
             state: JobState::Failed { message: "bad model".into() },
             created_ms: 1,
@@ -510,7 +514,7 @@ mod tests {
         };
         assert_eq!(LayerPlan::try_from(v1::LayerPlan::from(&plan)).unwrap(), plan);
         let task = TaskSpec {
-            job_id: "j".into(),
+            job_id: "j".parse().unwrap(),
             index: 3,
             work: Work::render("conv", Technique::Caricature, ["dog"]),
         };

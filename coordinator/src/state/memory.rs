@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use loupe_core::spec::JobSpec;
 use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, TaskSpec, Work};
 
-use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobId, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
 #[derive(Default)]
 pub struct MemoryStateStore {
@@ -25,12 +25,12 @@ impl MemoryStateStore {
 #[derive(Default)]
 struct Inner {
     next_job: u64,
-    jobs: HashMap<String, Job>,
+    jobs: HashMap<JobId, Job>,
     /// Job ids in submission order, for listing.
-    order: Vec<String>,
+    order: Vec<JobId>,
     /// Runnable tasks, oldest first. A task waiting on prerequisites joins when the last
     /// of them completes.
-    pending: VecDeque<(String, u32)>,
+    pending: VecDeque<(JobId, u32)>,
     /// Lease id -> the leased task.
     leases: HashMap<LeaseId, Held>,
     /// The monitoring totals; `queued` and `leased` are counted when asked.
@@ -54,7 +54,7 @@ struct Task {
 }
 
 struct Held {
-    job_id: String,
+    job_id: JobId,
     index: u32,
     attempt: u32,
     deadline_ms: u64,
@@ -68,13 +68,13 @@ impl Inner {
         held.attempt.saturating_sub(released)
     }
 
-    fn fail_job(&mut self, job_id: &str, message: String) {
+    fn fail_job(&mut self, job_id: &JobId, message: String) {
         if let Some(job) = self.jobs.get_mut(job_id) {
             if !job.status.state.is_terminal() {
                 job.status.state = JobState::Failed { message };
             }
         }
-        self.leases.retain(|_, h| h.job_id != job_id);
+        self.leases.retain(|_, h| h.job_id != *job_id);
     }
 
     /// Puts tasks whose lease ran out back in line, or fails their job when they have
@@ -100,7 +100,7 @@ impl Inner {
         }
     }
 
-    fn running(&self, job_id: &str) -> bool {
+    fn running(&self, job_id: &JobId) -> bool {
         self.jobs.get(job_id).is_some_and(|j| j.status.state == JobState::Running)
     }
 
@@ -120,12 +120,12 @@ impl Inner {
 
 #[async_trait]
 impl StateStore for MemoryStateStore {
-    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<JobId> {
         let deps = Dependencies::of(&tasks)?;
         let (maps_total, reduces_total) = count_dataset_tasks(&tasks);
         let mut inner = self.inner.lock().unwrap();
         inner.next_job += 1;
-        let id = format!("job-{}", inner.next_job);
+        let id = JobId::numbered(inner.next_job);
         let tasks: Vec<Task> = tasks
             .into_iter()
             .zip(deps.waits.into_iter().zip(deps.dependents))
@@ -260,7 +260,7 @@ impl StateStore for MemoryStateStore {
         Ok(LeaseState::Held)
     }
 
-    async fn finish(&self, job_id: &str, outcome: JobState) -> StateResult<()> {
+    async fn finish(&self, job_id: &JobId, outcome: JobState) -> StateResult<()> {
         let mut inner = self.inner.lock().unwrap();
         let job = inner.jobs.get_mut(job_id).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))?;
         if job.status.state == JobState::Indexing {
@@ -269,18 +269,18 @@ impl StateStore for MemoryStateStore {
         Ok(())
     }
 
-    async fn cancel(&self, job_id: &str) -> StateResult<bool> {
+    async fn cancel(&self, job_id: &JobId) -> StateResult<bool> {
         let mut inner = self.inner.lock().unwrap();
         let job = inner.jobs.get_mut(job_id).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))?;
         if job.status.state.is_terminal() {
             return Ok(false);
         }
         job.status.state = JobState::Cancelled;
-        inner.leases.retain(|_, h| h.job_id != job_id);
+        inner.leases.retain(|_, h| h.job_id != *job_id);
         Ok(true)
     }
 
-    async fn job(&self, job_id: &str) -> StateResult<JobStatus> {
+    async fn job(&self, job_id: &JobId) -> StateResult<JobStatus> {
         let inner = self.inner.lock().unwrap();
         inner.jobs.get(job_id).map(|j| j.status.clone()).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))
     }

@@ -9,7 +9,7 @@
 
 use async_trait::async_trait;
 use loupe_core::spec::JobSpec;
-pub use loupe_core::job::{JobState, JobStatus};
+pub use loupe_core::job::{JobId, JobState, JobStatus};
 use loupe_core::task::{Failure, Lease, LeaseId, LeaseState, Work};
 
 mod memory;
@@ -124,7 +124,7 @@ pub trait StateStore: Send + Sync {
     /// Records a new job and its tasks (which may be none, when the atlas already holds
     /// everything), numbered in the order given. Tasks that wait on nothing are runnable
     /// at once; the others when their last prerequisite completes. Returns the job id.
-    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<String>;
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<JobId>;
     /// Grants the next runnable task: a pending one, or one whose lease expired. A task
     /// that has used all its attempts fails its job instead. A task still waiting on a
     /// prerequisite is never granted.
@@ -136,10 +136,10 @@ pub trait StateStore: Send + Sync {
     /// A retryable failure goes back to pending while attempts remain; any other fails the job.
     async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
     /// Ends an `Indexing` job as `Succeeded` or `Failed`.
-    async fn finish(&self, job_id: &str, outcome: JobState) -> StateResult<()>;
+    async fn finish(&self, job_id: &JobId, outcome: JobState) -> StateResult<()>;
     /// Cancels a running job; returns false if it had already ended.
-    async fn cancel(&self, job_id: &str) -> StateResult<bool>;
-    async fn job(&self, job_id: &str) -> StateResult<JobStatus>;
+    async fn cancel(&self, job_id: &JobId) -> StateResult<bool>;
+    async fn job(&self, job_id: &JobId) -> StateResult<JobStatus>;
     async fn jobs(&self) -> StateResult<Vec<JobStatus>>;
     /// Succeeds when the backend answers: the coordinator's readiness.
     async fn ping(&self) -> StateResult<()>;

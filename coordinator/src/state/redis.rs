@@ -54,7 +54,7 @@ use redis::{FromRedisValue, Script, ScriptInvocation};
 use loupe_core::spec::{to_ranges, JobSpec};
 use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, TaskSpec, Work};
 
-use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobId, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
 
 /// Tasks written per pipelined round trip when a job is submitted.
 const TASKS_PER_ROUND_TRIP: usize = 2_000;
@@ -486,7 +486,7 @@ impl RedisStateStore {
         let mut count = || next().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
         let (maps_total, maps_done, reduces_total, reduces_done) = (count(), count(), count(), count());
         Ok(JobStatus {
-            id,
+            id: id.parse().map_err(|e| backend(format!("job {job_id} has {e}")))?,
             spec: serde_json::from_str(&spec).map_err(|e| backend(format!("job {job_id} spec: {e}")))?,
             state: decode_state(&state, message)?,
             created_ms,
@@ -542,12 +542,12 @@ where
 
 #[async_trait]
 impl StateStore for RedisStateStore {
-    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<String> {
+    async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<JobId> {
         let deps = Dependencies::of(&tasks)?;
         let (maps_total, reduces_total) = count_dataset_tasks(&tasks);
         let tasks_total = u32::try_from(tasks.len()).map_err(|_| backend("too many tasks in one job"))?;
         let n: u64 = self.query(redis::cmd("INCR").arg(self.key("jobseq"))).await?;
-        let id = format!("job-{n}");
+        let id = JobId::numbered(n);
         let tasks_key = self.key(&format!("tasks:{id}"));
         let mut conn = self.conn.clone();
         for (r, round) in tasks.chunks(TASKS_PER_ROUND_TRIP).enumerate() {
@@ -584,7 +584,7 @@ impl StateStore for RedisStateStore {
         let state = if tasks_total == 0 { JobState::Indexing } else { JobState::Running };
         let runnable: Vec<u32> = (0..tasks_total).filter(|&i| deps.waits[i as usize] == 0).collect();
         let mut inv = self.invocation(&self.scripts.create);
-        inv.arg(&id)
+        inv.arg(id.as_str())
             .arg(serde_json::to_string(&spec).map_err(backend)?)
             .arg(serde_json::to_string(&ctx).map_err(backend)?)
             .arg(encode_state(&state).0)
@@ -637,27 +637,27 @@ impl StateStore for RedisStateStore {
         lease_state(self.invoke(&inv).await?)
     }
 
-    async fn finish(&self, job_id: &str, outcome: JobState) -> StateResult<()> {
+    async fn finish(&self, job_id: &JobId, outcome: JobState) -> StateResult<()> {
         let (state, message) = encode_state(&outcome);
         let mut inv = self.invocation(&self.scripts.finish);
-        inv.arg(job_id).arg(state).arg(message);
+        inv.arg(job_id.as_str()).arg(state).arg(message);
         match self.invoke::<i64>(&inv).await? {
             -1 => Err(StateError::NoSuchJob(job_id.to_string())),
             _ => Ok(()),
         }
     }
 
-    async fn cancel(&self, job_id: &str) -> StateResult<bool> {
+    async fn cancel(&self, job_id: &JobId) -> StateResult<bool> {
         let mut inv = self.invocation(&self.scripts.cancel);
-        inv.arg(job_id);
+        inv.arg(job_id.as_str());
         match self.invoke::<i64>(&inv).await? {
             -1 => Err(StateError::NoSuchJob(job_id.to_string())),
             done => Ok(done == 1),
         }
     }
 
-    async fn job(&self, job_id: &str) -> StateResult<JobStatus> {
-        read_twice(|| self.job_once(job_id)).await
+    async fn job(&self, job_id: &JobId) -> StateResult<JobStatus> {
+        read_twice(|| self.job_once(job_id.as_str())).await
     }
 
     async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
@@ -795,12 +795,12 @@ mod tests {
             let s = if i % 2 == 0 { &a } else { &b };
             ids.push(s.create_job(spec(), tasks(1, 1), 0, i).await.unwrap());
         }
-        assert_eq!(ids, (1..=6).map(|n| format!("job-{n}")).collect::<Vec<_>>());
-        let listed: Vec<String> = a.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(ids, (1..=6).map(|n| format!("job-{n}").parse().unwrap()).collect::<Vec<JobId>>());
+        let listed: Vec<JobId> = a.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
         assert_eq!(listed, ids);
-        assert!(matches!(a.job("job-99").await, Err(StateError::NoSuchJob(_))));
-        assert!(matches!(a.cancel("job-99").await, Err(StateError::NoSuchJob(_))));
-        assert!(matches!(a.finish("job-99", JobState::Succeeded).await, Err(StateError::NoSuchJob(_))));
+        assert!(matches!(a.job(&"job-99".parse().unwrap()).await, Err(StateError::NoSuchJob(_))));
+        assert!(matches!(a.cancel(&"job-99".parse().unwrap()).await, Err(StateError::NoSuchJob(_))));
+        assert!(matches!(a.finish(&"job-99".parse().unwrap(), JobState::Succeeded).await, Err(StateError::NoSuchJob(_))));
         assert_eq!(a.renew(&"nonsense/0#1".parse().unwrap(), 0, POLICY).await.unwrap(), LeaseState::Lost);
         assert_eq!(a.complete(&"job-1/0#7".parse().unwrap(), 0).await.unwrap().lease, LeaseState::Lost);
     }

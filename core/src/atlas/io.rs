@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use super::*;
+use crate::job::JobId;
 use crate::spec::{JobSpec, RenderSettings};
 use crate::store::ArtifactStore;
 
@@ -282,13 +283,13 @@ impl Atlas {
     }
 
     /// Leaves a map's partial statistics of one layer for the reduce.
-    pub async fn write_partial(&self, job_id: &str, layer: &str, shard: u32, bytes: Vec<u8>) -> Result<()> {
-        self.store.put(&partial_key(job_id, &layer_segment(layer)?, shard), bytes).await
+    pub async fn write_partial(&self, job_id: &JobId, layer: &str, shard: u32, bytes: Vec<u8>) -> Result<()> {
+        self.store.put(&partial_key(job_id.as_str(), &layer_segment(layer)?, shard), bytes).await
     }
 
     /// Every map's partial of one layer, in shard order.
-    pub async fn partials(&self, job_id: &str, layer: &str) -> Result<Vec<Vec<u8>>> {
-        let mut keys = self.store.list(&partial_prefix(job_id, &layer_segment(layer)?)).await?;
+    pub async fn partials(&self, job_id: &JobId, layer: &str) -> Result<Vec<Vec<u8>>> {
+        let mut keys = self.store.list(&partial_prefix(job_id.as_str(), &layer_segment(layer)?)).await?;
         keys.sort();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {

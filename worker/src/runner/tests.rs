@@ -66,17 +66,17 @@ impl WorkerApi for FakeApi {
     }
 
     async fn renew(&self, lease_id: &LeaseId) -> ApiResult<LeaseState> {
-        self.record(Call::Renew(lease_id.job_id().into()));
-        self.renewals.lock().unwrap().get_mut(lease_id.job_id()).and_then(VecDeque::pop_front).unwrap_or(Ok(LeaseState::Held))
+        self.record(Call::Renew(lease_id.job_id().to_string()));
+        self.renewals.lock().unwrap().get_mut(lease_id.job_id().as_str()).and_then(VecDeque::pop_front).unwrap_or(Ok(LeaseState::Held))
     }
 
     async fn complete(&self, lease_id: &LeaseId) -> ApiResult<LeaseState> {
-        self.record(Call::Complete(lease_id.job_id().into()));
-        self.completions.lock().unwrap().get_mut(lease_id.job_id()).and_then(VecDeque::pop_front).unwrap_or(Ok(LeaseState::Held))
+        self.record(Call::Complete(lease_id.job_id().to_string()));
+        self.completions.lock().unwrap().get_mut(lease_id.job_id().as_str()).and_then(VecDeque::pop_front).unwrap_or(Ok(LeaseState::Held))
     }
 
     async fn fail(&self, lease_id: &LeaseId, failure: Failure) -> ApiResult<LeaseState> {
-        self.record(Call::Fail(lease_id.job_id().into(), failure));
+        self.record(Call::Fail(lease_id.job_id().to_string(), failure));
         Ok(LeaseState::Held)
     }
 }
@@ -108,9 +108,10 @@ impl FakeApi {
 fn lease(id: &str, index: u32, ttl_ms: u64) -> Lease {
     let work = Work::render("mixed4a", Technique::Channel, [0, 1]);
     let model = ModelRef { uri: "model.pt".into(), name: "model".into(), sha256: "0".repeat(64) };
+    let job_id = id.parse().unwrap();
     Lease {
-        lease_id: LeaseId::new(id, index, 1),
-        task: TaskSpec { job_id: id.into(), index, work },
+        lease_id: LeaseId::new(&job_id, index, 1),
+        task: TaskSpec { job_id, index, work },
         attempt: 1,
         deadline_ms: now_ms() + ttl_ms,
         job: JobContext { model, settings: RenderSettings::default(), out: "out".into(), dataset: None, layers: Vec::new() },

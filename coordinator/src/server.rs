@@ -13,7 +13,7 @@ use tracing::info;
 
 use loupe_core::job::JobId;
 use loupe_core::spec::JobSpec;
-use loupe_core::task::{Failure, LeaseId};
+use loupe_core::task::Failure;
 use loupe_proto::v1::jobs_server::{Jobs, JobsServer};
 use loupe_proto::v1::workers_server::{Workers, WorkersServer};
 use loupe_proto::{v1, PROTOCOL_VERSION};
@@ -61,14 +61,14 @@ impl Jobs for JobsApi {
     }
 
     async fn get(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::JobStatus>, Status> {
-        let status = self.0.status(&job_id(req.into_inner().job_id)?).await?;
+        let status = self.0.status(&parse_id(&req.into_inner().job_id)?).await?;
         Ok(Response::new((&status).into()))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::JobStatus, Status>> + Send>>;
 
     async fn watch(&self, req: Request<v1::GetJobRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let job_id = job_id(req.into_inner().job_id)?;
+        let job_id: JobId = parse_id(&req.into_inner().job_id)?;
         let first = self.0.status(&job_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let coordinator = self.0.clone();
@@ -110,7 +110,7 @@ impl Jobs for JobsApi {
     }
 
     async fn cancel(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::CancelJobResponse>, Status> {
-        let job_id = job_id(req.into_inner().job_id)?;
+        let job_id: JobId = parse_id(&req.into_inner().job_id)?;
         let cancelled = self.0.cancel(&job_id).await?;
         info!(job_id = job_id.as_str(), cancelled, "cancel requested");
         Ok(Response::new(v1::CancelJobResponse { cancelled }))
@@ -135,30 +135,25 @@ impl Workers for WorkersApi {
     async fn renew(&self, req: Request<v1::LeaseRef>) -> Result<Response<v1::LeaseStateResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        Ok(lease_state(self.0.renew_lease(&lease_id(&req.lease_id)?).await.map_err(state_status)?))
+        Ok(lease_state(self.0.renew_lease(&parse_id(&req.lease_id)?).await.map_err(state_status)?))
     }
 
     async fn complete(&self, req: Request<v1::LeaseRef>) -> Result<Response<v1::LeaseStateResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        Ok(lease_state(self.0.complete_lease(&lease_id(&req.lease_id)?).await?))
+        Ok(lease_state(self.0.complete_lease(&parse_id(&req.lease_id)?).await?))
     }
 
     async fn fail(&self, req: Request<v1::FailRequest>) -> Result<Response<v1::LeaseStateResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let failure = Failure { retryable: req.retryable, message: req.message, released: req.released };
-        Ok(lease_state(self.0.fail_lease(&lease_id(&req.lease_id)?, failure).await.map_err(state_status)?))
+        Ok(lease_state(self.0.fail_lease(&parse_id(&req.lease_id)?, failure).await.map_err(state_status)?))
     }
 }
 
-/// A job id from the wire; a malformed one is refused here, naming the problem.
-fn job_id(id: String) -> Result<JobId, Status> {
-    JobId::try_from(id).map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-/// A lease id from the wire; one that does not parse names the problem.
-fn lease_id(id: &str) -> Result<LeaseId, Status> {
+/// A job or lease id from the wire; a malformed one is refused here, naming the problem.
+fn parse_id<T: std::str::FromStr<Err = loupe_core::Error>>(id: &str) -> Result<T, Status> {
     id.parse().map_err(|e: loupe_core::Error| Status::invalid_argument(e.to_string()))
 }
 

@@ -2,7 +2,7 @@
 //! here and nowhere else.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::{Error, Result};
@@ -33,17 +33,6 @@ impl Location {
         Ok(Location::Local(PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))))
     }
 
-    pub fn is_s3(&self) -> bool {
-        matches!(self, Location::S3 { .. })
-    }
-
-    /// The local path, if the location is one.
-    pub fn local_path(&self) -> Option<&Path> {
-        match self {
-            Location::Local(p) => Some(p),
-            Location::S3 { .. } => None,
-        }
-    }
 }
 
 impl FromStr for Location {

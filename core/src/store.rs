@@ -56,13 +56,8 @@ pub fn validate_key(key: &str) -> Result<()> {
 /// Opens the store an atlas URI names: `s3://bucket/prefix` (configured the standard AWS
 /// way, see [`crate::s3`]), `file://PATH` or a plain directory path.
 pub async fn open(uri: &str) -> Result<std::sync::Arc<dyn ArtifactStore>> {
-    open_at(&Location::parse("output", uri)?).await
-}
-
-/// Opens the store at a location.
-pub async fn open_at(location: &Location) -> Result<std::sync::Arc<dyn ArtifactStore>> {
-    Ok(match location {
-        Location::S3 { bucket, key } => std::sync::Arc::new(crate::s3::S3Store::from_env(bucket, key).await?),
+    Ok(match Location::parse("output", uri)? {
+        Location::S3 { bucket, key } => std::sync::Arc::new(crate::s3::S3Store::from_env(&bucket, &key).await?),
         Location::Local(path) => std::sync::Arc::new(LocalStore::new(path)),
     })
 }

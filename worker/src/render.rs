@@ -179,14 +179,11 @@ pub fn item_index(name: &str) -> u32 {
 /// model's channel count and whose directions are finite and all of one length.
 fn check(req: &RenderRequest) -> Result<()> {
     let technique = req.technique;
+    let targets: Vec<Target> = req.subjects.iter().map(Subject::target).collect();
+    loupe_core::atlas::check_targets(technique, &targets).map_err(|e| Error::Model(e.to_string()))?;
     for subject in req.subjects {
-        match subject {
-            Subject::Unit(u) if !technique.per_unit() => return Err(Error::Model(format!("{technique} renders items of a layer, not unit {u}"))),
-            Subject::Unit(_) => {}
-            Subject::Item(item) if technique.per_unit() => {
-                return Err(Error::Model(format!("{technique} renders units, not items such as {:?}", item.name)));
-            }
-            Subject::Item(item) => check_item(item, technique, req.settings.param.channels)?,
+        if let Subject::Item(item) = subject {
+            check_item(item, technique, req.settings.param.channels)?;
         }
     }
     let mut vectors = req.subjects.iter().filter_map(|s| match s {

@@ -111,8 +111,10 @@ check_render gpu nocrds -f "$EX/gpu-values.yaml"
 check_render monitoring crds -f "$EX/gpu-values.yaml" -f "$EX/monitoring-values.yaml"
 # Variants the examples do not cover.
 check_render cpu-memory-trial nocrds "${DEFAULT_SET[@]}" --set worker.gpus=0 --set redis.mode=none \
-  --set auth.create=true --set auth.token=trial-token-0123456789
+  --set auth.insecureNoAuth=true
 check_render external-redis-ha nocrds "${DEFAULT_SET[@]}" --set redis.mode=external \
+  --set-json 'coordinator.networkPolicy.clients=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"ml"}}}]' \
+  --set-json 'coordinator.networkPolicy.metricsScrapers=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]' \
   --set redis.external.existingSecret=loupe-redis --set coordinator.replicas=2 \
   --set s3.existingSecret=loupe-s3 --set s3.endpoint=https://minio.example.com --set s3.forcePathStyle=true \
   --set tls.enabled=true --set tls.existingSecret=loupe-tls --set tls.serverName=coordinator.loupe.example
@@ -123,6 +125,7 @@ expect() { # name, fixed text
 }
 expect default 'value: "redis://vision-loupe-redis:6379/0"'
 expect default 'value: "s3://example-atlases/atlases"'
+expect default 'value: "s3://example-atlases"'   # LOUPE_INPUT_PREFIX: the bucket by default
 expect default 'value: "http://vision-loupe-coordinator:7600"'
 expect default 'service: loupe.v1.Jobs'
 expect default 'nvidia.com/gpu: 1'
@@ -130,13 +133,15 @@ expect default 'value: "cuda:0"'
 expect gpu 'value: "https://vision-loupe-coordinator:7600"'
 expect gpu 'value: /etc/loupe/tls/ca.crt'
 expect gpu 'value: /etc/loupe/tls/tls.key'
-expect gpu 'value: /etc/loupe/token/token'
+expect gpu 'value: /etc/loupe/worker-token/token'
 expect gpu 'path: /readyz'
 expect gpu 'eks.amazonaws.com/role-arn: arn:aws:iam::123456789012:role/loupe-atlases'
 grep -q 'grpc:' "$OUT/gpu.yaml" && die "gpu render (TLS on) uses gRPC probes, which cannot speak TLS"
 expect cpu-memory-trial 'value: memory'
 expect cpu-memory-trial 'value: "cpu"'
 expect cpu-memory-trial 'type: Recreate'
+expect cpu-memory-trial 'name: LOUPE_INSECURE_NO_AUTH'
+grep -q 'kind: Secret' "$OUT/cpu-memory-trial.yaml" && die "the insecureNoAuth render generates token Secrets"
 grep -q 'nvidia.com/gpu' "$OUT/cpu-memory-trial.yaml" && die "cpu render asks for a GPU"
 expect external-redis-ha 'name: loupe-redis'
 expect external-redis-ha 'kind: PodDisruptionBudget'
@@ -146,6 +151,12 @@ grep -q 'kind: StatefulSet' "$OUT/external-redis-ha.yaml" && die "external-redis
 expect monitoring 'loupe_tasks{state=~\"queued|leased\"'
 grep -A3 'name: vision-loupe-worker$' "$OUT/monitoring.yaml" | grep -q 'replicas:' && die "KEDA render still sets worker replicas"
 ok "renders carry the env, probes and objects the binaries and docs expect"
+
+# Credentials and reachability, read from the parsed renders: who mounts which token
+# Secret, which Secrets the chart generates, and what the NetworkPolicies admit.
+run_or_die "credentials and NetworkPolicies" .tools/venv/bin/python tools/check-chart-security.py "$OUT"
+cat "$OUT/log"
+ok "default: both tokens generated, the user token only in the coordinator; given Secrets used; NetworkPolicies admit only what values allow"
 
 # Every LOUPE_* variable the chart sets must be one the binaries read (a clap `env = ...`
 # or a std::env lookup in their sources), so a renamed flag cannot silently go unread.
@@ -164,6 +175,12 @@ check_refused "worker.device cuda:0 with no GPU" template "${DEFAULT_SET[@]}" --
   --set worker.device=cuda:0 -- "needs worker.gpus >= 1"
 check_refused "redis.mode=external without a URL" template "${DEFAULT_SET[@]}" --set redis.mode=external -- \
   "redis.mode external needs"
+check_refused "one Secret key for both tokens" template "${DEFAULT_SET[@]}" \
+  --set auth.user.existingSecret=loupe --set auth.worker.existingSecret=loupe -- "auth.user and auth.worker name the same Secret key"
+check_refused "insecureNoAuth with a token Secret" template "${DEFAULT_SET[@]}" --set auth.insecureNoAuth=true \
+  --set auth.user.existingSecret=loupe-user -- "auth.insecureNoAuth serves without tokens"
+check_refused "the old single auth.existingSecret" schema "${DEFAULT_SET[@]}" --set auth.existingSecret=loupe-token -- "existingSecret"
 check_refused "worker.device gpu" schema "${DEFAULT_SET[@]}" --set worker.device=gpu -- "/worker/device"
+check_refused "a local input prefix" schema "${DEFAULT_SET[@]}" --set 's3.inputPrefixes={/srv/models}' -- "/s3/inputPrefixes/0"
 
 echo "chart: $passed passed, 0 failed"

@@ -9,6 +9,9 @@
                              pad 1 + ReLU) and "logits" [N,3] (linear head on the mean-pooled conv)
   gray.pt + gray.json        a 1-channel contract model (input_size 16): "conv" [N,4,16,16] (1->4 conv
                              3x3 pad 1 + ReLU) and "logits" [N,3], for grayscale renders
+  diverges.pt + .json        a contract model (input_size 16): "conv" [N,4,16,16] like tiny's, except
+                             that channel 2 turns NaN wherever it exceeds its value on grey + 0.05,
+                             so an optimisation of unit 2 diverges after a few steps
   evil_names.pt + .json      a contract model (input_size 16) whose layer names are hostile as
                              path segments: "../escape", "/abs/path", "..", "a/b", each [N,2,4,4]
 """
@@ -53,6 +56,24 @@ class Gray(nn.Module):
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         a = F.relu(self.conv(x))
         return {"conv": a, "logits": self.head(a.mean(dim=(2, 3)))}
+
+
+class Diverges(nn.Module):
+    """Channel 2 is NaN where it exceeds `limit`; its backward stays finite (`where`
+    passes no gradient to the NaN), so the other channels' images do not change."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():
+            grey = F.relu(self.conv(torch.full((1, 3, 16, 16), 0.5)))
+        self.limit: float = float(grey[0, 2].max()) + 0.05
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        a = F.relu(self.conv(x))
+        c = a[:, 2:3]
+        c = torch.where(c > self.limit, torch.full_like(c, float("nan")), c)
+        return {"conv": torch.cat([a[:, :2], c, a[:, 3:]], dim=1)}
 
 
 class EvilNames(nn.Module):
@@ -110,6 +131,11 @@ def main() -> int:
     _sidecar(os.path.join(out, "gray.json"), name="gray", input_size=16, layers=["conv", "logits"],
              preprocessing="none", channels=1, source="tools/make_test_models.py")
 
+    torch.manual_seed(5)
+    torch.jit.save(_script(Diverges()), os.path.join(out, "diverges.pt"))
+    _sidecar(os.path.join(out, "diverges.json"), name="diverges", input_size=16, layers=["conv"],
+             preprocessing="none", source="tools/make_test_models.py")
+
     # Self-check.
     x = torch.rand(2, 3, 16, 16)
     assert torch.jit.load(os.path.join(out, "not_dict.pt"))(x).shape == (2, 4, 8, 8)
@@ -117,6 +143,9 @@ def main() -> int:
     assert list(tiny) == ["conv", "logits"] and tiny["conv"].shape == (2, 4, 16, 16) and tiny["logits"].shape == (2, 3)
     gray = torch.jit.load(os.path.join(out, "gray.pt"))(torch.rand(2, 1, 16, 16))
     assert gray["conv"].shape == (2, 4, 16, 16) and gray["logits"].shape == (2, 3)
+    diverges = torch.jit.load(os.path.join(out, "diverges.pt"))
+    assert not diverges(torch.full((1, 3, 16, 16), 0.5))["conv"].isnan().any()
+    assert diverges(torch.ones(1, 3, 16, 16) * 8)["conv"][:, 2].isnan().any()
     evil = torch.jit.load(os.path.join(out, "evil_names.pt"))(x)
     assert list(evil) == ["../escape", "/abs/path", "..", "a/b"] and all(v.shape == (2, 2, 4, 4) for v in evil.values())
     try:

@@ -19,6 +19,8 @@
   const LAYER_TECHNIQUES = ['deepdream', 'caricature', 'direction'];
   const ITEM_HEADING = { deepdream: 'DeepDream', caricature: 'Caricatures', direction: 'Directions' };
   const DEAD_NOTE = 'dead unit: no start image excited it';
+  // A failed image (its optimisation diverged) has no image, only the reason.
+  const failedNote = (reason) => `failed: ${reason} (the optimisation diverged)`;
 
   const app = document.getElementById('app');
   const crumbs = document.getElementById('crumbs');
@@ -109,10 +111,11 @@
   }
 
   // A technique's entry (layer.json) or item, as URLs: `images` (every final image: one,
-  // or diversity's N), `snapshots` ([{ step, images }] in step order) and `dead`. Paths
-  // that leave the layer directory are dropped.
+  // or diversity's N), `snapshots` ([{ step, images }] in step order), `dead`, and
+  // `failed` (the reason, or null). Paths that leave the layer directory are dropped.
   function imagesOf(seg, entry) {
-    if (!entry || typeof entry !== 'object') return { images: [], snapshots: [], dead: false };
+    if (!entry || typeof entry !== 'object') return { images: [], snapshots: [], dead: false, failed: null };
+    if (typeof entry.failed === 'string') return { images: [], snapshots: [], dead: false, failed: entry.failed };
     const paths = Array.isArray(entry.images) && entry.images.length ? entry.images : [entry.image];
     const images = paths.map((p) => inLayer(seg, p)).filter(Boolean);
     const snapshots = (Array.isArray(entry.snapshots) ? entry.snapshots : [])
@@ -120,7 +123,7 @@
       .map((s) => ({ step: s.step, images: s.images.map((p) => inLayer(seg, p)).filter(Boolean) }))
       .filter((s) => s.images.length)
       .sort((a, b) => a.step - b.step);
-    return { images, snapshots, dead: entry.dead === true };
+    return { images, snapshots, dead: entry.dead === true, failed: null };
   }
 
   // A unit record (`units/<unit>/<technique>.json`) in layer.json's terms: its file names
@@ -135,6 +138,7 @@
         : [],
       objective: rec.objective,
       dead: rec.dead === true,
+      failed: typeof rec.failed === 'string' ? rec.failed : undefined,
     };
   }
 
@@ -251,7 +255,8 @@
     if (json && json.items && typeof json.items === 'object') {
       const order = [...LAYER_TECHNIQUES, ...Object.keys(json.items).filter((t) => !LAYER_TECHNIQUES.includes(t))];
       for (const t of order) {
-        const list = Array.isArray(json.items[t]) ? json.items[t].filter((it) => it && typeof it === 'object' && typeof it.image === 'string') : [];
+        const shown = (it) => it && typeof it === 'object' && (typeof it.image === 'string' || typeof it.failed === 'string');
+        const list = Array.isArray(json.items[t]) ? json.items[t].filter(shown) : [];
         if (list.length) items.set(t, list);
       }
     }
@@ -584,10 +589,13 @@
           { class: 'item-row' },
           list.map((it) => {
             const name = typeof it.item === 'string' ? it.item : '';
-            const { images, snapshots } = imagesOf(seg, it);
+            const { images, snapshots, failed } = imagesOf(seg, it);
             const card = h('li', { class: 'item', data: { item: name } });
             const frame = h('div', { class: 'final' });
-            if (images.length) {
+            if (failed) {
+              card.classList.add('failed');
+              frame.append(h('span', { class: 'placeholder', title: failedNote(failed), text: 'failed' }));
+            } else if (images.length) {
               const img = h('img', { alt: `${layerName}, ${t} ${name}`, width: 256, height: 256 });
               img.addEventListener(
                 'error',
@@ -610,7 +618,8 @@
                 { class: 'caption' },
                 h('span', { class: 'iname', title: name, text: name }),
                 h('span', { class: 'objective', title: 'the objective on the final image', text: typeof it.objective === 'number' ? `objective ${fmt(it.objective)}` : '' })
-              )
+              ),
+              failed ? h('p', { class: 'failed-note', role: 'note', text: failedNote(failed) }) : null
             );
             return card;
           })
@@ -787,12 +796,19 @@
     for (const u of order) {
       const entry = data.units.get(u);
       const listed = entry && entry.techniques[technique];
+      const failed = listed && typeof listed.failed === 'string' ? listed.failed : null;
       const src = (listed && inLayer(seg, listed.image)) || unitImage(seg, u, technique);
       const card = h('li', { class: 'unit', data: { unit: String(u) } });
-      const img = h('img', { alt: '', width: 128, height: 128 });
-      img.addEventListener('error', () => markMissing(card, u), { once: true });
-      lazy(img, src);
+      let img = h('img', { alt: '', width: 128, height: 128 });
+      if (failed) {
+        card.classList.add('failed');
+        img = h('span', { class: 'placeholder', text: String(u) });
+      } else {
+        img.addEventListener('error', () => markMissing(card, u), { once: true });
+        lazy(img, src);
+      }
       const label = h('span', { class: 'label' }, h('span', { class: 'num', text: String(u) }));
+      if (failed) label.append(h('span', { class: 'tag failed', title: failedNote(failed), text: 'failed' }));
       if (sort !== 'unit') label.append(h('span', { class: 'val', text: fmtStat(sort, stat(data, u, sort)) }));
       if (listed && listed.dead === true) label.append(h('span', { class: 'tag dead', title: DEAD_NOTE, text: 'dead' }));
       card.append(h('a', { href: unitHref(seg, u, keep), title: `unit ${u}`, 'aria-label': `unit ${u}` }, img, label));
@@ -938,7 +954,15 @@
       // Snapshots, the final image (diversity: its N side by side), the caption and, for
       // a dead unit, a note saying so.
       const draw = (e) => {
-        const { images, snapshots, dead } = imagesOf(seg, e);
+        const { images, snapshots, dead, failed } = imagesOf(seg, e);
+        if (failed) {
+          fig.classList.add('failed');
+          return fig.replaceChildren(
+            h('div', { class: 'final' }, h('span', { class: 'placeholder', text: 'failed' })),
+            h('figcaption', {}, h('span', { class: 'tname', text: t }), objective),
+            h('p', { class: 'failed-note', role: 'note', text: failedNote(failed) })
+          );
+        }
         if (!images.length) images.push(unitImage(seg, unit, t));
         const group = images.length > 1 || t === 'diversity';
         fig.classList.toggle('group', group);
@@ -975,14 +999,15 @@
         );
       };
       draw(listed);
-      if (!listed || typeof listed.objective !== 'number') {
+      if (!listed || (typeof listed.objective !== 'number' && typeof listed.failed !== 'string')) {
         // Not in layer.json (yet): the unit record has the objective, and the images
         // beyond the first, the snapshots and `dead`.
         getJSON(layerDir(seg) + `units/${unit}/${encodeURIComponent(t)}.json`)
           .then((rec) => {
             if (!rec || typeof rec !== 'object' || token !== renderToken) return;
             if (typeof rec.objective === 'number') objective.textContent = `objective ${fmt(rec.objective)}`;
-            const more = (Array.isArray(rec.images) && rec.images.length > 1) || (Array.isArray(rec.snapshots) && rec.snapshots.length) || rec.dead === true;
+            const more =
+              (Array.isArray(rec.images) && rec.images.length > 1) || (Array.isArray(rec.snapshots) && rec.snapshots.length) || rec.dead === true || typeof rec.failed === 'string';
             if (!listed && more) draw(recordAsEntry(unit, rec));
           })
           .catch(() => {});

@@ -130,7 +130,7 @@ pub async fn job_spec(args: &JobArgs, out: Option<&str>, device: tch::Device, de
 async fn local_model(uri: &str, tmp: &Path) -> Result<(String, PathBuf)> {
     let key = match Location::parse("model", uri)? {
         Location::Local(path) => {
-            let path = path.canonicalize().with_context(|| format!("model file {} does not exist", path.display()))?;
+            let path = existing_file("model", &path)?;
             return Ok((path.to_string_lossy().into_owned(), path));
         }
         Location::S3 { key, .. } => key,
@@ -143,6 +143,15 @@ async fn local_model(uri: &str, tmp: &Path) -> Result<(String, PathBuf)> {
         std::fs::write(Sidecar::path_for(&local), sidecar)?;
     }
     Ok((uri.to_string(), local))
+}
+
+/// A local file's absolute path, refused with the reason when it does not exist or is
+/// not a regular file (a directory, a device such as /dev/zero, a FIFO).
+fn existing_file(what: &'static str, path: &Path) -> Result<PathBuf> {
+    if !store::is_regular_file(what, path)? {
+        bail!("{what} file {} does not exist", path.display());
+    }
+    path.canonicalize().with_context(|| format!("{what} file {}", path.display()))
 }
 
 /// The render settings: each from its flag, else the job file, else the default.
@@ -241,7 +250,7 @@ fn technique_options(args: &JobArgs, file: &JobFile) -> Result<TechniqueOptions>
 fn absolute_input(input: &mut NamedImage) -> Result<()> {
     let location = Location::parse("input image", &input.uri).with_context(|| format!("input image {:?}", input.name))?;
     if let Location::Local(p) = location {
-        let path = p.canonicalize().with_context(|| format!("input image {:?}: {} does not exist", input.name, p.display()))?;
+        let path = existing_file("input image", &p).with_context(|| format!("input image {:?}", input.name))?;
         input.uri = path.to_string_lossy().into_owned();
     }
     Ok(())
@@ -356,5 +365,24 @@ impl Progress {
 
     pub fn finish(&self) {
         self.0.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_input_that_is_not_a_regular_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.pt");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(existing_file("model", &file).unwrap(), file.canonicalize().unwrap());
+        for path in [Path::new("/dev/zero"), dir.path()] {
+            let e = format!("{:#}", existing_file("model", path).unwrap_err());
+            assert!(e.contains(&format!("{} is not a regular file", path.display())) && !e.contains("does not exist"), "{e}");
+        }
+        let e = existing_file("model", &dir.path().join("missing.pt")).unwrap_err().to_string();
+        assert!(e.contains("missing.pt does not exist"), "{e}");
     }
 }

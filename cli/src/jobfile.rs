@@ -286,4 +286,92 @@ mod tests {
         let err = toml::from_str::<JobFile>("[[layer]]\nname = \"a\"\ntechniques = []\n").unwrap_err().to_string();
         assert!(err.contains("no technique given") && err.contains("line 3"), "{err}");
     }
+
+    /// Property tests of the decoders a job file goes through: any text, and a valid job
+    /// file with bytes cut, inserted or replaced, is read to a value or an error, never a
+    /// panic; so are `.npy` direction files.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const VALID: &str = concat!(
+            include_str!("../../docs/examples/demo-job.toml"),
+            "\n[dataset]\nuri = \"s3://bucket/imagenet/val/\"\nexamples = 16\nimages_per_shard = 500\n",
+            "\n[[directions]]\nname = \"inline\"\nlayer = \"conv1\"\nvector = [0.5, -1.0, 2.0]\n",
+        );
+
+        /// Reads `text` as the job file `job.toml` in a fresh directory, directions too.
+        fn read(text: &[u8]) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, text).unwrap();
+            if let Ok(file) = JobFile::read(&path) {
+                let _ = file.directions();
+            }
+        }
+
+        /// (position, cut length, bytes inserted there)
+        fn edits() -> impl Strategy<Value = Vec<(usize, usize, Vec<u8>)>> {
+            proptest::collection::vec((any::<usize>(), 0usize..16, proptest::collection::vec(any::<u8>(), 0..8)), 1..6)
+        }
+
+        fn mutate(mut bytes: Vec<u8>, edits: Vec<(usize, usize, Vec<u8>)>) -> Vec<u8> {
+            for (at, cut, insert) in edits {
+                let at = at % (bytes.len() + 1);
+                let end = (at + cut).min(bytes.len());
+                bytes.splice(at..end, insert);
+            }
+            bytes
+        }
+
+        #[test]
+        fn the_valid_job_file_reads() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, VALID).unwrap();
+            let file = JobFile::read(&path).unwrap();
+            assert!(file.dataset.is_some() && file.directions.len() == 2, "the mutations start from a file that parses whole");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text(text in ".{0,400}") {
+                read(text.as_bytes());
+            }
+
+            #[test]
+            fn any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+                read(&bytes);
+            }
+
+            #[test]
+            fn a_valid_job_file_mutated(edits in edits()) {
+                read(&mutate(VALID.as_bytes().to_vec(), edits));
+            }
+
+            #[test]
+            fn a_valid_job_file_with_a_value_replaced(line in any::<usize>(), value in "[ -~]{0,24}") {
+                let lines: Vec<&str> = VALID.lines().collect();
+                let mut lines: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+                let i = line % lines.len();
+                if let Some((key, _)) = lines[i].split_once('=') {
+                    lines[i] = format!("{key}= {value}");
+                }
+                read(lines.join("\n").as_bytes());
+            }
+
+            #[test]
+            fn npy_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let _ = read_npy(&bytes);
+            }
+
+            #[test]
+            fn a_valid_npy_mutated(edits in edits()) {
+                let data: Vec<u8> = [1.0f32, -2.5, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+                let _ = read_npy(&mutate(npy("<f4", "(3,)", &data), edits));
+            }
+        }
+    }
 }

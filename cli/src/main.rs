@@ -39,8 +39,8 @@ enum Command {
     Watch(cluster::JobRef),
     /// Show a job's state and progress.
     Status(cluster::JobRef),
-    /// List the coordinator's jobs.
-    Jobs(cluster::Connection),
+    /// List the coordinator's jobs, newest first.
+    Jobs(cluster::JobsArgs),
     /// Cancel a job; its workers stop at their next heartbeat.
     Cancel(cluster::JobRef),
     /// Serve an atlas and its viewer over HTTP, from a directory or read through from S3.

@@ -126,6 +126,9 @@ fn outcome(status: JobStatus, started: Instant, out: &Path, profile: bool) -> Re
                 status.images_total,
                 rendered as f64 / secs
             );
+            if status.images_failed > 0 {
+                println!("{} images failed: their optimisation diverged; each layer.json gives the reason", status.images_failed);
+            }
             if profile {
                 println!("step time split: {}", loupe_worker::runner::profile_totals());
             }

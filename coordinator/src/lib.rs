@@ -23,11 +23,13 @@ use tracing::{info, warn};
 
 use loupe_core::api::{ApiError, ApiResult, WorkerApi};
 use loupe_core::atlas::Atlas;
+use loupe_core::location::Location;
 use loupe_core::spec::JobSpec;
 use loupe_core::store;
-use loupe_core::task::{Failure, Lease, LeaseId, LeaseState, ShardSource};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, ShardSource, TaskSpec, Work};
+use loupe_proto::MAX_MESSAGE_BYTES;
 
-use state::{JobId, JobState, JobStatus, LeasePolicy, StateError, StateStore};
+use state::{JobCursor, JobId, JobState, JobStatus, JobsPage, LeasePolicy, NewTask, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -63,20 +65,44 @@ pub struct CoordinatorConfig {
     pub lease_ttl: Duration,
     /// Attempts per task, counting expired leases and retryable failures.
     pub max_attempts: u32,
-    /// When set, a job's atlas must lie under this URI (the cluster's bucket and prefix).
-    pub out_prefix: Option<String>,
+    /// When set, a job's atlas must lie under this location (the cluster's bucket and
+    /// prefix).
+    pub out_prefix: Option<Location>,
+    /// When set, every location a job reads (model, dataset, deepdream and caricature
+    /// images) must lie under one of these; `None` reads anywhere (`loupe render`).
+    pub input_prefixes: Option<Vec<Location>>,
+    /// Whether a job may name paths on the coordinator's and workers' filesystems, for
+    /// its inputs or its atlas. A cluster refuses them unless its operator allows them.
+    pub allow_local_paths: bool,
+    /// How long a job that ended (succeeded, failed, cancelled) stays in the state store.
+    pub job_retention: Duration,
+    /// Units and tasks per job, and a render task's memory on a worker.
+    pub limits: shard::Limits,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
-        CoordinatorConfig { lease_ttl: Duration::from_secs(60), max_attempts: 3, out_prefix: None }
+        // `loupe render`'s: its own machine's paths, anywhere.
+        CoordinatorConfig {
+            lease_ttl: Duration::from_secs(60),
+            max_attempts: 3,
+            out_prefix: None,
+            input_prefixes: None,
+            allow_local_paths: true,
+            job_retention: Duration::from_secs(7 * 86_400),
+            limits: shard::Limits::default(),
+        }
     }
 }
 
 pub struct Coordinator {
     state: Arc<dyn StateStore>,
     policy: LeasePolicy,
-    out_prefix: Option<String>,
+    out_prefix: Option<Location>,
+    input_prefixes: Option<Vec<Location>>,
+    allow_local_paths: bool,
+    job_retention: Duration,
+    limits: shard::Limits,
 }
 
 fn now_ms() -> u64 {
@@ -90,7 +116,15 @@ fn rfc3339_now() -> String {
 impl Coordinator {
     pub fn new(state: Arc<dyn StateStore>, config: CoordinatorConfig) -> Self {
         let policy = LeasePolicy { ttl_ms: config.lease_ttl.as_millis() as u64, max_attempts: config.max_attempts.max(1) };
-        Coordinator { state, policy, out_prefix: config.out_prefix }
+        Coordinator {
+            state,
+            policy,
+            out_prefix: config.out_prefix,
+            input_prefixes: config.input_prefixes,
+            allow_local_paths: config.allow_local_paths,
+            job_retention: config.job_retention,
+            limits: config.limits,
+        }
     }
 
     /// Validates the job, reconciles it with what the atlas already holds, lists its
@@ -99,26 +133,57 @@ impl Coordinator {
     /// Returns the job id.
     pub async fn submit(&self, mut spec: JobSpec) -> Result<JobId> {
         spec.validate()?;
-        if let Some(prefix) = &self.out_prefix {
-            if !is_under(&spec.out, prefix) {
-                return Err(Error::Invalid(loupe_core::Error::invalid(
-                    "out",
-                    format!("this cluster writes atlases under {prefix}; {} is not under it", spec.out),
-                )));
-            }
-        }
-        spec.model.sha256 = model_digest(&spec.model).await?;
+        // Before anything proportional to the job: the atlas's done images, the tasks.
+        self.limits.check(&spec, 0)?;
+        let model = self.check_locations(&spec)?;
+        spec.model.sha256 = model_digest(&model, &spec.model.sha256).await?;
         let atlas = Atlas::open(&spec.out).await?;
         let manifest = atlas.manifest_for(&spec, rfc3339_now()).await?;
         let done = atlas.complete_images(&spec).await?;
         let shards = dataset_shards(&atlas, &spec).await?;
+        let tasks = shard::shard(&spec, &done, &shards, &self.limits)?;
+        check_lease_sizes(&spec, &tasks)?;
         atlas.write_manifest(&manifest).await?;
-        let tasks = shard::shard(&spec, &done, &shards);
         let skipped = done.len() as u64;
         let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
         info!(job_id = job_id.as_str(), images_skipped = skipped, dataset_shards = shards.len(), "job submitted");
         self.index_if_done(&job_id).await?;
         Ok(job_id)
+    }
+
+    /// Checks every location the job names against the cluster's rules: its atlas under
+    /// the out prefix, what it reads under an input prefix, and local paths only where
+    /// allowed. Each is parsed once here; returns the model's, which is read next.
+    fn check_locations(&self, spec: &JobSpec) -> Result<Location> {
+        self.allowed("out", &spec.out, self.out_prefix.as_ref().map(std::slice::from_ref))?;
+        let inputs = self.input_prefixes.as_deref();
+        let model = self.allowed("model", &spec.model.uri, inputs)?;
+        if let Some(dataset) = &spec.dataset {
+            self.allowed("dataset", &dataset.uri, inputs)?;
+        }
+        let o = &spec.settings.options;
+        for (field, images) in [("deepdream_inputs", &o.deepdream_inputs), ("caricature_inputs", &o.caricature_inputs)] {
+            for image in images {
+                self.allowed(field, &image.uri, inputs)?;
+            }
+        }
+        Ok(model)
+    }
+
+    /// `uri` parsed, if this coordinator lets a job name it as `field`: a local path only
+    /// when local paths are allowed, and under one of `prefixes` when there are any.
+    fn allowed(&self, field: &'static str, uri: &str, prefixes: Option<&[Location]>) -> Result<Location> {
+        let location = Location::parse(field, uri)?;
+        if matches!(location, Location::Local(_)) && !self.allow_local_paths {
+            return Err(Error::Invalid(loupe_core::Error::invalid(
+                field,
+                format!("{location} is a local path, and this cluster reads and writes only object storage (s3://); its operator can allow local paths with --allow-local-paths"),
+            )));
+        }
+        if let Some(prefixes) = prefixes {
+            location.require_under(field, prefixes)?;
+        }
+        Ok(location)
     }
 
     /// Finishes what a previous coordinator left half done: jobs whose tasks all completed
@@ -137,54 +202,56 @@ impl Coordinator {
         Ok(self.state.job(job_id).await?)
     }
 
+    /// Every job, newest first (those that ended within the retention, and the others).
     pub async fn jobs(&self) -> Result<Vec<JobStatus>> {
         Ok(self.state.jobs().await?)
     }
 
+    /// At most `limit` jobs, newest first, submitted before `before`.
+    pub async fn jobs_page(&self, before: Option<JobCursor>, limit: usize) -> Result<JobsPage> {
+        Ok(self.state.jobs_page(before, limit).await?)
+    }
+
+    /// Removes the jobs that ended longer ago than the retention; returns how many.
+    pub async fn expire_jobs(&self) -> Result<u64> {
+        Ok(self.state.expire_jobs(now_ms(), self.job_retention.as_millis() as u64).await?)
+    }
+
     pub async fn cancel(&self, job_id: &JobId) -> Result<bool> {
-        Ok(self.state.cancel(job_id).await?)
+        Ok(self.state.cancel(job_id, now_ms()).await?)
     }
 
     /// Writes each layer's `layer.json` from the unit records in the atlas, once the job's
-    /// tasks are all done, and ends the job.
+    /// tasks are all done, and ends the job with the count of its failed images (a unit
+    /// whose optimisation diverged fails alone: the job still succeeds).
     async fn index_if_done(&self, job_id: &JobId) -> Result<()> {
         let status = self.state.job(job_id).await?;
         if status.state != JobState::Indexing {
             return Ok(());
         }
         let written = async { Atlas::open(&status.spec.out).await?.write_layer_indices(&status.spec).await };
-        let outcome = match written.await {
-            Ok(()) => JobState::Succeeded,
+        let (outcome, images_failed) = match written.await {
+            Ok(failed) => (JobState::Succeeded, failed),
             Err(e) => {
                 warn!(job_id = job_id.as_str(), error = %e, "writing the atlas index failed");
-                JobState::Failed { message: format!("writing the atlas index: {e}") }
+                (JobState::Failed { message: format!("writing the atlas index: {e}") }, 0)
             }
         };
-        info!(job_id = job_id.as_str(), ?outcome, "job ended");
-        self.state.finish(job_id, outcome).await?;
+        info!(job_id = job_id.as_str(), ?outcome, images_failed, "job ended");
+        self.state.finish(job_id, outcome, images_failed, now_ms()).await?;
         Ok(())
     }
 }
 
-/// Whether `uri` is `prefix` or a path below it (`s3://b/atlases` holds
-/// `s3://b/atlases/run1`, not `s3://b/atlases2`).
-fn is_under(uri: &str, prefix: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    let uri = uri.trim_end_matches('/');
-    let below = uri == prefix || uri.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
-    below && !uri.split('/').any(|segment| segment == "..")
-}
-
-/// The model's sha256, read from its URI. A digest given at submit must match: the
-/// workers check the same digest before rendering.
-async fn model_digest(model: &loupe_core::spec::ModelRef) -> Result<String> {
-    let bytes = store::fetch(&model.uri)
+/// The model's sha256, streamed from its location. A digest given at submit must match:
+/// the workers check the same digest before rendering.
+async fn model_digest(model: &Location, given: &str) -> Result<String> {
+    let digest = store::sha256(model)
         .await
-        .map_err(|e| Error::Model(format!("model {} cannot be read: {e}", model.uri)))?
-        .ok_or_else(|| Error::Model(format!("model {} does not exist", model.uri)))?;
-    let digest = loupe_core::sha256_bytes(&bytes);
-    if !model.sha256.is_empty() && model.sha256 != digest {
-        return Err(Error::Model(format!("model {} has sha256 {digest}, not the {} given at submit", model.uri, model.sha256)));
+        .map_err(|e| Error::Model(format!("model {model} cannot be read: {e}")))?
+        .ok_or_else(|| Error::Model(format!("model {model} does not exist")))?;
+    if !given.is_empty() && given != digest {
+        return Err(Error::Model(format!("model {model} has sha256 {digest}, not the {given} given at submit")));
     }
     Ok(digest)
 }
@@ -211,6 +278,32 @@ async fn dataset_shards(atlas: &Atlas, spec: &JobSpec) -> Result<Vec<ShardSource
 }
 
 
+/// Refuses a job with a task whose lease would exceed the gRPC message limit: no worker
+/// could receive it, and it would be leased until its attempts ran out. The largest is a
+/// dataset map of a long shard's image keys.
+fn check_lease_sizes(spec: &JobSpec, tasks: &[NewTask]) -> Result<()> {
+    let context = loupe_proto::context_len(&JobContext::of(spec));
+    // The longest id a state store gives, so the job's real one is no longer.
+    let job_id = JobId::numbered(u64::MAX);
+    for (index, task) in tasks.iter().enumerate() {
+        let task = TaskSpec { job_id: job_id.clone(), index: index as u32, work: task.work.clone() };
+        let len = loupe_proto::lease_len(&task, context);
+        if len <= MAX_MESSAGE_BYTES {
+            continue;
+        }
+        let over = format!("makes a lease of {len} bytes, over the {MAX_MESSAGE_BYTES} a gRPC message may carry");
+        let message = match &task.work {
+            Work::Map { shard, source: ShardSource::Images { keys } } => {
+                let fits = keys.len() * MAX_MESSAGE_BYTES.saturating_sub(context + 1024) / (len - context);
+                format!("dataset shard {shard} ({} images from {:?}) {over}; lower images_per_shard to {fits} or less", keys.len(), keys.first().map_or("", |k| k.as_str()))
+            }
+            work => format!("task {index} ({} of {}) {over}", work.kind(), work.layer().unwrap_or("the dataset")),
+        };
+        return Err(Error::Invalid(loupe_core::Error::invalid("job", message)));
+    }
+    Ok(())
+}
+
 fn api_err(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(e.to_string())
 }
@@ -236,7 +329,7 @@ impl Coordinator {
     }
 
     pub async fn fail_lease(&self, lease_id: &LeaseId, failure: Failure) -> std::result::Result<LeaseState, StateError> {
-        warn!(%lease_id, retryable = failure.retryable, message = %failure.message, "task failed");
+        warn!(lease = lease_id.public(), retryable = failure.retryable, message = %failure.message, "task failed");
         self.state.fail(lease_id, failure, now_ms(), self.policy).await
     }
 }
@@ -263,15 +356,6 @@ impl WorkerApi for Coordinator {
 #[cfg(test)]
 mod tests {
 
-    #[test]
-    fn an_atlas_must_lie_under_the_out_prefix() {
-        assert!(super::is_under("s3://b/atlases/run1", "s3://b/atlases"));
-        assert!(super::is_under("s3://b/atlases/run1", "s3://b/atlases/"));
-        assert!(super::is_under("s3://b/atlases", "s3://b/atlases"));
-        assert!(!super::is_under("s3://b/atlases2/run1", "s3://b/atlases"));
-        assert!(!super::is_under("s3://other/atlases/run1", "s3://b/atlases"));
-        assert!(!super::is_under("s3://b/atlases/../secrets", "s3://b/atlases"));
-    }
     use super::*;
     use loupe_core::atlas::{self, LayerExamples};
     use loupe_core::spec::{DatasetSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
@@ -306,8 +390,8 @@ mod tests {
             JobSpec {
                 model: ModelRef { uri: self.path("model.pt"), name: "m".into(), sha256: String::new() },
                 layers: vec![
-                    LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3], techniques: None, steps: None },
-                    LayerPlan { layer: LayerInfo { name: "fc".into(), shape: vec![3] }, units: vec![0, 1, 2], techniques: None, steps: None },
+                    LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3].into(), techniques: None, steps: None },
+                    LayerPlan { layer: LayerInfo { name: "fc".into(), shape: vec![3] }, units: vec![0, 1, 2].into(), techniques: None, steps: None },
                 ],
                 techniques: vec![Technique::Channel],
                 settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
@@ -395,6 +479,95 @@ mod tests {
         assert_eq!((st.tasks_total, st.maps_total, st.reduces_total), (4, 0, 0), "every layer's statistics there: no map, no reduce");
     }
 
+    /// `n` image keys of `len` bytes each, as a map task of shard 7 carries them.
+    fn long_keys_map(n: usize, len: usize) -> Vec<NewTask> {
+        let keys = (0..n).map(|i| format!("{i:0>len$}.jpg", len = len - 4)).collect();
+        vec![NewTask::runnable(Work::Map { shard: 7, source: ShardSource::Images { keys } })]
+    }
+
+    #[test]
+    fn a_job_whose_map_task_exceeds_a_grpc_message_is_refused_naming_the_shard() {
+        let spec = Fixture::new().spec("images");
+        let max = DatasetSpec::MAX_IMAGES_PER_SHARD as usize;
+        check_lease_sizes(&spec, &long_keys_map(max, 300)).expect("100,000 keys of 300 bytes fit");
+        let e = check_lease_sizes(&spec, &long_keys_map(max, 400)).unwrap_err().to_string();
+        assert!(e.contains("dataset shard 7 (100000 images") && e.contains(&format!("over the {MAX_MESSAGE_BYTES}")), "{e}");
+        let fits: usize = e.rsplit("images_per_shard to ").next().unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!(fits < max && check_lease_sizes(&spec, &long_keys_map(fits, 400)).is_ok(), "the advice fits: {e}");
+    }
+
+    #[tokio::test]
+    async fn a_cluster_refuses_every_location_outside_its_prefixes_naming_the_field() {
+        let f = Fixture::new();
+        let at = |uri: &str| Location::parse("test", uri).unwrap();
+        let config = CoordinatorConfig {
+            out_prefix: Some(at(&f.path("atlas"))),
+            input_prefixes: Some(vec![at("s3://models/shared"), at(&f.path("images")), at(&f.path("model.pt"))]),
+            allow_local_paths: true,
+            ..CoordinatorConfig::default()
+        };
+        let c = Coordinator::new(Arc::new(MemoryStateStore::new()), config.clone());
+        let with = |edit: &dyn Fn(&mut JobSpec)| {
+            let mut spec = f.spec("images");
+            edit(&mut spec);
+            spec
+        };
+        let image = |uri: &str| loupe_core::spec::NamedImage { name: "cat".into(), uri: uri.into() };
+        let refused = [
+            (with(&|s| s.dataset.as_mut().unwrap().uri = "/".into()), "dataset", "/ is not under"),
+            (with(&|s| s.dataset.as_mut().unwrap().uri = f.path("images/../empty")), "dataset", "`..`"),
+            (with(&|s| s.model.uri = "s3://models/private/m.pt".into()), "model", "s3://models/private/m.pt is not under"),
+            (with(&|s| s.model.uri = "model.pt".into()), "model", "model.pt is a relative path"),
+            (with(&|s| s.out = f.path("elsewhere")), "out", "elsewhere is not under"),
+            (
+                with(&|s| {
+                    s.techniques.push(Technique::Caricature);
+                    s.settings.options.caricature_inputs = vec![image("/etc/passwd")];
+                }),
+                "caricature_inputs",
+                "/etc/passwd is not under",
+            ),
+            (
+                with(&|s| {
+                    s.techniques.push(Technique::DeepDream);
+                    s.settings.options.deepdream_inputs = vec![image("s3://other/cat.jpg")];
+                }),
+                "deepdream_inputs",
+                "s3://other/cat.jpg is not under",
+            ),
+        ];
+        for (spec, field, problem) in refused {
+            match c.submit(spec).await {
+                Err(e @ Error::Invalid(_)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(&format!("invalid {field}:")) && e.contains(problem), "{e}");
+                }
+                other => panic!("expected {field} refused for {problem:?}, got {:?}", other.map_err(|e| e.to_string())),
+            }
+        }
+        assert!(c.jobs().await.unwrap().is_empty());
+        assert!(!f.dir.path().join("atlas").join(atlas::ATLAS_KEY).exists(), "a refused job writes nothing");
+
+        let no_local = Coordinator::new(Arc::new(MemoryStateStore::new()), CoordinatorConfig { allow_local_paths: false, ..config });
+        let e = no_local.submit(f.spec("images")).await.unwrap_err().to_string();
+        assert!(e.contains("invalid out:") && e.contains("is a local path") && e.contains("--allow-local-paths"), "{e}");
+        c.submit(f.spec("images")).await.expect("every location under its prefix");
+    }
+
+    #[tokio::test]
+    async fn a_model_that_is_not_a_regular_file_is_refused_without_reading_it() {
+        let f = Fixture::new();
+        let c = coordinator();
+        for model in ["/dev/zero", &f.path("images")] {
+            let mut spec = f.spec("images");
+            spec.model.uri = model.to_string();
+            match c.submit(spec).await {
+                Err(e @ Error::Model(_)) => assert!(e.to_string().contains(&format!("{model} is not a regular file")), "{e}"),
+                other => panic!("expected a model error, got {:?}", other.map_err(|e| e.to_string())),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_dataset_that_is_empty_or_missing_is_an_invalid_job_naming_it() {
         let f = Fixture::new();
@@ -411,5 +584,31 @@ mod tests {
         let mut bad = f.spec("images");
         bad.dataset.as_mut().unwrap().examples = 0;
         assert!(matches!(c.submit(bad).await, Err(Error::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn a_job_over_the_caps_or_a_worker_is_refused_or_split_at_submit() {
+        let f = Fixture::new();
+        let c = coordinator();
+        // A lying shape with every unit: counted and refused, never listed.
+        let mut spec = JobSpec { dataset: None, ..f.spec("images") };
+        spec.layers[0].layer.shape = vec![u32::MAX as i64];
+        spec.layers[0].units = loupe_core::spec::UnitRanges::range(0, u32::MAX);
+        let err = c.submit(spec).await.unwrap_err().to_string();
+        assert!(err.contains("4294967298 units") && err.contains("at most 1000000 units per job"), "{err}");
+        assert!(c.jobs().await.unwrap().is_empty());
+
+        // --size 2048 --batch 4096 on workers that hold two such images: tasks of two.
+        let mut spec = JobSpec { dataset: None, batch: 4096, ..f.spec("images") };
+        spec.settings.size = 2048;
+        spec.settings.input_size = 2048;
+        let worker_memory = 2 * shard::image_bytes(&spec.settings);
+        let limits = shard::Limits { worker_memory, ..shard::Limits::default() };
+        let c = Coordinator::new(Arc::new(MemoryStateStore::new()), CoordinatorConfig { limits, ..CoordinatorConfig::default() });
+        let id = c.submit(spec.clone()).await.unwrap();
+        assert_eq!(c.status(&id).await.unwrap().tasks_total, 2 + 2, "conv's 4 units and fc's 3 in tasks of 2");
+        spec.techniques = vec![Technique::Diversity];
+        let err = c.submit(spec).await.unwrap_err().to_string();
+        assert!(err.contains("4 image(s) of 2048 px") && err.contains("--batch 4096") && err.contains("--worker-memory"), "{err}");
     }
 }

@@ -9,9 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tracing::info;
 
-use loupe_coordinator::state::{MemoryStateStore, RedisStateStore, StateStore};
+use loupe_coordinator::state::{redacted_url, MemoryStateStore, RedisStateStore, StateStore};
 use loupe_coordinator::monitor::Monitor;
+use loupe_coordinator::shard::{parse_memory, Limits};
 use loupe_coordinator::{server, Coordinator, CoordinatorConfig};
+use loupe_core::location::Location;
 
 #[derive(Parser)]
 #[command(name = "loupe-coordinator", version, about = "Shards atlas jobs into tasks and leases them to workers")]
@@ -19,18 +21,32 @@ struct Args {
     /// Address to serve gRPC on.
     #[arg(long, env = "LOUPE_LISTEN", default_value = "0.0.0.0:7600")]
     listen: SocketAddr,
-    /// `memory` (lost on restart) or `redis://HOST:PORT/DB`.
+    /// `memory` (lost on restart), `redis://[:PASSWORD@]HOST:PORT/DB`, or `rediss://...`
+    /// for Redis over TLS.
     #[arg(long, env = "LOUPE_STATE", default_value = "memory")]
     state: String,
+    /// PEM bundle of the CA that signs a `rediss://` Redis's certificate, when not one the
+    /// system trusts.
+    #[arg(long, env = "LOUPE_REDIS_TLS_CA")]
+    redis_tls_ca: Option<PathBuf>,
     /// A lease not renewed within this time goes to another worker.
     #[arg(long, env = "LOUPE_LEASE_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
     /// Attempts per task (expired leases and retryable failures).
     #[arg(long, env = "LOUPE_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: u32,
-    /// File holding the bearer token every RPC must carry.
-    #[arg(long, env = "LOUPE_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
+    /// File holding the user token: the bearer token of the Jobs service (submit, get,
+    /// watch, list, cancel), which people and tools hold.
+    #[arg(long, env = "LOUPE_USER_TOKEN_FILE")]
+    user_token_file: Option<PathBuf>,
+    /// File holding the worker token: the bearer token of the Workers service (lease,
+    /// renew, complete, fail), which only workers hold.
+    #[arg(long, env = "LOUPE_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
+    /// Serve both services without tokens: anyone who can reach the port may submit,
+    /// cancel, and complete or fail any task. For a trial on a trusted network only.
+    #[arg(long, env = "LOUPE_INSECURE_NO_AUTH", conflicts_with_all = ["user_token_file", "worker_token_file"])]
+    insecure_no_auth: bool,
     /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "LOUPE_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -44,7 +60,45 @@ struct Args {
     /// Refuse jobs whose atlas is not under this URI (e.g. s3://bucket/atlases): the
     /// cluster's workers can write only there.
     #[arg(long, env = "LOUPE_OUT_PREFIX")]
-    out_prefix: Option<String>,
+    out_prefix: Option<Location>,
+    /// Where jobs may read from: a job whose model, dataset or input images are not under
+    /// one of these (e.g. s3://bucket/models) is refused. Repeat the flag, or separate
+    /// them with commas in the variable. At least one.
+    #[arg(long = "input-prefix", env = "LOUPE_INPUT_PREFIX", value_delimiter = ',', required = true)]
+    input_prefixes: Vec<Location>,
+    /// Let jobs name paths on the coordinator's and workers' filesystems (under a local
+    /// --input-prefix, and local atlases). Without it, only s3:// locations.
+    #[arg(long, env = "LOUPE_ALLOW_LOCAL_PATHS")]
+    allow_local_paths: bool,
+    /// How long a job that ended (succeeded, failed, cancelled) stays listed and readable;
+    /// then the state store forgets it. A job that has not ended never expires.
+    #[arg(long, env = "LOUPE_JOB_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    job_retention: Duration,
+    /// Units per job, summed over its layers; a bigger job is refused at submit.
+    #[arg(long, env = "LOUPE_MAX_UNITS_PER_JOB", default_value_t = Limits::default().max_units)]
+    max_units_per_job: u64,
+    /// Tasks per job (renders, maps and reduces); a job that needs more is refused.
+    #[arg(long, env = "LOUPE_MAX_TASKS_PER_JOB", default_value_t = Limits::default().max_tasks)]
+    max_tasks_per_job: u64,
+    /// The memory one render task may take on a worker (bytes, or e.g. 12Gi): a job's
+    /// batch that does not fit is split into smaller tasks.
+    #[arg(long, env = "LOUPE_WORKER_MEMORY", default_value = "12Gi", value_parser = parse_memory)]
+    worker_memory: u64,
+}
+
+/// Checks the prefixes once at start-up: each must be absolute and free of `..`, and a
+/// local one needs --allow-local-paths (otherwise no job could use it).
+fn check_prefixes(args: &Args) -> Result<()> {
+    let inputs = args.input_prefixes.iter().map(|p| ("--input-prefix", p));
+    for (flag, prefix) in inputs.chain(args.out_prefix.iter().map(|p| ("--out-prefix", p))) {
+        if let Some(why) = prefix.unplaceable() {
+            bail!("{flag} {prefix} {why}");
+        }
+        if matches!(prefix, Location::Local(_)) && !args.allow_local_paths {
+            bail!("{flag} {prefix} is a local path: pass --allow-local-paths as well, or use an s3:// prefix");
+        }
+    }
+    Ok(())
 }
 
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
@@ -53,6 +107,23 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
         bail!("the {what} {} is not PEM (no -----BEGIN line)", path.display());
     }
     Ok(pem)
+}
+
+/// The user and worker tokens, both or (with --insecure-no-auth) neither: a coordinator
+/// never serves one service open by accident.
+fn tokens(args: &Args) -> Result<(Option<String>, Option<String>)> {
+    let (user, worker) = match (&args.user_token_file, &args.worker_token_file) {
+        (Some(user), Some(worker)) => (loupe_core::read_token_file(user)?, loupe_core::read_token_file(worker)?),
+        _ if args.insecure_no_auth => return Ok((None, None)),
+        _ => bail!(
+            "the coordinator needs both --user-token-file and --worker-token-file (LOUPE_USER_TOKEN_FILE, LOUPE_WORKER_TOKEN_FILE), \
+             or --insecure-no-auth to let anyone who reaches it submit jobs and report tasks"
+        ),
+    };
+    if user == worker {
+        bail!("--user-token-file and --worker-token-file hold the same token: users could then report tasks as workers; give each its own");
+    }
+    Ok((Some(user), Some(worker)))
 }
 
 #[tokio::main]
@@ -65,7 +136,8 @@ async fn main() -> Result<()> {
     if args.max_attempts == 0 {
         bail!("--max-attempts must be at least 1");
     }
-    let token = args.token_file.as_deref().map(loupe_core::read_token_file).transpose()?;
+    let (user_token, worker_token) = tokens(&args)?;
+    check_prefixes(&args)?;
     // tonic's TLS server needs a process-wide rustls provider. Only ring is linked, which
     // rustls would pick by itself; choosing it here keeps that true if a dependency ever
     // turns on a second provider (then neither would be the default).
@@ -76,26 +148,67 @@ async fn main() -> Result<()> {
     };
     let state: Arc<dyn StateStore> = if args.state == "memory" {
         Arc::new(MemoryStateStore::new())
-    } else if args.state.starts_with("redis://") {
-        Arc::new(RedisStateStore::connect(&args.state).await.with_context(|| format!("connecting to {}", args.state))?)
+    } else if args.state.starts_with("redis://") || args.state.starts_with("rediss://") {
+        let ca = args.redis_tls_ca.as_deref().map(|path| read_pem(path, "Redis TLS CA")).transpose()?;
+        // The store's errors name the URL without its password.
+        Arc::new(RedisStateStore::connect_trusting(&args.state, ca.as_deref()).await?)
     } else {
-        bail!("--state {:?}: use memory or redis://HOST:PORT/DB", args.state);
+        bail!("--state {:?}: use memory, redis://HOST:PORT/DB or rediss://HOST:PORT/DB", redacted_url(&args.state));
     };
-    let coordinator = Arc::new(Coordinator::new(state, CoordinatorConfig { lease_ttl: args.lease_ttl, max_attempts: args.max_attempts, out_prefix: args.out_prefix }));
+    let config = CoordinatorConfig {
+        lease_ttl: args.lease_ttl,
+        max_attempts: args.max_attempts,
+        out_prefix: args.out_prefix,
+        input_prefixes: Some(args.input_prefixes),
+        allow_local_paths: args.allow_local_paths,
+        job_retention: args.job_retention,
+        limits: Limits { max_units: args.max_units_per_job, max_tasks: args.max_tasks_per_job, worker_memory: args.worker_memory },
+    };
+    let coordinator = Arc::new(Coordinator::new(state, config));
     coordinator.recover().await.context("recovering jobs left by a previous coordinator")?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
     info!(
         listen = %listener.local_addr()?, metrics = %metrics.local_addr()?,
-        state = %args.state.split('@').next_back().unwrap_or(""), auth = token.is_some(), tls = tls.is_some(),
+        state = %redacted_url(&args.state), auth = user_token.is_some(), tls = tls.is_some(),
         "coordinator serving"
     );
-    tokio::spawn(loupe_metrics::serve(metrics, Arc::new(Monitor(coordinator.clone())), std::future::pending()));
+    tokio::spawn(loupe_metrics::serve(metrics, Arc::new(Monitor::new(coordinator.clone())), std::future::pending()));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing the SIGTERM handler");
         tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
         info!("shutting down");
     };
-    server::serve(listener, coordinator, server::ServeOptions { token, tls }, shutdown).await?;
+    server::serve(listener, coordinator, server::ServeOptions { user_token, worker_token, tls }, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(extra: &[&str]) -> Result<Args> {
+        let args = Args::try_parse_from([&["loupe-coordinator", "--insecure-no-auth"][..], extra].concat())?;
+        check_prefixes(&args)?;
+        Ok(args)
+    }
+
+    #[test]
+    fn input_prefixes_are_required_and_a_local_one_needs_allow_local_paths() {
+        let args = parsed(&["--input-prefix", "s3://models/shared", "--input-prefix", "s3://datasets"]).unwrap();
+        assert_eq!(args.input_prefixes.len(), 2);
+        assert!(!args.allow_local_paths);
+        assert!(parsed(&["--input-prefix", "/srv/models", "--allow-local-paths"]).is_ok());
+        for (extra, says) in [
+            (&[][..], "--input-prefix"),
+            (&["--input-prefix", "/srv/models"][..], "--input-prefix /srv/models is a local path: pass --allow-local-paths"),
+            (&["--input-prefix", "s3://m", "--out-prefix", "/srv/atlases"][..], "--out-prefix /srv/atlases is a local path"),
+            (&["--input-prefix", "models", "--allow-local-paths"][..], "--input-prefix models is a relative path"),
+            (&["--input-prefix", "/srv/../etc", "--allow-local-paths"][..], "has a `..` segment"),
+            (&["--input-prefix", "gs://b/x"][..], "unsupported scheme"),
+        ] {
+            let e = format!("{:#}", parsed(extra).err().unwrap_or_else(|| panic!("{extra:?} accepted")));
+            assert!(e.contains(says), "{extra:?}: {e}");
+        }
+    }
 }

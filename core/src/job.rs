@@ -104,6 +104,10 @@ pub struct JobStatus {
     pub images_skipped: u64,
     /// Images rendered by this job's finished tasks (map and reduce tasks render none).
     pub images_done: u64,
+    /// Images of the job whose optimisation diverged, recorded as failed in the atlas;
+    /// counted when the job ends (0 until then).
+    #[serde(default)]
+    pub images_failed: u64,
 }
 
 #[cfg(test)]

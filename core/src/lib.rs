@@ -1,6 +1,7 @@
 //! What every part of loupe shares.
 //!
 //! - [`spec`]: a job as a user states it (model, layers, units, techniques, settings).
+//! - [`units`]: a layer's chosen units as sorted, disjoint ranges.
 //! - [`task`]: the unit of work a coordinator leases to a worker, and the lease itself.
 //! - [`atlas`]: the public on-disk/S3 layout (keys, manifests, per-unit records).
 //! - [`store`]: the [`store::ArtifactStore`] trait and its local-directory backend.
@@ -21,6 +22,7 @@ pub mod s3;
 pub mod spec;
 pub mod store;
 pub mod task;
+pub mod units;
 pub mod viewer;
 
 pub use error::{Error, Result};

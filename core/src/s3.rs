@@ -279,6 +279,68 @@ impl S3Store {
         format!("s3://{}/{}", self.bucket, self.object_key(key))
     }
 
+    /// The lowercase hex sha256 of the object at `key`, or `None` if there is none. The
+    /// body is hashed as it streams, so an object of any size takes constant memory.
+    pub async fn sha256(&self, key: &str) -> Result<Option<String>> {
+        use sha2::{Digest, Sha256};
+        let hasher = self.read_chunks(key, Sha256::new, |hasher, chunk| hasher.update(chunk)).await?;
+        Ok(hasher.map(|h| hex::encode(h.finalize())))
+    }
+
+    /// Streams the object at `key` into `fold`, chunk by chunk as the body arrives,
+    /// starting from `init()`; `None` if there is no such object. The SDK retries the
+    /// request, but not a body that breaks off while streaming: those start over here.
+    async fn read_chunks<A>(&self, key: &str, init: impl Fn() -> A, fold: impl Fn(&mut A, &[u8])) -> Result<Option<A>> {
+        validate_key(key)?;
+        let remote = &self.remote;
+        self.check_bucket(remote, key).await?;
+        let mut attempt = 1;
+        loop {
+            let Some(mut body) = self.get_object(remote, key).await? else { return Ok(None) };
+            let mut acc = init();
+            let streamed = loop {
+                match body.try_next().await {
+                    Ok(Some(chunk)) => fold(&mut acc, &chunk),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            match streamed {
+                Ok(()) => return Ok(Some(acc)),
+                Err(_) if attempt < remote.max_attempts => {
+                    tokio::time::sleep(remote.backoff.saturating_mul(1 << (attempt - 1).min(6))).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(Error::Remote {
+                        key: self.uri(key),
+                        message: format!("reading the object failed (tried {attempt} times): {}", causes(&e)),
+                    })
+                }
+            }
+        }
+    }
+
+    /// GetObject's body, or `None` if there is no such object.
+    async fn get_object(&self, remote: &Remote, key: &str) -> Result<Option<ByteStream>> {
+        match remote.client.get_object().bucket(&self.bucket).key(self.object_key(key)).send().await {
+            Ok(out) => Ok(Some(out.body)),
+            Err(e) => {
+                let missing = match e.as_service_error() {
+                    Some(se) if se.is_no_such_key() => true,
+                    // Some servers answer a bare 404 with no error code.
+                    Some(_) => status(&e) == Some(404) && e.code().is_none(),
+                    None => false,
+                };
+                if missing {
+                    Ok(None)
+                } else {
+                    Err(self.remote_error(remote, key, "GetObject", e))
+                }
+            }
+        }
+    }
+
     /// Fails clearly if the bucket does not exist, once per store: S3-compatible servers
     /// differ in what a missing bucket does to GetObject and PutObject (some answer
     /// NoSuchKey, some create it).
@@ -423,41 +485,18 @@ impl ArtifactStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.read_chunks(key, Vec::new, |bytes, chunk| bytes.extend_from_slice(chunk)).await
+    }
+
+    async fn size(&self, key: &str) -> Result<Option<u64>> {
         validate_key(key)?;
         let remote = &self.remote;
         self.check_bucket(remote, key).await?;
-        let mut attempt = 1;
-        loop {
-            let out = match remote.client.get_object().bucket(&self.bucket).key(self.object_key(key)).send().await {
-                Ok(out) => out,
-                Err(e) => {
-                    let missing = match e.as_service_error() {
-                        Some(se) if se.is_no_such_key() => true,
-                        // Some servers answer a bare 404 with no error code.
-                        Some(_) => status(&e) == Some(404) && e.code().is_none(),
-                        None => false,
-                    };
-                    if missing {
-                        return Ok(None);
-                    }
-                    return Err(self.remote_error(remote, key, "GetObject", e));
-                }
-            };
-            // The SDK retries the request, but not a body that breaks off while streaming:
-            // retry those here.
-            match out.body.collect().await {
-                Ok(data) => return Ok(Some(data.into_bytes().to_vec())),
-                Err(_) if attempt < remote.max_attempts => {
-                    tokio::time::sleep(remote.backoff.saturating_mul(1 << (attempt - 1).min(6))).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return Err(Error::Remote {
-                        key: self.uri(key),
-                        message: format!("reading the object failed (tried {attempt} times): {}", causes(&e)),
-                    })
-                }
-            }
+        match remote.client.head_object().bucket(&self.bucket).key(self.object_key(key)).send().await {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            // HeadObject has no body, so a missing object is a bare 404.
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.remote_error(remote, key, "HeadObject", e)),
         }
     }
 
@@ -791,6 +830,32 @@ mod tests {
         let got = bounded("flaky server", s.get("atlas.json")).await.unwrap();
         assert_eq!(got.as_deref(), Some(&b"hello"[..]));
         assert_eq!(count.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn hashes_a_large_object_as_it_streams() {
+        let server = S3Server::start(&["models"]);
+        let s = store(&server, "models", "");
+        let bytes: Vec<u8> = (0..24 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        bounded("hashing", async {
+            s.put("big.pt", bytes.clone()).await.unwrap();
+            assert_eq!(s.sha256("big.pt").await.unwrap(), Some(crate::sha256_bytes(&bytes)));
+            assert_eq!(s.sha256("missing.pt").await.unwrap(), None);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn hashing_starts_over_after_a_body_that_breaks_off() {
+        let (endpoint, count) = fake_server(|n| match n {
+            0 => Some(http("200 OK", "")),
+            1 => Some("HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nhel".to_string()),
+            _ => Some(http("200 OK", "hello")),
+        });
+        let s = S3Store::new("bucket", "", &config(endpoint)).unwrap();
+        let got = bounded("broken body", s.sha256("models/demo.pt")).await.unwrap();
+        assert_eq!(got, Some(crate::sha256_bytes(b"hello")), "the partial body must not count");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

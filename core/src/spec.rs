@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::{Error, Result};
+pub use crate::units::{to_ranges, UnitRanges};
 
 /// What an image is optimised for. See docs/techniques.md.
 ///
@@ -433,25 +434,27 @@ impl FromStr for UnitSelection {
 }
 
 impl UnitSelection {
-    /// The sorted, de-duplicated unit indices for a layer with `count` units.
-    pub fn resolve(&self, layer: &str, count: u32) -> Result<Vec<u32>> {
-        let units: Vec<u32> = match self {
-            UnitSelection::All => (0..count).collect(),
-            UnitSelection::Range(a, b) => (*a..*b).collect(),
-            UnitSelection::List(l) => {
-                let mut l = l.clone();
-                l.sort_unstable();
-                l.dedup();
-                l
-            }
+    /// The selected units of a layer with `count` units, without listing a range's units.
+    pub fn resolve(&self, layer: &str, count: u32) -> Result<UnitRanges> {
+        let units = match self {
+            UnitSelection::All => UnitRanges::range(0, count),
+            UnitSelection::Range(a, b) => UnitRanges::range(*a, *b),
+            UnitSelection::List(l) => UnitRanges::from(l.clone()),
         };
-        if let Some(bad) = units.iter().find(|&&u| u >= count) {
-            return Err(Error::invalid(
-                "units",
-                format!("unit {bad} is out of range: layer {layer:?} has {count} units (0..{count})"),
-            ));
-        }
+        check_units_in_layer(&units, layer, count)?;
         Ok(units)
+    }
+}
+
+/// Refuses units past the layer's `count`, naming the first such unit: the first
+/// range that reaches past the layer holds it.
+fn check_units_in_layer(units: &UnitRanges, layer: &str, count: u32) -> Result<()> {
+    match units.ranges().iter().find(|&&(_, end)| end > count) {
+        Some(&(start, _)) => {
+            let bad = start.max(count);
+            Err(Error::invalid("units", format!("unit {bad} is out of range: layer {layer:?} has {count} units (0..{count})")))
+        }
+        None => Ok(()),
     }
 }
 
@@ -482,10 +485,9 @@ pub struct ModelRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerPlan {
     pub layer: LayerInfo,
-    /// Sorted unit indices; stored and sent as half-open ranges, so a million contiguous
-    /// units take a few bytes.
-    #[serde(with = "unit_ranges")]
-    pub units: Vec<u32>,
+    /// Stored and sent as half-open ranges, so a million contiguous units take a few
+    /// bytes.
+    pub units: UnitRanges,
     /// This layer's techniques, when not the job's (a job file's `[[layer]]` table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub techniques: Option<Vec<Technique>>,
@@ -496,50 +498,8 @@ pub struct LayerPlan {
 
 impl LayerPlan {
     /// A plan of `units` with the job's techniques and steps.
-    pub fn new(layer: LayerInfo, units: Vec<u32>) -> LayerPlan {
+    pub fn new(layer: LayerInfo, units: UnitRanges) -> LayerPlan {
         LayerPlan { layer, units, techniques: None, steps: None }
-    }
-}
-
-/// Sorted unit indices as half-open ranges `[start, end)`, and back.
-pub fn to_ranges(units: &[u32]) -> Vec<(u32, u32)> {
-    let mut ranges: Vec<(u32, u32)> = Vec::new();
-    for &u in units {
-        match ranges.last_mut() {
-            Some((_, end)) if *end == u => *end = u + 1,
-            _ => ranges.push((u, u + 1)),
-        }
-    }
-    ranges
-}
-
-/// Expands ranges, refusing empty or reversed ones and any that reach past `limit` units,
-/// before allocating anything.
-pub fn from_ranges(ranges: &[(u32, u32)], limit: u32) -> Result<Vec<u32>> {
-    let mut total = 0u64;
-    for &(a, b) in ranges {
-        if a >= b || b > limit {
-            return Err(Error::invalid("units", format!("unit range {a}..{b} is empty or past the layer's {limit} units")));
-        }
-        total += u64::from(b - a);
-    }
-    let mut units = Vec::with_capacity(total as usize);
-    for &(a, b) in ranges {
-        units.extend(a..b);
-    }
-    Ok(units)
-}
-
-mod unit_ranges {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(units: &[u32], s: S) -> Result<S::Ok, S::Error> {
-        super::to_ranges(units).serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
-        let ranges = Vec::<(u32, u32)>::deserialize(d)?;
-        super::from_ranges(&ranges, u32::MAX).map_err(serde::de::Error::custom)
     }
 }
 
@@ -613,6 +573,12 @@ impl JobSpec {
         }
         for plan in &self.layers {
             crate::atlas::layer_segment(&plan.layer.name)?;
+            if !plan.layer.shape.first().is_some_and(|&c| (1..=i64::from(u32::MAX)).contains(&c)) {
+                return Err(Error::invalid(
+                    "layers",
+                    format!("layer {:?} has shape {:?}: its first dimension, the unit count, must be in 1..={}", plan.layer.name, plan.layer.shape, u32::MAX),
+                ));
+            }
             if let Some(steps) = plan.steps {
                 RenderSettings { steps, ..self.settings.clone() }.validate()?;
             }
@@ -643,10 +609,7 @@ impl JobSpec {
             if plan.units.is_empty() {
                 return Err(Error::invalid("units", format!("no unit selected in layer {:?}", plan.layer.name)));
             }
-            let count = plan.layer.units();
-            if let Some(bad) = plan.units.iter().find(|&&u| u >= count) {
-                return Err(Error::invalid("units", format!("unit {bad} is out of range: layer {:?} has {count} units", plan.layer.name)));
-            }
+            check_units_in_layer(&plan.units, name, plan.layer.units())?;
         }
         if let Some(d) = &self.dataset {
             d.validate()?;
@@ -663,10 +626,19 @@ impl JobSpec {
         let mut total = 0;
         for plan in &self.layers {
             for &t in self.techniques_for(plan) {
-                total += self.targets(plan, t).len() as u64;
+                total += self.target_count(plan, t);
             }
         }
         total
+    }
+
+    /// How many targets a technique renders in a layer, counted without listing units.
+    pub fn target_count(&self, plan: &LayerPlan, technique: Technique) -> u64 {
+        if technique.per_unit() {
+            plan.units.len()
+        } else {
+            self.layer_items(plan, technique).len() as u64
+        }
     }
 
     /// The layer's techniques: its own, or the job's.
@@ -685,11 +657,12 @@ impl JobSpec {
 
     /// What a technique renders in a layer: the layer's units for a per-unit technique,
     /// its items for a per-layer one.
-    pub fn targets(&self, plan: &LayerPlan, technique: Technique) -> Vec<crate::atlas::Target> {
+    /// Lists every unit: callers check the job's size first (the coordinator's caps).
+    pub fn targets<'a>(&self, plan: &'a LayerPlan, technique: Technique) -> Box<dyn Iterator<Item = crate::atlas::Target> + Send + 'a> {
         if technique.per_unit() {
-            plan.units.iter().map(|&u| crate::atlas::Target::Unit(u)).collect()
+            Box::new(plan.units.iter().map(crate::atlas::Target::Unit))
         } else {
-            self.layer_items(plan, technique).into_iter().map(crate::atlas::Target::Item).collect()
+            Box::new(self.layer_items(plan, technique).into_iter().map(crate::atlas::Target::Item))
         }
     }
 
@@ -752,8 +725,9 @@ mod tests {
     #[test]
     fn unit_selection_parses_the_three_forms() {
         assert_eq!("all".parse::<UnitSelection>().unwrap(), UnitSelection::All);
-        assert_eq!("0..16".parse::<UnitSelection>().unwrap().resolve("l", 32).unwrap(), (0..16).collect::<Vec<_>>());
-        assert_eq!("7,0,3,3".parse::<UnitSelection>().unwrap().resolve("l", 8).unwrap(), vec![0, 3, 7]);
+        assert_eq!("0..16".parse::<UnitSelection>().unwrap().resolve("l", 32).unwrap(), UnitRanges::range(0, 16));
+        assert_eq!("7,0,3,3".parse::<UnitSelection>().unwrap().resolve("l", 8).unwrap().iter().collect::<Vec<_>>(), vec![0, 3, 7]);
+        assert_eq!(UnitSelection::All.resolve("l", u32::MAX).unwrap().len(), u64::from(u32::MAX));
         assert!("5..5".parse::<UnitSelection>().is_err());
         assert!("a,b".parse::<UnitSelection>().is_err());
     }
@@ -762,6 +736,8 @@ mod tests {
     fn out_of_range_units_name_the_layer_and_count() {
         let err = "0..17".parse::<UnitSelection>().unwrap().resolve("conv1", 16).unwrap_err().to_string();
         assert!(err.contains("unit 16") && err.contains("conv1") && err.contains("16 units"), "{err}");
+        let err = "3,20,30".parse::<UnitSelection>().unwrap().resolve("conv1", 16).unwrap_err().to_string();
+        assert!(err.contains("unit 20 is out of range"), "{err}");
     }
 
     #[test]
@@ -775,19 +751,45 @@ mod tests {
     #[test]
     fn units_travel_as_ranges() {
         assert_eq!(to_ranges(&[0, 1, 2, 5, 7, 8]), vec![(0, 3), (5, 6), (7, 9)]);
-        assert_eq!(from_ranges(&[(0, 3), (5, 6), (7, 9)], 10).unwrap(), vec![0, 1, 2, 5, 7, 8]);
-        assert!(from_ranges(&[(0, 11)], 10).is_err() && from_ranges(&[(3, 3)], 10).is_err());
-        let plan = LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![1_000_000] }, units: (0..1_000_000).collect(), techniques: None, steps: None };
+        let plan = LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![1_000_000] }, units: UnitRanges::range(0, 1_000_000), techniques: None, steps: None };
         let json = serde_json::to_string(&plan).unwrap();
         assert!(json.len() < 100, "{json}");
         assert_eq!(serde_json::from_str::<LayerPlan>(&json).unwrap(), plan);
+        let overlapping = json.replace("[[0,1000000]]", "[[0,5],[3,8]]");
+        let err = serde_json::from_str::<LayerPlan>(&overlapping).unwrap_err().to_string();
+        assert!(err.contains("3..8 overlaps 0..5"), "{err}");
+    }
+
+    #[test]
+    fn a_lying_shape_is_counted_not_listed() {
+        // 2^32 - 1 units in one range: validate and total_images count, never list.
+        let layer = LayerInfo { name: "l".into(), shape: vec![u32::MAX as i64] };
+        let mut spec = JobSpec {
+            model: ModelRef { uri: "m".into(), name: "m".into(), sha256: String::new() },
+            layers: vec![LayerPlan::new(layer, UnitRanges::range(0, u32::MAX))],
+            techniques: vec![Technique::Channel, Technique::Neuron],
+            settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
+            batch: 2,
+            out: "o".into(),
+            dataset: None,
+        };
+        spec.validate().unwrap();
+        assert_eq!(spec.total_images(), 2 * u64::from(u32::MAX));
+        spec.layers[0].layer.shape = vec![10];
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("unit 10 is out of range") && err.contains("10 units"), "{err}");
+        for bad in [vec![-1], vec![1 << 32], vec![]] {
+            spec.layers[0].layer.shape = bad;
+            let err = spec.validate().unwrap_err().to_string();
+            assert!(err.contains("the unit count, must be in 1..=4294967295"), "{err}");
+        }
     }
 
     #[test]
     fn a_dataset_is_optional_and_validated() {
         let mut spec = JobSpec {
             model: ModelRef { uri: "m".into(), name: "m".into(), sha256: String::new() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1], techniques: None, steps: None }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1].into(), techniques: None, steps: None }],
             techniques: vec![Technique::Channel],
             settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
             batch: 2,

@@ -16,6 +16,9 @@ pub trait ArtifactStore: Send + Sync {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()>;
     /// The bytes at `key`, or `None` if there are none.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// The length of what is at `key`, without reading it (`loupe serve`'s HEAD), or
+    /// `None` if there is nothing.
+    async fn size(&self, key: &str) -> Result<Option<u64>>;
     /// Every key that starts with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Where the store points, for messages.
@@ -72,11 +75,50 @@ pub async fn fetch(uri: &str) -> Result<Option<Vec<u8>>> {
             }
             crate::s3::S3Store::from_env(&bucket, "").await?.get(&key).await
         }
-        Location::Local(path) => match tokio::fs::read(&path).await {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io { key: path.display().to_string(), source: e }),
-        },
+        Location::Local(path) => {
+            if !is_regular_file("object", &path)? {
+                return Ok(None);
+            }
+            tokio::fs::read(&path).await.map(Some).map_err(|source| Error::Io { key: path.display().to_string(), source })
+        }
+    }
+}
+
+/// The lowercase hex sha256 of the object at `location` (a local file or an S3 object),
+/// or `None` if there is none. It reads in bounded chunks, so a model of any size hashes
+/// in constant memory; a local path must be a regular file.
+pub async fn sha256(location: &Location) -> Result<Option<String>> {
+    match location {
+        Location::S3 { bucket, key } => {
+            if key.is_empty() {
+                return Err(Error::invalid("object", format!("{location} names a bucket, not an object")));
+            }
+            crate::s3::S3Store::from_env(bucket, "").await?.sha256(key).await
+        }
+        Location::Local(path) => {
+            if !is_regular_file("object", path)? {
+                return Ok(None);
+            }
+            let path = path.clone();
+            let key = path.display().to_string();
+            tokio::task::spawn_blocking(move || crate::sha256_file(&path))
+                .await
+                .expect("hashing task panicked")
+                .map(Some)
+                .map_err(|source| Error::Io { key, source })
+        }
+    }
+}
+
+/// Whether `path` (symlinks followed) is a regular file: `false` when nothing is there, an
+/// error naming `what` when it is something else. Checked before reading, since a device
+/// such as /dev/zero never ends, opening a FIFO blocks, and a directory has no bytes.
+pub fn is_regular_file(what: &'static str, path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(true),
+        Ok(_) => Err(Error::invalid(what, format!("{} is not a regular file", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(Error::Io { key: path.display().to_string(), source }),
     }
 }
 
@@ -169,6 +211,15 @@ impl ArtifactStore for LocalStore {
         }
     }
 
+    async fn size(&self, key: &str) -> Result<Option<u64>> {
+        match tokio::fs::metadata(self.path(key)?).await {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(key)(e)),
+        }
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         // Walk only the deepest directory the prefix names, not the whole atlas.
         let dir_part = prefix.rfind('/').map(|i| &prefix[..i]).unwrap_or("");
@@ -206,6 +257,8 @@ pub(crate) mod conformance {
         assert_eq!(store.get("a/b/c.json").await.unwrap().as_deref(), Some(&b"two"[..]));
         assert_eq!(store.list("a/").await.unwrap(), vec!["a/b/c.json".to_string()], "an overwrite must not duplicate");
         assert_eq!(store.get("a/b/missing").await.unwrap(), None);
+        assert_eq!(store.size("a/b/c.json").await.unwrap(), Some(3));
+        assert_eq!(store.size("a/b/missing").await.unwrap(), None);
     }
 
     pub async fn list_by_prefix(store: &dyn ArtifactStore) {
@@ -238,6 +291,26 @@ mod tests {
         conformance::put_get_overwrite(&store).await;
         conformance::list_by_prefix(&store).await;
         conformance::refuses_escaping_keys(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_local_file_hashes_as_its_bytes_do_and_anything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.pt");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&file, &bytes).unwrap();
+        let at = |p: &Path| Location::Local(p.to_path_buf());
+        assert_eq!(sha256(&at(&file)).await.unwrap(), Some(crate::sha256_bytes(&bytes)));
+        assert_eq!(sha256(&at(&dir.path().join("missing.pt"))).await.unwrap(), None);
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        for path in [Path::new("/dev/zero"), dir.path(), &fifo] {
+            let e = sha256(&at(path)).await.unwrap_err().to_string();
+            assert!(e.contains(&format!("{} is not a regular file", path.display())), "{e}");
+            let e = fetch(&path.to_string_lossy()).await.unwrap_err().to_string();
+            assert!(e.contains("is not a regular file"), "{e}");
+        }
     }
 
     #[tokio::test]

@@ -170,19 +170,29 @@ impl JobContext {
     }
 }
 
-/// A lease's id, `<job>/<index>#<attempt>`: one attempt at one task. The coordinator's
-/// Redis scripts build the same text (coordinator/src/state/redis.rs).
+/// A lease's id, `<job>/<index>#<attempt>.<secret>`: one attempt at one task, and the
+/// random secret that makes it unguessable. The store keeps the whole id of the lease it
+/// granted and renew, complete and fail must name it whole, so an id guessed from the job,
+/// index and attempt is answered like a lost lease. The coordinator's Redis scripts build
+/// the same text (coordinator/src/state/redis.rs).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct LeaseId {
     job_id: JobId,
     index: u32,
     attempt: u32,
+    secret: LeaseSecret,
 }
 
 impl LeaseId {
-    pub fn new(job_id: &JobId, index: u32, attempt: u32) -> LeaseId {
-        LeaseId { job_id: job_id.clone(), index, attempt }
+    pub fn new(job_id: &JobId, index: u32, attempt: u32, secret: LeaseSecret) -> LeaseId {
+        LeaseId { job_id: job_id.clone(), index, attempt, secret }
+    }
+
+    /// `<job>/<index>#<attempt>`: the id without its secret, for logs and errors that
+    /// others than the lease's holder may read.
+    pub fn public(&self) -> String {
+        format!("{}/{}#{}", self.job_id, self.index, self.attempt)
     }
 
     pub fn job_id(&self) -> &JobId {
@@ -201,18 +211,51 @@ impl LeaseId {
 
 impl std::fmt::Display for LeaseId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}#{}", self.job_id, self.index, self.attempt)
+        write!(f, "{}/{}#{}.{}", self.job_id, self.index, self.attempt, self.secret.0)
     }
 }
 
 impl std::str::FromStr for LeaseId {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<LeaseId> {
-        let bad = || crate::Error::invalid("lease id", format!("{s:?} is not <job>/<index>#<attempt>"));
+        let bad = || crate::Error::invalid("lease id", format!("{s:?} is not <job>/<index>#<attempt>.<secret>"));
         let (task, attempt) = s.rsplit_once('#').ok_or_else(bad)?;
+        let (attempt, secret) = attempt.split_once('.').ok_or_else(bad)?;
         let (job_id, index) = task.rsplit_once('/').ok_or_else(bad)?;
         let job_id = job_id.parse::<JobId>().map_err(|e| crate::Error::invalid("lease id", format!("{s:?}: {e}")))?;
-        Ok(LeaseId { job_id, index: index.parse().map_err(|_| bad())?, attempt: attempt.parse().map_err(|_| bad())? })
+        let secret = secret.parse().map_err(|e| crate::Error::invalid("lease id", format!("{s:?}: {e}")))?;
+        Ok(LeaseId { job_id, index: index.parse().map_err(|_| bad())?, attempt: attempt.parse().map_err(|_| bad())?, secret })
+    }
+}
+
+/// The random part of a lease id: 128 bits from the operating system's generator, as 32
+/// lowercase hex digits, so that no one can name a lease they were not granted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseSecret(String);
+
+impl LeaseSecret {
+    const BYTES: usize = 16;
+
+    pub fn random() -> LeaseSecret {
+        use rand::RngCore;
+        let mut bytes = [0u8; Self::BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        LeaseSecret(hex::encode(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for LeaseSecret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LeaseSecret, String> {
+        let hex_digit = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        if s.len() != 2 * Self::BYTES || !s.chars().all(hex_digit) {
+            return Err(format!("the secret is not {} lowercase hex digits", 2 * Self::BYTES));
+        }
+        Ok(LeaseSecret(s.to_string()))
     }
 }
 
@@ -313,14 +356,30 @@ mod tests {
         let old = r#"{"job_id":"job-1","index":0,"layer":"conv","technique":"neuron","units":[1,2]}"#;
         assert_eq!(serde_json::from_str::<TaskSpec>(old).unwrap(), tasks[0]);
         assert!(serde_json::from_str::<TaskSpec>(r#"{"job_id":"j","index":0}"#).unwrap_err().to_string().contains("no work"));
-        let id: LeaseId = "job-7/12#3".parse().unwrap();
+        let secret = "0123456789abcdef0123456789abcdef";
+        let text = format!("job-7/12#3.{secret}");
+        let id: LeaseId = text.parse().unwrap();
         assert_eq!((id.job_id().as_str(), id.index(), id.attempt()), ("job-7", 12, 3));
-        assert_eq!(id.to_string(), "job-7/12#3");
+        assert_eq!(id.to_string(), text);
+        assert_eq!(id.public(), "job-7/12#3", "what logs show holds no secret");
         // A job id holds no '/', so a lease id's job part is everything before its one '/'.
-        for bad in ["job-7/12", "job-7#3", "/1#1", "j/x#1", "j/1#", "a/b/1#2"] {
+        // Without its whole secret, an id is not a lease id at all.
+        for bad in ["job-7/12", "job-7#3", "/1#1", "j/x#1", "j/1#", "a/b/1#2", "job-7/12#3", "job-7/12#3.", "job-7/12#3.0123", &format!("job-7/12#3.{}", secret.to_uppercase())] {
             assert!(bad.parse::<LeaseId>().is_err(), "{bad}");
         }
         let old_ctx = r#"{"model":{"uri":"m","name":"m","sha256":"0"},"settings":{"steps":1,"size":8,"input_size":8,"seed":0,"learning_rate":0.05},"out":"o"}"#;
         assert_eq!(serde_json::from_str::<JobContext>(old_ctx).unwrap().dataset, None);
+    }
+
+    #[test]
+    fn lease_secrets_are_random_and_read_back() {
+        let a = LeaseSecret::random();
+        let b = LeaseSecret::random();
+        assert_ne!(a, b, "two draws of 128 bits");
+        assert_eq!(a.as_str().parse::<LeaseSecret>().unwrap(), a);
+        let job: crate::job::JobId = "job-1".parse().unwrap();
+        let id = LeaseId::new(&job, 4, 2, a.clone());
+        assert_eq!(id.to_string().parse::<LeaseId>().unwrap(), id);
+        assert_ne!(id, LeaseId::new(&job, 4, 2, b), "the same task and attempt with another secret is another lease");
     }
 }

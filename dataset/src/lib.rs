@@ -28,6 +28,10 @@ pub enum Error {
     /// fail the job (report it as not retryable).
     #[error("shard {key} is not a tar archive: {reason}")]
     NotTar { key: String, reason: String },
+    /// An image member whose header says it holds more than [`MAX_TAR_MEMBER_BYTES`]:
+    /// not retryable either.
+    #[error("shard {key}: member {member} holds {size} bytes, more than the {cap} an image may have")]
+    MemberTooLarge { key: String, member: String, size: u64, cap: u64 },
     /// An image that cannot be decoded as JPEG or PNG: skip it and count it.
     #[error("image {id} cannot be decoded: {reason}")]
     Undecodable { id: String, reason: String },
@@ -155,8 +159,19 @@ pub async fn read_shard(store: &dyn ArtifactStore, source: &ShardSource) -> Resu
     }
 }
 
+/// The most bytes one member of a tar shard may hold. Dataset images are JPEGs and PNGs
+/// of a few megabytes at most; a header claiming more is refused rather than trusted, so
+/// a corrupt or hostile shard cannot make a worker allocate what its size field says.
+pub const MAX_TAR_MEMBER_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The JPEG/PNG members of a tar archive held in memory.
 fn read_tar(key: &str, bytes: &[u8]) -> Result<Vec<RawImage>> {
+    read_tar_capped(key, bytes, MAX_TAR_MEMBER_BYTES)
+}
+
+/// [`read_tar`] with members of at most `cap` bytes; a larger one fails the shard with
+/// an error naming it.
+fn read_tar_capped(key: &str, bytes: &[u8], cap: u64) -> Result<Vec<RawImage>> {
     let not_tar = |e: std::io::Error| Error::NotTar {
         key: key.to_string(),
         reason: e.to_string(),
@@ -177,8 +192,13 @@ fn read_tar(key: &str, bytes: &[u8]) -> Result<Vec<RawImage>> {
         if !is_image_key(member) {
             continue;
         }
-        let mut data = Vec::with_capacity(entry.size() as usize);
-        std::io::Read::read_to_end(&mut entry, &mut data).map_err(not_tar)?;
+        if entry.size() > cap {
+            return Err(Error::MemberTooLarge { key: key.to_string(), member: member.to_string(), size: entry.size(), cap });
+        }
+        // Not sized from the header: the buffer grows with the bytes really there, and
+        // `take` bounds them by the cap whatever the archive reader does.
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut entry, cap), &mut data).map_err(not_tar)?;
         out.push(RawImage {
             id: format!("{key}/{member}"),
             bytes: data,

@@ -366,3 +366,114 @@ fn crops_stay_inside_the_image() {
     assert!(c.iter().all(|&v| v > 225), "white: {c:?}");
     assert_eq!(decode(thumbnail_jpeg(&p, 64)).dimensions(), (64, 64));
 }
+
+/// A tar whose one member's header claims `claimed` bytes, followed by only `present`
+/// bytes of data: what a corrupt or hostile shard looks like.
+fn lying_tar(member: &str, claimed: u64, present: usize) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(member).unwrap();
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(claimed);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend(std::iter::repeat_n(7u8, present));
+    out
+}
+
+#[tokio::test]
+async fn a_tar_member_larger_than_the_cap_fails_the_shard_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path());
+    // A header claiming a terabyte over a few bytes of data: trusted, it would be one
+    // allocation of a terabyte.
+    write(dir.path(), "lying.tar", &lying_tar("big/0001.jpg", 1 << 40, 600));
+    let err = read_shard(&store, &ShardSource::Tar { key: "lying.tar".into() }).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::MemberTooLarge { size: 1099511627776, cap: MAX_TAR_MEMBER_BYTES, .. })
+            && msg.contains("lying.tar")
+            && msg.contains("big/0001.jpg"),
+        "{msg}"
+    );
+    assert!(!err.retryable());
+    // A member really over a (small) cap, and one just at it.
+    let jpeg = encode(&red_blue(8, 8), ImageFormat::Jpeg);
+    let shard = tar_of(&[("a.jpg", &jpeg[..]), ("b.jpg", &jpeg[..])]);
+    let cap = jpeg.len() as u64;
+    assert_eq!(read_tar_capped("s.tar", &shard, cap).unwrap().len(), 2);
+    let err = read_tar_capped("s.tar", &shard, cap - 1).unwrap_err().to_string();
+    assert!(err.contains("s.tar") && err.contains("a.jpg") && err.contains(&format!("more than the {}", cap - 1)), "{err}");
+}
+
+/// Property tests of the tar reader on what a shard may really hold: arbitrary bytes,
+/// and a valid shard truncated, with header bytes flipped or with a size field set to
+/// anything. None may panic, return more bytes than the shard holds, or return a member
+/// over the cap; a failure names the shard.
+mod tar_properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CAP: u64 = 4096;
+
+    fn valid_shard() -> Vec<u8> {
+        let png = encode(&red_blue(4, 4), ImageFormat::Png);
+        tar_of(&[("0001.png", &png[..]), ("0001.cls", b"3"), ("0002.jpg", &[9u8; 3000][..])])
+    }
+
+    fn check(bytes: &[u8]) {
+        match read_tar_capped("shard.tar", bytes, CAP) {
+            Ok(images) => {
+                let total: usize = images.iter().map(|i| i.bytes.len()).sum();
+                assert!(total <= bytes.len(), "{total} bytes out of a {}-byte shard", bytes.len());
+                assert!(images.iter().all(|i| i.bytes.len() as u64 <= CAP && i.id.starts_with("shard.tar/")));
+            }
+            Err(e @ (Error::NotTar { .. } | Error::MemberTooLarge { .. })) => assert!(e.to_string().contains("shard.tar"), "{e}"),
+            Err(other) => panic!("unexpected error kind: {other}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn a_truncated_shard(cut in 0usize..8192) {
+            let shard = valid_shard();
+            check(&shard[..cut.min(shard.len())]);
+        }
+
+        #[test]
+        fn flipped_bytes(flips in proptest::collection::vec((0usize..8192, any::<u8>()), 1..8)) {
+            let mut shard = valid_shard();
+            let len = shard.len();
+            for (at, xor) in flips {
+                shard[at % len] ^= xor;
+            }
+            check(&shard);
+        }
+
+        #[test]
+        fn any_size_in_a_header(size in any::<u64>(), member in 0usize..3, checksum_fixed in any::<bool>()) {
+            let mut shard = valid_shard();
+            // Each member here takes one header block and its data blocks; find the
+            // member-th header by walking the valid shard.
+            let mut at = 0;
+            for _ in 0..member {
+                let h = tar::Header::from_byte_slice(&shard[at..at + 512]);
+                at += 512 + (h.size().unwrap() as usize).div_ceil(512) * 512;
+            }
+            let mut h = tar::Header::from_byte_slice(&shard[at..at + 512]).clone();
+            h.set_size(size);
+            if checksum_fixed {
+                h.set_cksum();
+            }
+            shard[at..at + 512].copy_from_slice(h.as_bytes());
+            check(&shard);
+        }
+    }
+}

@@ -7,6 +7,9 @@
 //! - `GET /readyz`: readiness, 200 when the probe says the process can serve, else 503
 //!   with the reason.
 //!
+//! The accept loop, with its connection cap and timeouts, is [`http`]'s, shared with
+//! `loupe serve`.
+//!
 //! The exposition is written by hand ([`Exposition`]) rather than through a metrics
 //! registry crate: both processes have a handful of series, most of them read from state
 //! that already exists (the state store, the worker's counters) at scrape time.
@@ -16,14 +19,15 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::warn;
+
+pub mod http;
 
 /// What a process exposes: its metrics, and whether it is ready.
 #[async_trait]
@@ -121,28 +125,16 @@ pub async fn bind(given: Option<SocketAddr>, default_port: u16) -> std::io::Resu
     }
 }
 
-/// Serves the endpoints on `listener` until `shutdown` resolves.
+/// The limits of the monitoring endpoints. Their clients are a Prometheus or two and the
+/// kubelet's probes, each holding a connection or two: 64 leaves room for many and still
+/// bounds what a flood can take from a process whose work is elsewhere. A probe's request
+/// head arrives at once; 10 s is generous for a client on a slow network.
+pub const LIMITS: http::Limits = http::Limits { max_connections: 64, header_read_timeout: Duration::from_secs(10) };
+
+/// Serves the endpoints on `listener` until `shutdown` resolves, within [`LIMITS`].
 pub async fn serve(listener: TcpListener, probe: Arc<dyn Probe>, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => return,
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!(error = %e, "accepting a metrics connection failed");
-                    continue;
-                }
-            },
-        };
-        let probe = probe.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| respond(probe.clone(), req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                warn!(error = %e, "serving a metrics connection failed");
-            }
-        });
-    }
+    let service = hyper::service::service_fn(move |req| respond(probe.clone(), req));
+    http::serve_connections(listener, LIMITS, service, shutdown).await
 }
 
 async fn respond(probe: Arc<dyn Probe>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {

@@ -9,12 +9,48 @@ pub mod v1 {
 
 use loupe_core::job::{JobId, JobState, JobStatus};
 use loupe_core::atlas::Target;
-use loupe_core::spec::{self, DatasetSpec, Precision, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
+use loupe_core::spec::{self, DatasetSpec, Precision, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique, UnitRanges};
 use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Work};
 
 /// Workers send it in every request; the coordinator refuses other versions. 2: tasks
 /// may be dataset maps and reduces.
 pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The largest message either end of the loupe.v1 services sends or accepts (tonic's own
+/// default, 4 MiB, is less than a map task of a long shard's image keys). The largest
+/// message a job produces is a lease of its largest task, so the coordinator refuses at
+/// submit a job whose lease would exceed this ([`lease_len`]).
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// For measuring messages against [`MAX_MESSAGE_BYTES`] (`encoded_len`).
+pub use prost::Message;
+
+/// Refuses a request larger than [`MAX_MESSAGE_BYTES`] before it is sent: a client's own
+/// limit would fail the call with an HTTP/2 reset that names nothing.
+pub fn check_size(what: &str, message: &impl Message) -> Result<(), Invalid> {
+    let len = message.encoded_len();
+    if len > MAX_MESSAGE_BYTES {
+        return Err(Invalid(format!("the {what} is {len} bytes, more than the {MAX_MESSAGE_BYTES} a loupe.v1 message may carry")));
+    }
+    Ok(())
+}
+
+/// Room for what a lease adds around its task and job context: the lease id (a job id
+/// and a 32-digit secret), the attempt and the deadline.
+const LEASE_FIELDS_BYTES: usize = 512;
+
+/// An upper bound on the encoded size of a lease of `task`, where `context_len` is
+/// [`context_len`] of its job: a job's tasks are measured without encoding its context
+/// once per task.
+pub fn lease_len(task: &TaskSpec, context_len: usize) -> usize {
+    let task = v1::Lease { task: Some(task.into()), ..Default::default() };
+    task.encoded_len() + context_len + LEASE_FIELDS_BYTES
+}
+
+/// The encoded size of a job's context within a lease.
+pub fn context_len(job: &JobContext) -> usize {
+    v1::Lease { job: Some(job.into()), ..Default::default() }.encoded_len()
+}
 
 /// A message that cannot become a domain value, with the field that is wrong.
 #[derive(Debug)]
@@ -205,7 +241,7 @@ impl From<&LayerPlan> for v1::LayerPlan {
     fn from(p: &LayerPlan) -> Self {
         v1::LayerPlan {
             layer: Some(v1::Layer { name: p.layer.name.clone(), shape: p.layer.shape.clone() }),
-            units: spec::to_ranges(&p.units).into_iter().map(|(start, end)| v1::UnitRange { start, end }).collect(),
+            units: p.units.ranges().iter().map(|&(start, end)| v1::UnitRange { start, end }).collect(),
             techniques: p.techniques.iter().flatten().map(|&t| v1::Technique::from(t) as i32).collect(),
             steps: p.steps.unwrap_or(0),
         }
@@ -216,9 +252,9 @@ impl TryFrom<v1::LayerPlan> for LayerPlan {
     type Error = Invalid;
     fn try_from(p: v1::LayerPlan) -> Result<Self, Invalid> {
         let l = p.layer.ok_or_else(|| missing("layers[].layer"))?;
-        let count = l.shape.first().copied().unwrap_or(0).clamp(0, u32::MAX as i64) as u32;
+        // Whether the ranges lie inside the layer is `JobSpec::validate`'s to say.
         let ranges: Vec<(u32, u32)> = p.units.iter().map(|r| (r.start, r.end)).collect();
-        let units = spec::from_ranges(&ranges, count).map_err(|e| Invalid(format!("layer {:?}: {e}", l.name)))?;
+        let units = UnitRanges::new(&ranges).map_err(|e| Invalid(format!("layer {:?}: {e}", l.name)))?;
         let techniques = p.techniques.into_iter().map(technique_from_i32).collect::<Result<Vec<_>, _>>()?;
         Ok(LayerPlan {
             layer: LayerInfo { name: l.name, shape: l.shape },
@@ -272,13 +308,19 @@ impl From<&Lease> for v1::Lease {
             task: Some((&l.task).into()),
             attempt: l.attempt,
             deadline_ms: l.deadline_ms,
-            job: Some(v1::JobContext {
-                model: Some((&l.job.model).into()),
-                settings: Some((&l.job.settings).into()),
-                out: l.job.out.clone(),
-                dataset: l.job.dataset.as_ref().map(Into::into),
-                layers: l.job.layers.iter().map(Into::into).collect(),
-            }),
+            job: Some((&l.job).into()),
+        }
+    }
+}
+
+impl From<&JobContext> for v1::JobContext {
+    fn from(j: &JobContext) -> Self {
+        v1::JobContext {
+            model: Some((&j.model).into()),
+            settings: Some((&j.settings).into()),
+            out: j.out.clone(),
+            dataset: j.dataset.as_ref().map(Into::into),
+            layers: j.layers.iter().map(Into::into).collect(),
         }
     }
 }
@@ -347,6 +389,7 @@ impl From<&JobStatus> for v1::JobStatus {
             maps_done: s.maps_done,
             reduces_total: s.reduces_total,
             reduces_done: s.reduces_done,
+            images_failed: s.images_failed,
         }
     }
 }
@@ -376,6 +419,7 @@ impl TryFrom<v1::JobStatus> for JobStatus {
             maps_done: s.maps_done,
             reduces_total: s.reduces_total,
             reduces_done: s.reduces_done,
+            images_failed: s.images_failed,
         })
     }
 }
@@ -387,7 +431,7 @@ mod tests {
     fn job() -> JobSpec {
         JobSpec {
             model: ModelRef { uri: "s3://b/m.pt".into(), name: "m".into(), sha256: "ab".into() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3], techniques: None, steps: None }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3].into(), techniques: None, steps: None }],
             techniques: vec![Technique::Channel, Technique::Negative],
             settings: RenderSettings { steps: 5, size: 16, input_size: 32, seed: 9, learning_rate: 0.05, ..Default::default() },
             batch: 2,
@@ -428,7 +472,7 @@ mod tests {
         ];
         for (index, work) in works.into_iter().enumerate() {
             let lease = Lease {
-                lease_id: format!("job-2/{index}#1").parse().unwrap(),
+                lease_id: format!("job-2/{index}#1.0123456789abcdef0123456789abcdef").parse().unwrap(),
                 task: TaskSpec { job_id: "job-2".parse().unwrap(), index: index as u32, work },
                 attempt: 1,
                 deadline_ms: 7,
@@ -459,9 +503,23 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_or_empty_unit_ranges_are_refused_before_any_unit_is_listed() {
+        let mut m = v1::JobSpec::from(&job());
+        m.layers[0].units = vec![v1::UnitRange { start: 0, end: 5 }, v1::UnitRange { start: 3, end: 8 }];
+        let err = JobSpec::try_from(m.clone()).unwrap_err().0;
+        assert!(err.contains("\"conv\"") && err.contains("3..8 overlaps 0..5"), "{err}");
+        m.layers[0].units = vec![v1::UnitRange { start: 7, end: 7 }];
+        assert!(JobSpec::try_from(m.clone()).unwrap_err().0.contains("7..7 is empty"));
+        // A lying shape with every unit: read as one range, left for validate to refuse.
+        m.layers[0].layer.as_mut().unwrap().shape = vec![u32::MAX as i64];
+        m.layers[0].units = vec![v1::UnitRange { start: 0, end: u32::MAX }];
+        assert_eq!(JobSpec::try_from(m).unwrap().layers[0].units.len(), u64::from(u32::MAX));
+    }
+
+    #[test]
     fn a_lease_and_a_status_survive_the_wire() {
         let lease = Lease {
-            lease_id: "job-1/0#1".parse().unwrap(),
+            lease_id: "job-1/0#1.0123456789abcdef0123456789abcdef".parse().unwrap(),
             task: TaskSpec {
                 job_id: "job-1".parse().unwrap(),
                 index: 0,
@@ -486,6 +544,7 @@ mod tests {
             maps_done: 1,
             reduces_total: 1,
             reduces_done: 0,
+            images_failed: 1,
         };
         assert_eq!(JobStatus::try_from(v1::JobStatus::from(&status)).unwrap(), status);
     }
@@ -508,7 +567,7 @@ mod tests {
 
         let plan = LayerPlan {
             layer: LayerInfo { name: "conv".into(), shape: vec![2, 4, 4] },
-            units: vec![0, 1],
+            units: vec![0, 1].into(),
             techniques: Some(vec![Technique::Diversity, Technique::Direction]),
             steps: Some(20),
         };
@@ -519,5 +578,18 @@ mod tests {
             work: Work::render("conv", Technique::Caricature, ["dog"]),
         };
         assert_eq!(TaskSpec::try_from(v1::Task::from(&task)).unwrap(), task);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn a_request_over_the_message_limit_is_refused_before_it_is_sent() {
+        assert!(check_size("job", &v1::SubmitRequest::default()).is_ok());
+        let big = v1::SubmitRequest { spec: Some(v1::JobSpec { out: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }) };
+        let e = check_size("job", &big).unwrap_err().to_string();
+        assert!(e.contains(&format!("the job is {} bytes, more than the {MAX_MESSAGE_BYTES}", big.encoded_len())), "{e}");
     }
 }

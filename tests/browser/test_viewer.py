@@ -780,3 +780,44 @@ def test_dead_units_and_unit_records(browser, edited_site):
         # Only the missing layer.json (and examples.json: no dataset) were asked for in vain.
         check_page(page, edited_site, allow_missing=True)
         assert all(u.endswith(("/layer.json", "/examples.json")) for u, _ in page.failed), page.failed
+
+
+FAILED_REASON = "objective became NaN at step 5"
+
+
+@pytest.fixture(scope="session")
+def failed_site(techniques_dir, tmp_path_factory):
+    """The techniques atlas with conv3's unit 1 channel image and its caricature recorded
+    as failed in layer.json, as loupe lists an optimisation that diverged: no image, the
+    reason."""
+    out = tmp_path_factory.mktemp("viewer") / "failed"
+    shutil.copytree(techniques_dir, out)
+    path = out / "layers" / "conv3" / "layer.json"
+    layer = json.loads(path.read_text())
+    for u in layer["units"]:
+        if u["unit"] == 1:
+            u["techniques"]["channel"] = {"failed": FAILED_REASON}
+    layer["items"]["caricature"] = [{"item": "stripes", "failed": FAILED_REASON}]
+    path.write_text(json.dumps(layer))
+    (out / "layers" / "conv3" / "units" / "1" / "channel.png").unlink()
+    with cdp.serve(out, cwd=ROOT) as base:
+        yield base
+
+
+def test_failed_units_and_items_show_their_reason(browser, failed_site):
+    note = f"failed: {FAILED_REASON} (the optimisation diverged)"
+    with new_page(browser) as page:
+        open_view(page, failed_site + "#/layer/conv3?technique=channel", "layer")
+        card = "#grid .unit[data-unit=\"1\"]"
+        assert page.eval(f"document.querySelector('{card}').classList.contains('failed')")
+        assert page.eval(f"document.querySelector('{card} .tag.failed').title") == note
+        assert page.eval("document.querySelectorAll('#grid .unit.failed').length") == 1
+        item = ".items[data-technique=caricature] .item"
+        assert page.eval(f"document.querySelector('{item}').classList.contains('failed')")
+        assert page.eval(f"document.querySelector('{item} .failed-note').textContent") == note
+        open_view(page, failed_site + "#/layer/conv3/unit/1", "unit")
+        assert page.eval("document.querySelector('.technique[data-technique=channel] .failed-note').textContent") == note
+        assert page.eval("document.querySelectorAll('.technique[data-technique=channel] .final img').length") == 0
+        # The failed image is never asked for.
+        check_page(page, failed_site, allow_missing=True)
+        assert not [u for u in page.requests if u.endswith("/units/1/channel.png")]

@@ -13,7 +13,7 @@ use tonic::{Code, Request, Status};
 use loupe_core::api::{ApiError, ApiResult, WorkerApi};
 use loupe_core::task::{Failure, Lease, LeaseId, LeaseState};
 use loupe_proto::v1::workers_client::WorkersClient;
-use loupe_proto::{lease_state_from_i32, v1, PROTOCOL_VERSION};
+use loupe_proto::{lease_state_from_i32, v1, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Clone)]
@@ -79,7 +79,9 @@ pub struct GrpcWorkerApi {
 
 impl GrpcWorkerApi {
     pub fn new(channel: Channel, token: BearerToken) -> Self {
-        GrpcWorkerApi { client: WorkersClient::with_interceptor(channel, token) }
+        // A lease of a long shard's map task exceeds tonic's default 4 MiB.
+        let client = WorkersClient::with_interceptor(channel, token).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
+        GrpcWorkerApi { client }
     }
 }
 

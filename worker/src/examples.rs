@@ -36,7 +36,7 @@ pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Prepro
     let device = model.device();
     let unit_index: Vec<Tensor> = layers
         .iter()
-        .map(|p| Tensor::from_slice(&p.units.iter().map(|&u| u as i64).collect::<Vec<_>>()).to_device(device))
+        .map(|p| Tensor::from_slice(&p.units.iter().map(i64::from).collect::<Vec<_>>()).to_device(device))
         .collect();
     for batch in images.chunks(MAP_BATCH) {
         if cancel.load(std::sync::atomic::Ordering::Relaxed) {
@@ -280,7 +280,7 @@ pub(crate) async fn run_map(
             for plan in &layers {
                 loaded.layer(&plan.layer.name)?;
             }
-            let mut partials: Vec<LayerPartial> = layers.iter().map(|p| LayerPartial::new(p.units.clone(), k)).collect();
+            let mut partials: Vec<LayerPartial> = layers.iter().map(|p| LayerPartial::new(p.units.iter().collect(), k)).collect();
             for partial in &mut partials {
                 for id in &skipped {
                     partial.add_skipped(id).map_err(stats_error)?;
@@ -312,12 +312,12 @@ pub(crate) async fn run_reduce(
     if partials.is_empty() {
         return Err(Error::Model(format!("layer {layer:?}: no map left a partial result in {}", out.location())));
     }
-    let mut merged = LayerPartial::new(plan.units.clone(), spec.examples as usize);
+    let mut merged = LayerPartial::new(plan.units.iter().collect(), spec.examples as usize);
     for bytes in &partials {
         merged.merge(LayerPartial::from_bytes(bytes).map_err(stats_error)?).map_err(stats_error)?;
     }
     let stats = merged.finish();
-    let parquet = loupe_stats::write_parquet(layer, &stats, &plan.units).map_err(stats_error)?;
+    let parquet = loupe_stats::write_parquet(layer, &stats, &plan.units.iter().collect::<Vec<_>>()).map_err(stats_error)?;
 
     let ids: BTreeSet<String> = stats.iter().flat_map(|s| s.top.iter().chain(&s.bottom).map(|e| e.id.clone())).collect();
     let raw = fetch_examples(dataset, &ids).await?;
@@ -330,7 +330,7 @@ pub(crate) async fn run_reduce(
             receptive_field(&loaded.model, &name, input_size)
         })
         .await?;
-    let (units, shape) = (plan.units.clone(), plan.layer.shape.clone());
+    let (units, shape): (Vec<u32>, _) = (plan.units.iter().collect(), plan.layer.shape.clone());
     let (entries, files) = tokio::task::spawn_blocking(move || {
         let images: HashMap<String, Preprocessed> = raw
             .into_iter()

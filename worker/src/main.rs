@@ -23,7 +23,8 @@ struct Args {
     /// auto, cpu or cuda:N.
     #[arg(long, env = "LOUPE_DEVICE", default_value = "auto")]
     device: String,
-    /// File holding the bearer token.
+    /// File holding the worker token (the coordinator's --worker-token-file); the user
+    /// token does not open the Workers service.
     #[arg(long, env = "LOUPE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// PEM bundle of the CAs that sign an https:// coordinator's certificate.

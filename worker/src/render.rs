@@ -98,6 +98,21 @@ pub struct Rendered {
     pub dead: bool,
 }
 
+/// A subject whose optimisation diverged: its objective or its image stopped being finite
+/// (one image of a diversity unit is enough). It has no images to keep. Each image of a
+/// batch is optimised on its own (the batch shares only the passes through the model,
+/// which treat each element apart), so the subject's batch-mates are as they would be
+/// without it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diverged {
+    pub target: Target,
+    /// Why, e.g. "objective became NaN at step 37".
+    pub reason: String,
+}
+
+/// One subject's images, or why it has none.
+pub type Outcome = std::result::Result<Rendered, Diverged>;
+
 /// A decoded input image: `channels x size x size` floats in [0, 1], row-major CHW.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputImage {
@@ -385,8 +400,9 @@ impl Stopwatch<'_> {
 /// batch that runs out of memory is halved and run again, and the limit is lowered for the
 /// caller's next request; so the batch follows the device's free memory unless the job's
 /// batch is smaller. A diversity unit's N images always share an optimisation. Each image
-/// has its own seeded stream, so grouping never changes what is drawn.
-pub fn render(model: &Model, req: &RenderRequest, cancel: &AtomicBool, max_batch: &mut Option<usize>, times: Option<&mut StepTimes>) -> Result<Vec<Rendered>> {
+/// has its own seeded stream, so grouping never changes what is drawn. A subject whose
+/// optimisation diverges is [`Diverged`]; the rest of the request still renders.
+pub fn render(model: &Model, req: &RenderRequest, cancel: &AtomicBool, max_batch: &mut Option<usize>, times: Option<&mut StepTimes>) -> Result<Vec<Outcome>> {
     check(req)?;
     let mut times = times;
     let n = images_per_subject(req);
@@ -488,13 +504,16 @@ impl Goal {
         }
     }
 
-    /// What Adam minimises: minus the sum of the values, plus the diversity penalty.
-    fn loss(&self, act: &Tensor, layer: &str) -> Result<Tensor> {
-        let value = self.values(act, layer)?.sum(Kind::Float);
-        Ok(match self {
+    /// What Adam minimises: minus the sum of the values, plus the diversity penalty; and
+    /// the values, `[B]`.
+    fn loss(&self, act: &Tensor, layer: &str) -> Result<(Tensor, Tensor)> {
+        let values = self.values(act, layer)?;
+        let value = values.sum(Kind::Float);
+        let loss = match self {
             Goal::Diversity { n, weight, .. } => -(value - diversity_similarity(act, *n).sum(Kind::Float) * *weight),
             _ => -value,
-        })
+        };
+        Ok((loss, values))
     }
 
     /// Element b's own objective, alone in a batch of one: what the dead-unit check asks
@@ -528,11 +547,14 @@ struct Optimised {
     /// After each threshold's steps, the images.
     snapshots: Vec<(u32, Tensor)>,
     dead: Vec<bool>,
+    /// Per image, why its optimisation diverged, if it did.
+    diverged: Vec<Option<String>>,
 }
 
 impl Optimised {
-    /// The images of `subjects`, `n` consecutive images each.
-    fn per_subject(self, subjects: &[Subject], n: usize) -> Vec<Rendered> {
+    /// The images of `subjects`, `n` consecutive images each; a subject with a diverged
+    /// image has none.
+    fn per_subject(self, subjects: &[Subject], n: usize) -> Vec<Outcome> {
         let pixels = to_pixels(&self.images);
         let snapshots: Vec<(u32, Vec<Pixels>)> = self.snapshots.iter().map(|(step, t)| (*step, to_pixels(t))).collect();
         subjects
@@ -540,13 +562,16 @@ impl Optimised {
             .enumerate()
             .map(|(i, subject)| {
                 let range = i * n..(i + 1) * n;
-                Rendered {
+                if let Some(reason) = self.diverged[range.clone()].iter().flatten().next() {
+                    return Err(Diverged { target: subject.target(), reason: reason.clone() });
+                }
+                Ok(Rendered {
                     target: subject.target(),
                     images: pixels[range.clone()].to_vec(),
                     objectives: self.objectives[range.clone()].to_vec(),
                     snapshots: snapshots.iter().map(|(step, p)| Snapshot { step: *step, images: p[range.clone()].to_vec() }).collect(),
                     dead: matches!(subject, Subject::Unit(_)) && self.dead[range].iter().all(|&d| d),
-                }
+                })
             })
             .collect()
     }
@@ -646,22 +671,71 @@ fn optimise(o: &Optimisation, mut specs: Vec<ImageSpec>, times: Option<&mut Step
     let thetas = Tensor::from_slice(&transform::thetas(s.steps, s.size, &s.transforms, &mut rngs))
         .reshape([s.steps as i64, batch as i64, 2, 3])
         .to_device(device);
-    let (image, snapshots) = ascend(o, &init, batch, &thetas, times)?;
+    let Ascent { image, snapshots, divergence } = ascend(o, &init, batch, &thetas, times)?;
 
     let _no_grad = tch::no_grad_guard();
     let images = image.image();
     let value = o.goal.values(&o.model.activation(&resized(&images, s.input_size as i64), layer)?, layer)?;
     let objectives: Vec<f64> = Vec::<f32>::try_from(&value.to_device(Device::Cpu)).map_err(torch)?.into_iter().map(f64::from).collect();
-    if let Some(i) = objectives.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Torch(format!("{} of layer {layer:?}: the objective is not finite ({})", specs[i].label, objectives[i])));
+    let finite = Vec::<bool>::try_from(images.isfinite().flatten(1, -1).all_dim(1, false).to_device(Device::Cpu)).map_err(torch)?;
+    let mut diverged = divergence.reasons()?;
+    for (b, reason) in diverged.iter_mut().enumerate() {
+        if reason.is_none() && !objectives[b].is_finite() {
+            *reason = Some(format!("objective is {} on the final image", objectives[b]));
+        }
+        if reason.is_none() && !finite[b] {
+            *reason = Some("the image is not finite".to_string());
+        }
+        if let Some(why) = reason {
+            tracing::warn!(image = %specs[b].label, layer, "the optimisation diverged: {why}");
+        }
     }
-    Ok(Optimised { images: images.to_device(Device::Cpu), objectives, snapshots, dead })
+    Ok(Optimised { images: images.to_device(Device::Cpu), objectives, snapshots, dead, diverged })
+}
+
+/// Per image, the first step at which its objective was not finite and its value then,
+/// kept on the device so that the steps never wait on the host.
+struct Divergence {
+    /// `[B]`: the step (from 1), or 0 while the objective has stayed finite.
+    step: Tensor,
+    /// `[B]`: the objective at that step.
+    value: Tensor,
+}
+
+impl Divergence {
+    fn new(batch: usize, device: Device) -> Divergence {
+        Divergence { step: Tensor::zeros([batch as i64], (Kind::Int64, device)), value: Tensor::zeros([batch as i64], (Kind::Float, device)) }
+    }
+
+    /// Notes the objectives `values` (`[B]`) of step `step`.
+    fn note(&mut self, step: i64, values: &Tensor) {
+        let _no_grad = tch::no_grad_guard();
+        let keep = values.isfinite().logical_or(&self.step.ne(0));
+        self.step = self.step.where_scalarother(&keep, step);
+        self.value = self.value.where_self(&keep, &values.detach().to_kind(Kind::Float));
+    }
+
+    /// Per image, e.g. "objective became NaN at step 37", if it did.
+    fn reasons(&self) -> Result<Vec<Option<String>>> {
+        let steps = Vec::<i64>::try_from(self.step.to_device(Device::Cpu)).map_err(torch)?;
+        let values = Vec::<f32>::try_from(self.value.to_device(Device::Cpu)).map_err(torch)?;
+        Ok(steps.iter().zip(values).map(|(&step, value)| (step > 0).then(|| format!("objective became {value} at step {step}"))).collect())
+    }
+}
+
+/// What Adam's steps leave.
+struct Ascent {
+    /// The parameterised images after the last step.
+    image: ParamImage,
+    /// After each threshold's steps, the images.
+    snapshots: Vec<(u32, Tensor)>,
+    /// Where each image's objective stopped being finite.
+    divergence: Divergence,
 }
 
 /// Adam's steps from the `batch` images' initial values `init`, each step through its
-/// transforms `thetas[step]`: the parameterised images after the last step, and after
-/// each threshold's steps the images.
-fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: Option<&mut StepTimes>) -> Result<(ParamImage, Vec<(u32, Tensor)>)> {
+/// transforms `thetas[step]`.
+fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: Option<&mut StepTimes>) -> Result<Ascent> {
     let (s, device, layer) = (o.settings, o.model.device(), o.layer);
     let size = s.size as usize;
     let vs = nn::VarStore::new(device);
@@ -670,6 +744,7 @@ fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: 
     let mut adam = nn::OptimizerConfig::build(nn::Adam::default(), &vs, s.learning_rate).map_err(torch)?;
 
     let mut snapshots = Vec::with_capacity(s.thresholds.len());
+    let mut divergence = Divergence::new(batch, device);
     let mut watch = Stopwatch { times, device, mark: Instant::now() };
     for step in 0..s.steps as i64 {
         if o.cancel.load(Ordering::Relaxed) {
@@ -677,7 +752,8 @@ fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: 
         }
         let x = transformed(&image.image(), &thetas.get(step), s.input_size as i64);
         watch.lap(|t| &mut t.transforms);
-        let loss = o.goal.loss(&o.model.activation(&x, layer)?, layer)?;
+        let (loss, values) = o.goal.loss(&o.model.activation(&x, layer)?, layer)?;
+        divergence.note(step + 1, &values);
         watch.lap(|t| &mut t.forward);
         adam.zero_grad();
         loss.f_backward().map_err(torch)?;
@@ -694,7 +770,7 @@ fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: 
     if let Some(t) = watch.times.as_deref_mut() {
         t.steps += s.steps as u64;
     }
-    Ok((image, snapshots))
+    Ok(Ascent { image, snapshots, divergence })
 }
 
 /// `[B, C, S, S]` in [0, 1] -> per-image bytes, rounded to nearest: RGB from the first
@@ -767,7 +843,12 @@ mod tests {
     }
 
     fn run(m: &Model, layer: &str, technique: Technique, units: &[u32], s: &RenderSettings) -> Vec<Rendered> {
-        render(m, &RenderRequest { layer, technique, subjects: &unit_subjects(units), settings: s }, &AtomicBool::new(false), &mut None, None).unwrap()
+        rendered(render(m, &RenderRequest { layer, technique, subjects: &unit_subjects(units), settings: s }, &AtomicBool::new(false), &mut None, None).unwrap())
+    }
+
+    /// The images of subjects none of which diverged.
+    fn rendered(outcomes: Vec<Outcome>) -> Vec<Rendered> {
+        outcomes.into_iter().map(|o| o.unwrap_or_else(|d| panic!("{} diverged: {}", d.target, d.reason))).collect()
     }
 
     fn run_layer(m: &Model, layer: &str, technique: Technique, items: &[LayerItem], s: &RenderSettings) -> Vec<Rendered> {
@@ -776,7 +857,7 @@ mod tests {
 
     fn try_run_layer(m: &Model, layer: &str, technique: Technique, items: &[LayerItem], s: &RenderSettings) -> Result<Vec<Rendered>> {
         let subjects: Vec<Subject> = items.iter().cloned().map(Subject::Item).collect();
-        render(m, &RenderRequest { layer, technique, subjects: &subjects, settings: s }, &AtomicBool::new(false), &mut None, None)
+        render(m, &RenderRequest { layer, technique, subjects: &subjects, settings: s }, &AtomicBool::new(false), &mut None, None).map(rendered)
     }
 
     fn unit_subjects(units: &[u32]) -> Vec<Subject> {
@@ -939,10 +1020,10 @@ mod tests {
         let pixel: &'static RenderSettings = Box::leak(Box::new(RenderSettings { param: ParamSettings { kind: ParamKind::Pixel, ..Default::default() }, ..s.clone() }));
         for (technique, s) in [(Technique::Diversity, s), (Technique::Channel, pixel), (Technique::Channel, s)] {
             let r = req(Box::leak(unit_subjects(&[0, 14, 1]).into_boxed_slice()), technique, s);
-            let together = render(&demo, &r, &AtomicBool::new(false), &mut None, None).unwrap();
+            let together = rendered(render(&demo, &r, &AtomicBool::new(false), &mut None, None).unwrap());
             let per = images_per_subject(&r);
             let mut limit = Some(per);
-            let alone = render(&demo, &r, &AtomicBool::new(false), &mut limit, None).unwrap();
+            let alone = rendered(render(&demo, &r, &AtomicBool::new(false), &mut limit, None).unwrap());
             for (a, b) in together.iter().zip(&alone) {
                 assert_eq!(a.images, b.images, "{technique} unit {}", unit(a));
                 assert_eq!(a.images.len(), per);
@@ -1039,6 +1120,26 @@ mod tests {
         // A wrong length is an error.
         let bad = LayerItem { name: "short".into(), kind: LayerItemKind::Direction { vector: vec![1.0; 3] } };
         assert!(try_run_layer(&demo, layer, Technique::Direction, &[bad], &s).is_err());
+    }
+
+    /// The diverges fixture's unit 2 turns NaN once it exceeds its value on grey: its
+    /// optimisation is reported diverged, with the step, and its batch-mates render exactly
+    /// as in a batch without it. (Diversity's penalty reads every channel, so on this
+    /// model the NaN reaches every unit's images under diversity, which all diverge.)
+    #[test]
+    fn a_diverging_unit_fails_alone() {
+        let m = model("tests/fixtures/diverges.pt");
+        let s = settings(32, 16);
+        let req = RenderRequest { layer: "conv", technique: Technique::Channel, subjects: &unit_subjects(&[0, 1, 2, 3]), settings: &s };
+        let mut out = render(&m, &req, &AtomicBool::new(false), &mut None, None).unwrap();
+        let failed = out.remove(2).unwrap_err();
+        assert_eq!(failed.target, Target::Unit(2));
+        let step: u32 = failed.reason.strip_prefix("objective became NaN at step ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{}", failed.reason));
+        assert!((2..=32).contains(&step), "NaN from step {step}; on grey the unit is finite");
+        let without = run(&m, "conv", Technique::Channel, &[0, 1, 3], &s);
+        for (with, alone) in rendered(out).iter().zip(&without) {
+            assert_eq!((&with.images, &with.objectives), (&alone.images, &alone.objectives), "{}", with.target);
+        }
     }
 
     #[test]

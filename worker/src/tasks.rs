@@ -19,7 +19,7 @@ use loupe_core::task::{Lease, Work};
 
 use crate::examples;
 use crate::metrics::WorkerMetrics;
-use crate::render::{decode_input, render, LayerItem, LayerItemKind, Pixels, RenderRequest, Rendered, StepTimes, Subject};
+use crate::render::{decode_input, render, LayerItem, LayerItemKind, Outcome, Pixels, RenderRequest, Rendered, StepTimes, Subject};
 use crate::runner::WorkerConfig;
 use crate::torch::{Loaded, TorchThread};
 use crate::{Error, Result};
@@ -64,11 +64,11 @@ impl Tasks {
     }
 }
 
-/// A rendered task: each image with its id, the atlas they go to and the settings their
-/// records name.
+/// A rendered task: each image (or why it diverged) with its id, the atlas they go to and
+/// the settings their records name.
 pub(crate) struct Finished {
     atlas: Atlas,
-    images: Vec<(ImageId, Rendered)>,
+    images: Vec<(ImageId, Outcome)>,
     settings: RenderSettings,
 }
 
@@ -92,7 +92,7 @@ impl TaskWork for Tasks {
                 let (profile, cancel, metrics) = (self.profile, cancel.clone(), self.metrics.clone());
                 let settings = task.settings.clone();
                 let rendered = torch.run(lease, model_path, move |loaded| render_subjects(loaded, &task, &subjects, profile, &cancel, &metrics)).await?;
-                let images = rendered.into_iter().map(|r| Ok((ImageId::new(layer, *technique, r.target.clone())?, r))).collect::<Result<_>>()?;
+                let images = rendered.into_iter().map(|r| Ok((ImageId::new(layer, *technique, target(&r).clone())?, r))).collect::<Result<_>>()?;
                 Ok(Some(Finished { atlas, images, settings }))
             }
             Work::Map { shard, source } => {
@@ -108,14 +108,19 @@ impl TaskWork for Tasks {
         }
     }
 
-    /// Each image's PNGs, encoded here rather than on the torch thread, then its record.
+    /// Each image's PNGs, encoded here rather than on the torch thread, then its record; a
+    /// diverged image's failed record. Both count as written.
     async fn store(&self, lease: &Lease, finished: Finished, ended: &AtomicBool) -> Result<u64> {
         let Finished { atlas, images, settings } = finished;
         for (id, rendered) in &images {
             if ended.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
-            atlas.write_image(id, &encoded(rendered, settings.size), &lease.job.model.sha256, &settings).await?;
+            let model = &lease.job.model.sha256;
+            match rendered {
+                Ok(r) => atlas.write_image(id, &encoded(r, settings.size), model, &settings).await?,
+                Err(diverged) => atlas.write_failed(id, &diverged.reason, model, &settings).await?,
+            }
         }
         Ok(images.len() as u64)
     }
@@ -130,8 +135,16 @@ struct RenderTask {
     settings: RenderSettings,
 }
 
+/// What a subject's outcome shows.
+fn target(outcome: &Outcome) -> &Target {
+    match outcome {
+        Ok(r) => &r.target,
+        Err(d) => &d.target,
+    }
+}
+
 /// Renders a render task's subjects on the torch thread.
-fn render_subjects(l: &mut Loaded, task: &RenderTask, subjects: &[Subject], profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<Rendered>> {
+fn render_subjects(l: &mut Loaded, task: &RenderTask, subjects: &[Subject], profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<Outcome>> {
     let (layer, technique, settings) = (task.layer.as_str(), task.technique, &task.settings);
     // Unknown layers and units out of range are named here; render checks each direction
     // against the layer.

@@ -57,11 +57,14 @@ impl TorchThread {
     ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
         let (device, want, input_size, channels) = (self.device, lease.job.model.clone(), lease.job.settings.input_size, lease.job.settings.param.channels);
+        let declared: Vec<LayerInfo> = lease.job.layers.iter().map(|plan| plan.layer.clone()).collect();
         let job: TorchJob = Box::new(move |loaded: &mut Option<Loaded>| {
             // tch panics on some libtorch errors; one bad task must not take the worker
             // down with it.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                load(loaded, device, &model_path, &want, input_size, channels).and_then(f)
+                let l = load(loaded, device, &model_path, &want, input_size, channels)?;
+                l.check_shapes(&declared)?;
+                f(l)
             }))
             .unwrap_or_else(|panic| {
                 *loaded = None;
@@ -99,10 +102,53 @@ fn load<'a>(loaded: &'a mut Option<Loaded>, device: Device, path: &Path, want: &
 }
 
 impl Loaded {
+    /// Checks the job's layer shapes, which its submitter declared and the coordinator
+    /// sized the job by, against the model's own (from the probe pass at load). A job
+    /// that got one wrong fails at once, whichever task finds it.
+    pub(crate) fn check_shapes(&self, declared: &[LayerInfo]) -> Result<()> {
+        for want in declared {
+            let real = self.layer(&want.name)?;
+            if real.shape != want.shape {
+                return Err(Error::Model(format!(
+                    "layer {:?} has shape {:?} in the model, but the job declares {:?}",
+                    want.name, real.shape, want.shape
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn layer(&self, name: &str) -> Result<&LayerInfo> {
         self.layers.iter().find(|x| x.name == name).ok_or_else(|| {
             let known: Vec<&str> = self.layers.iter().map(|x| x.name.as_str()).collect();
             Error::UnknownLayer(format!("{name:?}; the model has {}", known.join(", ")))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny fixture's layers against shapes a job could declare: right ones pass; a
+    /// wrong shape or an unknown layer is an error that names it, and is not retried.
+    #[test]
+    fn declared_shapes_are_checked_against_the_model() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny.pt");
+        let sha256 = loupe_core::sha256_file(&path).unwrap();
+        let want = ModelRef { uri: path.to_string_lossy().into_owned(), name: "tiny".into(), sha256 };
+        let mut loaded = None;
+        let l = load(&mut loaded, Device::Cpu, &path, &want, 16, 3).unwrap();
+        let layer = |name: &str, shape: &[i64]| LayerInfo { name: name.into(), shape: shape.to_vec() };
+        l.check_shapes(&[layer("conv", &[4, 16, 16]), layer("logits", &[3])]).unwrap();
+        for (declared, message) in [
+            (layer("conv", &[4294967295]), "layer \"conv\" has shape [4, 16, 16] in the model, but the job declares [4294967295]"),
+            (layer("logits", &[3, 1, 1]), "layer \"logits\" has shape [3] in the model, but the job declares [3, 1, 1]"),
+            (layer("fc9", &[3]), "unknown layer \"fc9\"; the model has conv, logits"),
+        ] {
+            let e = l.check_shapes(&[layer("conv", &[4, 16, 16]), declared]).unwrap_err();
+            assert_eq!(e.to_string(), message);
+            assert!(!e.retryable(), "{message}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use loupe_core::job::JobState;
-use loupe_core::spec::{JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
+use loupe_core::spec::{JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique, UnitRanges};
 use loupe_proto::v1;
 use loupe_proto::v1::jobs_client::JobsClient;
 use loupe_testsupport::{free_port, wait_for, RedisServer};
@@ -52,16 +52,41 @@ impl Drop for Killed {
     }
 }
 
-async fn run(units: u32, workers: usize, model: &Path) -> Result<()> {
-    let redis = RedisServer::start();
-    let port = free_port();
-    let out = tempfile::tempdir()?;
-    let coordinator = Command::new(binary("loupe-coordinator"))
+/// A coordinator on `port` over `redis` that may read `model` (a local, absolute path).
+fn start_coordinator(redis: &RedisServer, port: u16, model: &Path) -> Result<std::process::Child> {
+    Command::new(binary("loupe-coordinator"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--state", &redis.url(), "--lease-ttl", "60s", "--metrics-listen", "127.0.0.1:0"])
+        // Loopback only, and the benchmark measures leasing, not auth.
+        .arg("--insecure-no-auth")
+        // The model and the atlas are local files of this machine.
+        .arg("--allow-local-paths")
+        .arg("--input-prefix")
+        .arg(model.parent().context("the model path has a directory")?)
         .env("LOUPE_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .context("starting loupe-coordinator (run `cargo build --release --bins`)")?;
+        .context("starting loupe-coordinator (run `cargo build --release --bins`)")
+}
+
+/// The job's status once it has ended.
+async fn job_end(client: &mut JobsClient<tonic::transport::Channel>, job_id: &str) -> Result<loupe_core::job::JobStatus> {
+    loop {
+        let s = client.get(v1::GetJobRequest { job_id: job_id.to_string() }).await?.into_inner();
+        let s = loupe_core::job::JobStatus::try_from(s).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if s.state.is_terminal() {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn run(units: u32, workers: usize, model: &Path) -> Result<()> {
+    // Absolute and without `..`: a path the coordinator can place under its prefix.
+    let model = &model.canonicalize().with_context(|| format!("the model {}", model.display()))?;
+    let redis = RedisServer::start();
+    let port = free_port();
+    let out = tempfile::tempdir()?;
+    let coordinator = start_coordinator(&redis, port, model)?;
     let coordinator_pid = coordinator.id();
     let mut procs = Killed(vec![coordinator]);
     wait_for("the coordinator", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
@@ -78,7 +103,7 @@ async fn run(units: u32, workers: usize, model: &Path) -> Result<()> {
 
     let spec = JobSpec {
         model: ModelRef { uri: model.to_string_lossy().into_owned(), name: "bench".into(), sha256: String::new() },
-        layers: vec![LayerPlan { layer: LayerInfo { name: "synthetic".into(), shape: vec![units as i64] }, units: (0..units).collect(), techniques: None, steps: None }],
+        layers: vec![LayerPlan { layer: LayerInfo { name: "synthetic".into(), shape: vec![units as i64] }, units: UnitRanges::range(0, units), techniques: None, steps: None }],
         techniques: vec![Technique::Channel],
         settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
         batch: 64,
@@ -94,14 +119,7 @@ async fn run(units: u32, workers: usize, model: &Path) -> Result<()> {
     let redis_pid = redis.pid().context("redis pid")?;
     let (coord_cpu0, redis_cpu0) = (cpu_seconds(coordinator_pid), cpu_seconds(redis_pid));
     let run_start = Instant::now();
-    let status = loop {
-        let s = client.get(v1::GetJobRequest { job_id: job_id.clone() }).await?.into_inner();
-        let s = loupe_core::job::JobStatus::try_from(s).map_err(|e| anyhow::anyhow!("{e}"))?;
-        if s.state.is_terminal() {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = job_end(&mut client, &job_id).await?;
     let run_s = run_start.elapsed().as_secs_f64();
     let coord_cpu = cpu_seconds(coordinator_pid) - coord_cpu0;
     let redis_cpu = cpu_seconds(redis_pid) - redis_cpu0;

@@ -2,16 +2,16 @@
 //! tested without sleeping.
 
 use loupe_core::spec::{DatasetSpec, JobSpec, LayerInfo, LayerPlan, ModelRef, RenderSettings, Technique};
-use loupe_core::task::{Failure, Lease, LeaseState, ShardSource, Work};
+use loupe_core::task::{Failure, Lease, LeaseId, LeaseSecret, LeaseState, ShardSource, Work};
 
-use super::{JobState, LeasePolicy, NewTask, StateError, StateStore, StoreCounters};
+use super::{JobCursor, JobId, JobState, LeasePolicy, NewTask, StateError, StateStore, StoreCounters};
 
 const POLICY: LeasePolicy = LeasePolicy { ttl_ms: 1_000, max_attempts: 3 };
 
 pub(crate) fn spec() -> JobSpec {
     JobSpec {
         model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
-        layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3], techniques: None, steps: None }],
+        layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3].into(), techniques: None, steps: None }],
         techniques: vec![Technique::Channel],
         settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
         batch: 2,
@@ -70,6 +70,9 @@ pub async fn run_all_async<F: std::future::Future<Output = Box<dyn StateStore>>>
     a_task_may_wait_only_on_earlier_tasks(make().await.as_ref()).await;
     the_counters_follow_queue_leases_expiries_retries_and_failures(make().await.as_ref()).await;
     a_released_task_goes_back_without_using_an_attempt(make().await.as_ref()).await;
+    jobs_are_listed_newest_first_a_page_at_a_time(make().await.as_ref()).await;
+    jobs_that_ended_longer_ago_than_the_retention_expire(make().await.as_ref()).await;
+    a_forged_lease_id_cannot_renew_complete_or_fail_the_task(make().await.as_ref()).await;
 }
 
 async fn each_task_is_leased_once_and_the_last_completion_ends_the_job(s: &dyn StateStore) {
@@ -85,8 +88,9 @@ async fn each_task_is_leased_once_and_the_last_completion_ends_the_job(s: &dyn S
     assert!(last.job_done);
     let st = s.job(&id).await.unwrap();
     assert_eq!((st.state.clone(), st.tasks_done, st.images_done), (JobState::Indexing, 2, 4));
-    s.finish(&id, JobState::Succeeded).await.unwrap();
-    assert_eq!(s.job(&id).await.unwrap().state, JobState::Succeeded);
+    s.finish(&id, JobState::Succeeded, 1, 2).await.unwrap();
+    let st = s.job(&id).await.unwrap();
+    assert_eq!((st.state, st.images_failed), (JobState::Succeeded, 1), "the failed images are kept with the outcome");
     assert_eq!(s.jobs().await.unwrap().len(), 1);
 }
 
@@ -152,12 +156,12 @@ async fn a_permanent_failure_fails_the_job_at_once(s: &dyn StateStore) {
 async fn a_cancelled_job_stops_its_workers_and_leases_nothing(s: &dyn StateStore) {
     let id = s.create_job(spec(), tasks(2), 0, 0).await.unwrap();
     let a = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
-    assert!(s.cancel(&id).await.unwrap());
+    assert!(s.cancel(&id, 1).await.unwrap());
     assert_eq!(s.renew(&a.lease_id, 1, POLICY).await.unwrap(), LeaseState::Cancelled);
     assert!(s.lease("w2", 1, POLICY).await.unwrap().is_none());
     assert_eq!(s.complete(&a.lease_id, 2).await.unwrap().lease, LeaseState::Cancelled);
     assert_eq!(s.job(&id).await.unwrap().state, JobState::Cancelled);
-    assert!(!s.cancel(&id).await.unwrap(), "cancelling twice reports it had ended");
+    assert!(!s.cancel(&id, 3).await.unwrap(), "cancelling twice reports it had ended");
 }
 
 async fn a_job_with_nothing_to_render_goes_straight_to_indexing(s: &dyn StateStore) {
@@ -251,7 +255,7 @@ async fn a_failed_or_cancelled_job_never_releases_its_reduces(failing: &dyn Stat
     let a = cancelling.lease("w1", 0, POLICY).await.unwrap().unwrap();
     let b = cancelling.lease("w2", 0, POLICY).await.unwrap().unwrap();
     assert!(!cancelling.complete(&a.lease_id, 1).await.unwrap().job_done);
-    assert!(cancelling.cancel(&id).await.unwrap());
+    assert!(cancelling.cancel(&id, 2).await.unwrap());
     assert_eq!(cancelling.complete(&b.lease_id, 2).await.unwrap().lease, LeaseState::Cancelled);
     assert!(cancelling.lease("w3", 2, POLICY).await.unwrap().is_none(), "a cancelled job's reduce is never leased");
     let st = cancelling.job(&id).await.unwrap();
@@ -299,7 +303,7 @@ async fn the_counters_follow_queue_leases_expiries_retries_and_failures(s: &dyn 
 
     // A cancelled job's tasks are no longer queued; the totals stay.
     let job = done.task.job_id.clone();
-    s.cancel(&job).await.unwrap();
+    s.cancel(&job, 2_020).await.unwrap();
     let counters = s.counters().await.unwrap();
     assert_eq!((counters.queued, counters.leased, counters.retries), (0, 0, 2));
 }
@@ -332,4 +336,85 @@ async fn a_released_task_goes_back_without_using_an_attempt(s: &dyn StateStore) 
         JobState::Failed { message } => assert!(message.contains("after 3 attempts"), "{message}"),
         other => panic!("the job should have failed, is {other:?}"),
     }
+}
+
+/// A lease id names its task and attempt, which anyone can guess; only its secret makes it
+/// the holder's. A forged one (right job, index and attempt, wrong secret) gets the answer
+/// of a lost lease and changes nothing.
+async fn a_forged_lease_id_cannot_renew_complete_or_fail_the_task(s: &dyn StateStore) {
+    let id = s.create_job(spec(), tasks(1), 0, 0).await.unwrap();
+    let held = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
+    let forged = LeaseId::new(&id, held.task.index, held.attempt, LeaseSecret::random());
+    assert_ne!(forged, held.lease_id);
+    assert_eq!(s.renew(&forged, 1, POLICY).await.unwrap(), LeaseState::Lost);
+    assert_eq!(s.complete(&forged, 2).await.unwrap(), super::Completion { lease: LeaseState::Lost, job_done: false });
+    assert_eq!(s.fail(&forged, Failure::new(false, "forged"), 3, POLICY).await.unwrap(), LeaseState::Lost);
+    assert_eq!(s.fail(&forged, Failure::new(true, "forged"), 3, POLICY).await.unwrap(), LeaseState::Lost);
+    let status = s.job(&id).await.unwrap();
+    assert_eq!((status.state, status.tasks_done), (JobState::Running, 0), "the job is untouched");
+    assert_eq!(s.counters().await.unwrap().failures, 0, "no failure was recorded");
+    // The holder still has its lease, its attempt unspent, and finishes the job.
+    assert_eq!(s.renew(&held.lease_id, 4, POLICY).await.unwrap(), LeaseState::Held);
+    assert!(s.complete(&held.lease_id, 5).await.unwrap().job_done);
+}
+
+/// The ids of a page of jobs and where the next one starts.
+async fn page(s: &dyn StateStore, before: Option<JobCursor>, limit: usize) -> (Vec<JobId>, Option<JobCursor>) {
+    let page = s.jobs_page(before, limit).await.unwrap();
+    (page.jobs.into_iter().map(|(_, j)| j.id).collect(), page.next)
+}
+
+async fn jobs_are_listed_newest_first_a_page_at_a_time(s: &dyn StateStore) {
+    assert_eq!(page(s, None, 10).await, (vec![], None));
+    let mut ids = Vec::new();
+    for t in 0..5 {
+        ids.push(s.create_job(spec(), tasks(1), 0, t).await.unwrap());
+    }
+    let (first, next) = page(s, None, 2).await;
+    assert_eq!(first, vec![ids[4].clone(), ids[3].clone()]);
+    // A job submitted between two pages neither repeats a job nor skips one.
+    let newest = s.create_job(spec(), tasks(1), 0, 5).await.unwrap();
+    let (second, next) = page(s, Some(next.expect("more after the first page")), 2).await;
+    assert_eq!(second, vec![ids[2].clone(), ids[1].clone()]);
+    let (last, next) = page(s, Some(next.expect("more after the second page")), 2).await;
+    assert_eq!((last, next), (vec![ids[0].clone()], None), "the last page says so");
+    let (exact, next) = page(s, None, 6).await;
+    assert_eq!((exact.len(), next), (6, None), "a page that ends with the oldest job is the last");
+    assert_eq!(exact[0], newest);
+    let all: Vec<JobId> = s.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(all, exact);
+}
+
+async fn jobs_that_ended_longer_ago_than_the_retention_expire(s: &dyn StateStore) {
+    const RETENTION: u64 = 10_000;
+    let indexing = s.create_job(spec(), vec![], 0, 0).await.unwrap();
+    let succeeded = s.create_job(spec(), vec![], 0, 0).await.unwrap();
+    s.finish(&succeeded, JobState::Succeeded, 0, 100).await.unwrap();
+    let cancelled = s.create_job(spec(), tasks(1), 0, 0).await.unwrap();
+    assert!(s.cancel(&cancelled, 200).await.unwrap());
+    // A job that fails by losing its leases ends when the last expiry is reclaimed.
+    let lost = s.create_job(spec(), tasks(1), 0, 0).await.unwrap();
+    let mut now = 0;
+    for _ in 0..=POLICY.max_attempts {
+        while let Some(l) = s.lease("w", now, POLICY).await.unwrap() {
+            assert_eq!(l.task.job_id, lost, "the only runnable task");
+        }
+        now += POLICY.ttl_ms;
+    }
+    let lost_at = now - POLICY.ttl_ms;
+    assert!(matches!(s.job(&lost).await.unwrap().state, JobState::Failed { .. }));
+    let running = s.create_job(spec(), tasks(1), 0, 0).await.unwrap();
+
+    assert_eq!(s.expire_jobs(100 + RETENTION - 1, RETENTION).await.unwrap(), 0, "nothing is old enough yet");
+    assert_eq!(s.expire_jobs(100 + RETENTION, RETENTION).await.unwrap(), 1);
+    assert!(matches!(s.job(&succeeded).await, Err(StateError::NoSuchJob(_))));
+    assert_eq!(s.expire_jobs(lost_at + RETENTION, RETENTION).await.unwrap(), 2, "the cancelled and the failed job");
+    let listed: Vec<JobId> = s.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(listed, vec![running.clone(), indexing.clone()], "jobs that have not ended never expire");
+    assert_eq!(s.expire_jobs(u64::MAX, RETENTION).await.unwrap(), 0);
+    assert_eq!(s.job(&running).await.unwrap().state, JobState::Running);
+    assert_eq!(s.job(&indexing).await.unwrap().state, JobState::Indexing);
+    // An expired job's ids stay used: the next job gets a new one.
+    let next = s.create_job(spec(), vec![], 0, 0).await.unwrap();
+    assert!(![&running, &indexing, &succeeded, &cancelled, &lost].contains(&&next));
 }

@@ -1,15 +1,15 @@
 //! State in process memory, for `loupe render`. A mutex makes each method one atomic
 //! transition; it is a std mutex because no method awaits while holding it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use loupe_core::spec::JobSpec;
-use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, TaskSpec, Work};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseSecret, LeaseState, TaskSpec, Work};
 
-use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobId, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, Dependencies, JobCursor, JobId, JobState, JobStatus, JobsPage, LeasePolicy, NewTask, StateError, StateResult, StateStore, StoreCounters};
 
 #[derive(Default)]
 pub struct MemoryStateStore {
@@ -26,12 +26,13 @@ impl MemoryStateStore {
 struct Inner {
     next_job: u64,
     jobs: HashMap<JobId, Job>,
-    /// Job ids in submission order, for listing.
-    order: Vec<JobId>,
+    /// Job ids by submission number, for listing.
+    order: BTreeMap<u64, JobId>,
     /// Runnable tasks, oldest first. A task waiting on prerequisites joins when the last
     /// of them completes.
     pending: VecDeque<(JobId, u32)>,
-    /// Lease id -> the leased task.
+    /// Lease id (with its secret) -> the leased task: an id is looked up whole, so a
+    /// forged one finds nothing.
     leases: HashMap<LeaseId, Held>,
     /// The monitoring totals; `queued` and `leased` are counted when asked.
     totals: StoreCounters,
@@ -40,6 +41,17 @@ struct Inner {
 struct Job {
     status: JobStatus,
     tasks: Vec<Task>,
+    /// Its submission number.
+    seq: u64,
+    /// When it succeeded, failed or was cancelled.
+    ended_ms: Option<u64>,
+}
+
+impl Job {
+    fn end(&mut self, state: JobState, now_ms: u64) {
+        self.status.state = state;
+        self.ended_ms = Some(now_ms);
+    }
 }
 
 struct Task {
@@ -68,10 +80,10 @@ impl Inner {
         held.attempt.saturating_sub(released)
     }
 
-    fn fail_job(&mut self, job_id: &JobId, message: String) {
+    fn fail_job(&mut self, job_id: &JobId, message: String, now_ms: u64) {
         if let Some(job) = self.jobs.get_mut(job_id) {
             if !job.status.state.is_terminal() {
-                job.status.state = JobState::Failed { message };
+                job.end(JobState::Failed { message }, now_ms);
             }
         }
         self.leases.retain(|_, h| h.job_id != *job_id);
@@ -92,7 +104,7 @@ impl Inner {
                     "task {spec_id} lost its lease {counted} times (last worker {}): the worker died or stalled",
                     held.worker
                 );
-                self.fail_job(&held.job_id, msg);
+                self.fail_job(&held.job_id, msg, now_ms);
             } else {
                 self.totals.retries += 1;
                 self.pending.push_front((held.job_id, held.index));
@@ -153,14 +165,16 @@ impl StateStore for MemoryStateStore {
             reduces_done: 0,
             images_skipped,
             images_done: 0,
+            images_failed: 0,
         };
         for (i, task) in tasks.iter().enumerate() {
             if task.waiting == 0 {
                 inner.pending.push_back((id.clone(), i as u32));
             }
         }
-        inner.order.push(id.clone());
-        inner.jobs.insert(id.clone(), Job { status, tasks });
+        let seq = inner.next_job;
+        inner.order.insert(seq, id.clone());
+        inner.jobs.insert(id.clone(), Job { status, tasks, seq, ended_ms: None });
         Ok(id)
     }
 
@@ -175,7 +189,7 @@ impl StateStore for MemoryStateStore {
             let task = &mut job.tasks[index as usize];
             task.attempts += 1;
             let lease = Lease {
-                lease_id: LeaseId::new(&job_id, index, task.attempts),
+                lease_id: LeaseId::new(&job_id, index, task.attempts, LeaseSecret::random()),
                 task: task.spec.clone(),
                 attempt: task.attempts,
                 deadline_ms: now_ms + policy.ttl_ms,
@@ -233,7 +247,7 @@ impl StateStore for MemoryStateStore {
         Ok(Completion { lease: LeaseState::Held, job_done })
     }
 
-    async fn fail(&self, lease_id: &LeaseId, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inner = self.inner.lock().unwrap();
         let state = inner.lease_state(lease_id);
         let Some(held) = inner.leases.remove(lease_id) else {
@@ -255,27 +269,28 @@ impl StateStore for MemoryStateStore {
             inner.pending.push_back((held.job_id, held.index));
         } else {
             let why = if failure.retryable { format!(" (after {counted} attempts)") } else { String::new() };
-            inner.fail_job(&held.job_id, format!("task {task_id} failed{why}: {}", failure.message));
+            inner.fail_job(&held.job_id, format!("task {task_id} failed{why}: {}", failure.message), now_ms);
         }
         Ok(LeaseState::Held)
     }
 
-    async fn finish(&self, job_id: &JobId, outcome: JobState) -> StateResult<()> {
+    async fn finish(&self, job_id: &JobId, outcome: JobState, images_failed: u64, now_ms: u64) -> StateResult<()> {
         let mut inner = self.inner.lock().unwrap();
         let job = inner.jobs.get_mut(job_id).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))?;
         if job.status.state == JobState::Indexing {
-            job.status.state = outcome;
+            job.status.images_failed = images_failed;
+            job.end(outcome, now_ms);
         }
         Ok(())
     }
 
-    async fn cancel(&self, job_id: &JobId) -> StateResult<bool> {
+    async fn cancel(&self, job_id: &JobId, now_ms: u64) -> StateResult<bool> {
         let mut inner = self.inner.lock().unwrap();
         let job = inner.jobs.get_mut(job_id).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))?;
         if job.status.state.is_terminal() {
             return Ok(false);
         }
-        job.status.state = JobState::Cancelled;
+        job.end(JobState::Cancelled, now_ms);
         inner.leases.retain(|_, h| h.job_id != *job_id);
         Ok(true)
     }
@@ -285,9 +300,31 @@ impl StateStore for MemoryStateStore {
         inner.jobs.get(job_id).map(|j| j.status.clone()).ok_or_else(|| StateError::NoSuchJob(job_id.to_string()))
     }
 
-    async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
+    async fn jobs_page(&self, before: Option<JobCursor>, limit: usize) -> StateResult<JobsPage> {
         let inner = self.inner.lock().unwrap();
-        Ok(inner.order.iter().map(|id| inner.jobs[id].status.clone()).collect())
+        let below = before.map_or(u64::MAX, |c| c.0);
+        let mut older = inner.order.range(..below).rev();
+        let jobs: Vec<(JobCursor, JobStatus)> = older.by_ref().take(limit).map(|(&seq, id)| (JobCursor(seq), inner.jobs[id].status.clone())).collect();
+        let next = match (older.next(), jobs.last()) {
+            (Some(_), Some((last, _))) => Some(*last),
+            _ => None,
+        };
+        Ok(JobsPage { jobs, next })
+    }
+
+    async fn expire_jobs(&self, now_ms: u64, retention_ms: u64) -> StateResult<u64> {
+        let mut inner = self.inner.lock().unwrap();
+        let expired: Vec<(u64, JobId)> = inner
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.ended_ms.is_some_and(|end| end.saturating_add(retention_ms) <= now_ms))
+            .map(|(id, j)| (j.seq, id.clone()))
+            .collect();
+        for (seq, id) in &expired {
+            inner.order.remove(seq);
+            inner.jobs.remove(id);
+        }
+        Ok(expired.len() as u64)
     }
 
     async fn ping(&self) -> StateResult<()> {

@@ -15,7 +15,7 @@ use loupe_core::task::{Failure, Lease, LeaseId, LeaseState, Work};
 mod memory;
 pub use memory::MemoryStateStore;
 mod redis;
-pub use redis::RedisStateStore;
+pub use redis::{redacted_url, RedisStateStore};
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -93,6 +93,20 @@ pub(crate) fn count_dataset_tasks(tasks: &[NewTask]) -> (u32, u32) {
     (maps, reduces)
 }
 
+/// A job's place in the listing, newest first: its submission number. A page resumes
+/// after a cursor, so jobs submitted or expired meanwhile neither repeat nor skip one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobCursor(pub u64);
+
+/// One page of [`StateStore::jobs_page`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobsPage {
+    /// Newest first, each with the cursor that resumes the listing after it.
+    pub jobs: Vec<(JobCursor, JobStatus)>,
+    /// Where the next page starts, when older jobs remain.
+    pub next: Option<JobCursor>,
+}
+
 /// What `complete` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
@@ -135,12 +149,32 @@ pub trait StateStore: Send + Sync {
     async fn complete(&self, lease_id: &LeaseId, now_ms: u64) -> StateResult<Completion>;
     /// A retryable failure goes back to pending while attempts remain; any other fails the job.
     async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
-    /// Ends an `Indexing` job as `Succeeded` or `Failed`.
-    async fn finish(&self, job_id: &JobId, outcome: JobState) -> StateResult<()>;
+    /// Ends an `Indexing` job as `Succeeded` or `Failed`, with the number of its images
+    /// that the atlas records as failed.
+    async fn finish(&self, job_id: &JobId, outcome: JobState, images_failed: u64, now_ms: u64) -> StateResult<()>;
     /// Cancels a running job; returns false if it had already ended.
-    async fn cancel(&self, job_id: &JobId) -> StateResult<bool>;
+    async fn cancel(&self, job_id: &JobId, now_ms: u64) -> StateResult<bool>;
     async fn job(&self, job_id: &JobId) -> StateResult<JobStatus>;
-    async fn jobs(&self) -> StateResult<Vec<JobStatus>>;
+    /// At most `limit` jobs, newest first, submitted before `before` (every job when
+    /// `None`); a job that expires meanwhile is left out. Reads only the jobs it returns.
+    async fn jobs_page(&self, before: Option<JobCursor>, limit: usize) -> StateResult<JobsPage>;
+    /// Removes the jobs that ended (succeeded, failed or cancelled) at least `retention_ms`
+    /// before `now_ms`; returns how many. A job that has not ended never expires.
+    async fn expire_jobs(&self, now_ms: u64, retention_ms: u64) -> StateResult<u64>;
+    /// Every job, newest first. Its cost is bounded by [`StateStore::expire_jobs`]: the jobs
+    /// still running, and those that ended within the retention.
+    async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
+        let mut all = Vec::new();
+        let mut before = None;
+        loop {
+            let page = self.jobs_page(before, 1_000).await?;
+            all.extend(page.jobs.into_iter().map(|(_, job)| job));
+            match page.next {
+                Some(next) => before = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
     /// Succeeds when the backend answers: the coordinator's readiness.
     async fn ping(&self) -> StateResult<()>;
     async fn counters(&self) -> StateResult<StoreCounters>;

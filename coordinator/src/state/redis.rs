@@ -8,7 +8,11 @@
 //! Keys, under a prefix (`loupe:` by default):
 //!
 //! - `jobseq`: counter behind job ids (`job-<n>`), unique across coordinators.
-//! - `jobs`: LIST of job ids in submission order.
+//! - `jobindex`: ZSET of job ids scored by their number, for listing newest first a
+//!   page at a time (a LIST `jobs` of an older coordinator is moved here at connect).
+//! - `ended`: ZSET of the ids of jobs that succeeded, failed or were cancelled, scored by
+//!   when (ms); `expire_jobs` drops those older than the retention: their hash and their
+//!   place in both sets.
 //! - `job:<id>`: HASH of the job's status: `spec` and `ctx` (the [`JobContext`] a lease
 //!   carries) as JSON, `state` (`running`, `indexing`, `succeeded`, `failed`,
 //!   `cancelled`), `message`, and the counters (`tasks_*`, `images_*`, and `maps_total`,
@@ -35,7 +39,8 @@
 //!   dropped when the job fails or is cancelled.
 //!
 //! Once a job has ended its tasks are never read again, so `tasks:<id>` is dropped then;
-//! the job hash stays, for listing.
+//! the job hash stays, for listing, until `expire_jobs` finds it older than the retention.
+//! (Not a Redis TTL: that would read the Redis clock, and expiry follows the coordinator's.)
 //!
 //! A job's tasks are written in pipelined chunks before the job exists (under a one-day
 //! expiry, so a coordinator that dies mid-submit leaves nothing for long); one script
@@ -52,9 +57,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ScriptInvocation};
 
 use loupe_core::spec::{to_ranges, JobSpec};
-use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, TaskSpec, Work};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseSecret, LeaseState, TaskSpec, Work};
 
-use super::{count_dataset_tasks, Completion, StoreCounters, Dependencies, JobId, JobState, JobStatus, LeasePolicy, NewTask, StateError, StateResult, StateStore};
+use super::{count_dataset_tasks, Completion, Dependencies, JobCursor, JobId, JobState, JobStatus, JobsPage, LeasePolicy, NewTask, StateError, StateResult, StateStore, StoreCounters};
 
 /// Tasks written per pipelined round trip when a job is submitted.
 const TASKS_PER_ROUND_TRIP: usize = 2_000;
@@ -62,6 +67,8 @@ const TASKS_PER_ROUND_TRIP: usize = 2_000;
 const TASKS_PER_HSET: usize = 250;
 /// How long the tasks of a job whose submission never finished are kept.
 const UNFINISHED_SUBMIT_TTL_S: u64 = 86_400;
+/// Jobs one script of `expire_jobs` drops, so that no script runs long.
+const EXPIRED_PER_SCRIPT: usize = 256;
 
 /// Helpers every script starts with. ARGV[1] is always the key prefix.
 const PRELUDE: &str = r#"
@@ -70,13 +77,18 @@ local PENDING = P .. 'pending'
 local DEADLINES = P .. 'deadlines'
 local LEASES = P .. 'leases'
 local STATS = P .. 'stats'
+local INDEX = P .. 'jobindex'
+local ENDED = P .. 'ended'
 local function job_key(job) return P .. 'job:' .. job end
 local function tasks_key(job) return P .. 'tasks:' .. job end
 local function job_leases_key(job) return P .. 'jobleases:' .. job end
 
--- A lease id is '<job>/<index>#<attempt>', as loupe_core::task::LeaseId writes it.
+-- A lease id is '<job>/<index>#<attempt>.<secret>', as loupe_core::task::LeaseId writes
+-- it. Only ids found whole in LEASES are parsed, so the secret is not read here; leases
+-- granted before ids had one ('<job>/<index>#<attempt>') still parse, so they expire and
+-- are reclaimed like any other.
 local function parse_lease(id)
-  return string.match(id, '^(.*)/(%d+)#(%d+)$')
+  return string.match(id, '^(.*)/(%d+)#(%d+)')
 end
 
 -- The attempts a lease's task has used: its attempt number less the leases handed back.
@@ -103,11 +115,17 @@ local function drop_job_leases(job)
   redis.call('DEL', set)
 end
 
-local function fail_job(job, message)
+-- Records when a job succeeded, failed or was cancelled, for expire_jobs.
+local function job_ended(job, now)
+  redis.call('ZADD', ENDED, now, job)
+end
+
+local function fail_job(job, message, now)
   local key = job_key(job)
   local state = redis.call('HGET', key, 'state')
   if state and not is_terminal(state) then
     redis.call('HSET', key, 'state', 'failed', 'message', message)
+    job_ended(job, now)
   end
   drop_job_leases(job)
   redis.call('UNLINK', tasks_key(job))
@@ -138,7 +156,7 @@ local function reclaim_expired(now, max_attempts)
         local used = counted(job, index, attempt)
         if used >= max_attempts then
           fail_job(job, 'task ' .. job .. '/' .. index .. ' lost its lease ' .. used
-            .. ' times (last worker ' .. worker .. '): the worker died or stalled')
+            .. ' times (last worker ' .. worker .. '): the worker died or stalled', now)
         else
           redis.call('HINCRBY', STATS, 'retries', 1)
           redis.call('LPUSH', PENDING, job .. '/' .. index)
@@ -150,25 +168,26 @@ end
 "#;
 
 /// ARGV: prefix, job id, spec, ctx, state, created_ms, tasks_total, images_total,
-/// images_skipped, maps_total, reduces_total, then the runs `<lo>:<hi>` of tasks that are
-/// runnable at once (the others wait on prerequisites).
+/// images_skipped, maps_total, reduces_total, the job's number, then the runs `<lo>:<hi>`
+/// of tasks that are runnable at once (the others wait on prerequisites).
 const CREATE: &str = r#"
 local job = ARGV[2]
 redis.call('HSET', job_key(job), 'id', job, 'spec', ARGV[3], 'ctx', ARGV[4], 'state', ARGV[5],
   'message', '', 'created_ms', ARGV[6], 'tasks_total', ARGV[7], 'tasks_done', '0',
   'images_total', ARGV[8], 'images_skipped', ARGV[9], 'images_done', '0',
   'maps_total', ARGV[10], 'maps_done', '0', 'reduces_total', ARGV[11], 'reduces_done', '0')
-redis.call('RPUSH', P .. 'jobs', job)
+redis.call('ZADD', INDEX, ARGV[12], job)
 if tonumber(ARGV[7]) > 0 then
   redis.call('PERSIST', tasks_key(job))
-  for i = 12, #ARGV do
+  for i = 13, #ARGV do
     redis.call('RPUSH', PENDING, job .. '/' .. ARGV[i])
   end
 end
 return 1
 "#;
 
-/// ARGV: prefix, worker, now, deadline, max_attempts.
+/// ARGV: prefix, worker, now, deadline, max_attempts, the new lease's secret (drawn by the
+/// coordinator: a script's own random numbers are not secret).
 /// Returns nil, or {lease id, task JSON, attempt, job context JSON}.
 const LEASE: &str = r#"
 reclaim_expired(ARGV[3], tonumber(ARGV[5]))
@@ -198,7 +217,7 @@ while true do
   if index then
     local tasks = tasks_key(job)
     local attempt = redis.call('HINCRBY', tasks, 'a' .. index, 1)
-    local id = job .. '/' .. index .. '#' .. attempt
+    local id = job .. '/' .. index .. '#' .. attempt .. '.' .. ARGV[6]
     redis.call('HSET', LEASES, id, ARGV[2])
     redis.call('ZADD', DEADLINES, ARGV[4], id)
     redis.call('SADD', job_leases_key(job), id)
@@ -253,7 +272,7 @@ end
 return {0, 0}
 "#;
 
-/// ARGV: prefix, lease id, retryable (1/0), message, max_attempts, released (1/0).
+/// ARGV: prefix, lease id, retryable (1/0), message, max_attempts, released (1/0), now.
 /// Returns the lease state code. A released task goes back to the front of the line
 /// without using an attempt.
 const FAIL: &str = r#"
@@ -276,24 +295,29 @@ if retryable and used < tonumber(ARGV[5]) then
 else
   local why = ''
   if retryable then why = ' (after ' .. used .. ' attempts)' end
-  fail_job(job, 'task ' .. job .. '/' .. index .. ' failed' .. why .. ': ' .. ARGV[4])
+  fail_job(job, 'task ' .. job .. '/' .. index .. ' failed' .. why .. ': ' .. ARGV[4], ARGV[7])
 end
 return 0
 "#;
 
-/// ARGV: prefix, job id, state, message. Returns -1 when there is no such job.
+/// ARGV: prefix, job id, state, message, now, images failed. Returns -1 when there is no
+/// such job.
 const FINISH: &str = r#"
 local key = job_key(ARGV[2])
 local state = redis.call('HGET', key, 'state')
 if not state then return -1 end
 if state == 'indexing' then
-  redis.call('HSET', key, 'state', ARGV[3], 'message', ARGV[4])
-  if is_terminal(ARGV[3]) then redis.call('UNLINK', tasks_key(ARGV[2])) end
+  redis.call('HSET', key, 'state', ARGV[3], 'message', ARGV[4], 'images_failed', ARGV[6])
+  if is_terminal(ARGV[3]) then
+    redis.call('UNLINK', tasks_key(ARGV[2]))
+    job_ended(ARGV[2], ARGV[5])
+  end
 end
 return 0
 "#;
 
-/// ARGV: prefix, job id. Returns 1 if cancelled, 0 if it had ended, -1 if no such job.
+/// ARGV: prefix, job id, now. Returns 1 if cancelled, 0 if it had ended, -1 if no such
+/// job.
 const CANCEL: &str = r#"
 local job = ARGV[2]
 local key = job_key(job)
@@ -301,9 +325,38 @@ local state = redis.call('HGET', key, 'state')
 if not state then return -1 end
 if is_terminal(state) then return 0 end
 redis.call('HSET', key, 'state', 'cancelled')
+job_ended(job, ARGV[3])
 drop_job_leases(job)
 redis.call('UNLINK', tasks_key(job))
 return 1
+"#;
+
+/// ARGV: prefix, the end time (ms) at or before which a job expires, the most to drop.
+/// Returns how many jobs it dropped.
+const EXPIRE: &str = r#"
+local jobs = redis.call('ZRANGEBYSCORE', ENDED, '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, job in ipairs(jobs) do
+  redis.call('ZREM', ENDED, job)
+  redis.call('ZREM', INDEX, job)
+  redis.call('UNLINK', job_key(job))
+end
+return #jobs
+"#;
+
+/// ARGV: prefix. Moves the LIST `jobs` of an older coordinator into `jobindex`; jobs that
+/// had ended count as ended when they were created (their end time was not kept).
+const MIGRATE: &str = r#"
+local OLD = P .. 'jobs'
+if redis.call('TYPE', OLD).ok ~= 'list' then return 0 end
+local ids = redis.call('LRANGE', OLD, 0, -1)
+for _, job in ipairs(ids) do
+  local number = string.match(job, '^job%-(%d+)$')
+  if number then redis.call('ZADD', INDEX, number, job) end
+  local state, created = unpack(redis.call('HMGET', job_key(job), 'state', 'created_ms'))
+  if state and is_terminal(state) then redis.call('ZADD', ENDED, created or 0, job) end
+end
+redis.call('DEL', OLD)
+return #ids
 "#;
 
 /// ARGV: prefix. Returns {queued, leased, lease_expiries, retries, failures,
@@ -330,8 +383,8 @@ return {queued, redis.call('ZCARD', DEADLINES), total('lease_expiries'), total('
 "#;
 
 /// The job hash fields [`RedisStateStore::job`] reads, in this order; the dataset task
-/// counters come last, as jobs stored before them lack them.
-const STATUS_FIELDS: [&str; 14] = [
+/// counters and the failed images come last, as jobs stored before them lack them.
+const STATUS_FIELDS: [&str; 15] = [
     "id",
     "spec",
     "state",
@@ -346,6 +399,7 @@ const STATUS_FIELDS: [&str; 14] = [
     "maps_done",
     "reduces_total",
     "reduces_done",
+    "images_failed",
 ];
 
 struct Scripts {
@@ -356,6 +410,8 @@ struct Scripts {
     fail: Script,
     finish: Script,
     cancel: Script,
+    expire: Script,
+    migrate: Script,
     counters: Script,
 }
 
@@ -370,6 +426,8 @@ impl Scripts {
             fail: s(FAIL),
             finish: s(FINISH),
             cancel: s(CANCEL),
+            expire: s(EXPIRE),
+            migrate: s(MIGRATE),
             counters: s(COUNTERS),
         }
     }
@@ -417,15 +475,53 @@ fn decode_state(state: &str, message: String) -> StateResult<JobState> {
     })
 }
 
+/// `url` without its password, for logs and errors: `redis://user:***@host:6379/0`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split_once(':').map_or(user_info, |(user, _password)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// A client for `url`; a `rediss://` one trusts `tls_ca` (PEM) when given, else the
+/// system's roots.
+fn client(url: &str, tls_ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    match tls_ca {
+        Some(ca) => redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(ca.to_vec()) }),
+        None => redis::Client::open(url),
+    }
+}
+
 impl RedisStateStore {
-    /// Connects to `url` (`redis://host:port/db`) with keys under `loupe:`.
+    /// Connects to `url` (`redis://host:port/db`, or `rediss://` for TLS trusting the
+    /// system's roots) with keys under `loupe:`. Errors name the URL without its password.
     pub async fn connect(url: &str) -> StateResult<RedisStateStore> {
-        Self::connect_with_prefix(url, "loupe:").await
+        Self::open(url, None, "loupe:").await
+    }
+
+    /// [`Self::connect`] to a `rediss://` URL whose certificate `tls_ca` (PEM) signed,
+    /// when given: a cluster's own CA.
+    pub async fn connect_trusting(url: &str, tls_ca: Option<&[u8]>) -> StateResult<RedisStateStore> {
+        Self::open(url, tls_ca, "loupe:").await
     }
 
     /// Connects with keys under `prefix`, so several stores can share one Redis.
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> StateResult<RedisStateStore> {
-        let client = redis::Client::open(url).map_err(backend)?;
+        Self::open(url, None, prefix).await
+    }
+
+    async fn open(url: &str, tls_ca: Option<&[u8]>, prefix: &str) -> StateResult<RedisStateStore> {
+        let unreachable = |e: redis::RedisError| backend(format!("connecting to {}: {e}", redacted_url(url)));
+        if tls_ca.is_some() && !url.starts_with("rediss://") {
+            return Err(backend(format!("a TLS CA is given for {}, which is not rediss://", redacted_url(url))));
+        }
+        let client = client(url, tls_ca).map_err(unreachable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             // A transition is not idempotent, so give a slow one time rather than report
@@ -433,8 +529,13 @@ impl RedisStateStore {
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_number_of_retries(4)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client, config).await.map_err(backend)?;
-        Ok(RedisStateStore { conn, prefix: prefix.to_string(), scripts: Arc::new(Scripts::new()) })
+        let conn = ConnectionManager::new_with_config(client, config).await.map_err(unreachable)?;
+        let store = RedisStateStore { conn, prefix: prefix.to_string(), scripts: Arc::new(Scripts::new()) };
+        let moved: u64 = store.invoke(&store.invocation(&store.scripts.migrate)).await?;
+        if moved > 0 {
+            tracing::info!(jobs = moved, "moved the job list of an older coordinator into the job index");
+        }
+        Ok(store)
     }
 
     fn key(&self, name: &str) -> String {
@@ -485,6 +586,7 @@ impl RedisStateStore {
         let images_done = num("images_done")?;
         let mut count = || next().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
         let (maps_total, maps_done, reduces_total, reduces_done) = (count(), count(), count(), count());
+        let images_failed = next().and_then(|v| v.parse().ok()).unwrap_or(0);
         Ok(JobStatus {
             id: id.parse().map_err(|e| backend(format!("job {job_id} has {e}")))?,
             spec: serde_json::from_str(&spec).map_err(|e| backend(format!("job {job_id} spec: {e}")))?,
@@ -499,6 +601,7 @@ impl RedisStateStore {
             maps_done,
             reduces_total,
             reduces_done,
+            images_failed,
         })
     }
 
@@ -507,18 +610,34 @@ impl RedisStateStore {
         Self::parse_status(job_id, fields)
     }
 
-    async fn jobs_once(&self) -> StateResult<Vec<JobStatus>> {
-        let ids: Vec<String> = self.query(redis::cmd("LRANGE").arg(self.key("jobs")).arg(0).arg(-1)).await?;
+    /// One page from `jobindex`: its ids (one more than asked, to learn whether older
+    /// ones remain), then their hashes in one round trip.
+    async fn jobs_page_once(&self, before: Option<JobCursor>, limit: usize) -> StateResult<JobsPage> {
+        let max = before.map_or("+inf".to_string(), |c| format!("({}", c.0));
+        let mut range = redis::cmd("ZREVRANGEBYSCORE");
+        range.arg(self.key("jobindex")).arg(max).arg("-inf").arg("WITHSCORES").arg("LIMIT").arg(0).arg(limit + 1);
+        let mut ids: Vec<(String, f64)> = self.query(&range).await?;
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let next = if more { ids.last().map(|(_, n)| JobCursor(*n as u64)) } else { None };
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(JobsPage { jobs: Vec::new(), next });
         }
         let mut pipe = redis::pipe();
-        for id in &ids {
+        for (id, _) in &ids {
             pipe.add_command(self.status_cmd(id));
         }
         let mut conn = self.conn.clone();
         let all: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await.map_err(backend)?;
-        ids.iter().zip(all).map(|(id, fields)| Self::parse_status(id, fields)).collect()
+        let mut jobs = Vec::with_capacity(ids.len());
+        for ((id, n), fields) in ids.iter().zip(all) {
+            match Self::parse_status(id, fields) {
+                Ok(status) => jobs.push((JobCursor(*n as u64), status)),
+                Err(StateError::NoSuchJob(_)) => {} // expired since the index was read
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(JobsPage { jobs, next })
     }
 }
 
@@ -593,7 +712,8 @@ impl StateStore for RedisStateStore {
             .arg(spec.total_images())
             .arg(images_skipped)
             .arg(maps_total)
-            .arg(reduces_total);
+            .arg(reduces_total)
+            .arg(n);
         for (lo, hi) in to_ranges(&runnable) {
             inv.arg(format!("{lo}:{hi}"));
         }
@@ -604,7 +724,7 @@ impl StateStore for RedisStateStore {
     async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>> {
         let deadline_ms = now_ms.saturating_add(policy.ttl_ms);
         let mut inv = self.invocation(&self.scripts.lease);
-        inv.arg(worker).arg(now_ms).arg(deadline_ms).arg(policy.max_attempts);
+        inv.arg(worker).arg(now_ms).arg(deadline_ms).arg(policy.max_attempts).arg(LeaseSecret::random().as_str());
         let granted: Option<(String, String, u32, String)> = self.invoke(&inv).await?;
         let Some((lease_id, task, attempt, ctx)) = granted else {
             return Ok(None);
@@ -631,25 +751,25 @@ impl StateStore for RedisStateStore {
         Ok(Completion { lease: lease_state(code)?, job_done: job_done == 1 })
     }
 
-    async fn fail(&self, lease_id: &LeaseId, failure: Failure, _now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inv = self.invocation(&self.scripts.fail);
-        inv.arg(lease_id.to_string()).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts).arg(if failure.released { "1" } else { "0" });
+        inv.arg(lease_id.to_string()).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts).arg(if failure.released { "1" } else { "0" }).arg(now_ms);
         lease_state(self.invoke(&inv).await?)
     }
 
-    async fn finish(&self, job_id: &JobId, outcome: JobState) -> StateResult<()> {
+    async fn finish(&self, job_id: &JobId, outcome: JobState, images_failed: u64, now_ms: u64) -> StateResult<()> {
         let (state, message) = encode_state(&outcome);
         let mut inv = self.invocation(&self.scripts.finish);
-        inv.arg(job_id.as_str()).arg(state).arg(message);
+        inv.arg(job_id.as_str()).arg(state).arg(message).arg(now_ms).arg(images_failed);
         match self.invoke::<i64>(&inv).await? {
             -1 => Err(StateError::NoSuchJob(job_id.to_string())),
             _ => Ok(()),
         }
     }
 
-    async fn cancel(&self, job_id: &JobId) -> StateResult<bool> {
+    async fn cancel(&self, job_id: &JobId, now_ms: u64) -> StateResult<bool> {
         let mut inv = self.invocation(&self.scripts.cancel);
-        inv.arg(job_id.as_str());
+        inv.arg(job_id.as_str()).arg(now_ms);
         match self.invoke::<i64>(&inv).await? {
             -1 => Err(StateError::NoSuchJob(job_id.to_string())),
             done => Ok(done == 1),
@@ -660,8 +780,22 @@ impl StateStore for RedisStateStore {
         read_twice(|| self.job_once(job_id.as_str())).await
     }
 
-    async fn jobs(&self) -> StateResult<Vec<JobStatus>> {
-        read_twice(|| self.jobs_once()).await
+    async fn jobs_page(&self, before: Option<JobCursor>, limit: usize) -> StateResult<JobsPage> {
+        read_twice(|| self.jobs_page_once(before, limit)).await
+    }
+
+    async fn expire_jobs(&self, now_ms: u64, retention_ms: u64) -> StateResult<u64> {
+        let Some(ended_by) = now_ms.checked_sub(retention_ms) else { return Ok(0) };
+        let mut inv = self.invocation(&self.scripts.expire);
+        inv.arg(ended_by).arg(EXPIRED_PER_SCRIPT);
+        let mut total = 0;
+        loop {
+            let dropped: u64 = self.invoke(&inv).await?;
+            total += dropped;
+            if dropped < EXPIRED_PER_SCRIPT as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     async fn ping(&self) -> StateResult<()> {
@@ -701,7 +835,7 @@ mod tests {
         use loupe_core::spec::{LayerInfo, LayerPlan, ModelRef, RenderSettings};
         JobSpec {
             model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3], techniques: None, steps: None }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3].into(), techniques: None, steps: None }],
             techniques: vec![Technique::Channel],
             settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 7, learning_rate: 0.05, ..Default::default() },
             batch: 2,
@@ -785,7 +919,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn job_ids_are_unique_across_coordinators_and_listed_in_order() {
+    async fn job_ids_are_unique_across_coordinators_and_listed_newest_first() {
         let server = RedisServer::start();
         let prefix = fresh_prefix();
         let a = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
@@ -797,12 +931,13 @@ mod tests {
         }
         assert_eq!(ids, (1..=6).map(|n| format!("job-{n}").parse().unwrap()).collect::<Vec<JobId>>());
         let listed: Vec<JobId> = a.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
-        assert_eq!(listed, ids);
+        assert_eq!(listed, ids.iter().rev().cloned().collect::<Vec<_>>());
         assert!(matches!(a.job(&"job-99".parse().unwrap()).await, Err(StateError::NoSuchJob(_))));
-        assert!(matches!(a.cancel(&"job-99".parse().unwrap()).await, Err(StateError::NoSuchJob(_))));
-        assert!(matches!(a.finish(&"job-99".parse().unwrap(), JobState::Succeeded).await, Err(StateError::NoSuchJob(_))));
-        assert_eq!(a.renew(&"nonsense/0#1".parse().unwrap(), 0, POLICY).await.unwrap(), LeaseState::Lost);
-        assert_eq!(a.complete(&"job-1/0#7".parse().unwrap(), 0).await.unwrap().lease, LeaseState::Lost);
+        assert!(matches!(a.cancel(&"job-99".parse().unwrap(), 0).await, Err(StateError::NoSuchJob(_))));
+        assert!(matches!(a.finish(&"job-99".parse().unwrap(), JobState::Succeeded, 0, 0).await, Err(StateError::NoSuchJob(_))));
+        let never_granted = |job: &str| LeaseId::new(&job.parse().unwrap(), 0, 7, LeaseSecret::random());
+        assert_eq!(a.renew(&never_granted("nonsense"), 0, POLICY).await.unwrap(), LeaseState::Lost);
+        assert_eq!(a.complete(&never_granted("job-1"), 0).await.unwrap().lease, LeaseState::Lost);
     }
 
     #[tokio::test]
@@ -811,7 +946,8 @@ mod tests {
         let s = RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap();
         let id = s.create_job(spec(), tasks(3, 2), 5, 42).await.unwrap();
         let l = s.lease("w", 100, POLICY).await.unwrap().unwrap();
-        assert_eq!(l.lease_id.to_string(), format!("{id}/0#1"));
+        assert_eq!((l.lease_id.job_id(), l.lease_id.index(), l.lease_id.attempt()), (&id, 0, 1));
+        assert!(l.lease_id.to_string().starts_with(&format!("{id}/0#1.")), "{}", l.lease_id);
         assert_eq!(l.task, TaskSpec { job_id: id.clone(), index: 0, work: render(0, 2) });
         assert_eq!(l.deadline_ms, 100 + POLICY.ttl_ms);
         assert_eq!(l.job, JobContext::of(&spec()));
@@ -855,9 +991,34 @@ mod tests {
         exists.arg(second.key(&format!("tasks:{id}")));
         let tasks_exist = || second.query::<bool>(&exists);
         assert!(tasks_exist().await.unwrap());
-        second.finish(&id, JobState::Succeeded).await.unwrap();
+        second.finish(&id, JobState::Succeeded, 0, 14).await.unwrap();
         assert_eq!(second.job(&id).await.unwrap().state, JobState::Succeeded);
         assert!(!tasks_exist().await.unwrap(), "an ended job's tasks are dropped");
+    }
+
+    /// An older coordinator kept its jobs in a LIST `jobs`: the next one to connect moves
+    /// them into the index, and the ones that had ended can expire.
+    #[tokio::test]
+    async fn the_job_list_of_an_older_coordinator_is_moved_into_the_index() {
+        let server = RedisServer::start();
+        let prefix = fresh_prefix();
+        let old = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let running = old.create_job(spec(), tasks(1, 2), 0, 5).await.unwrap();
+        let ended = old.create_job(spec(), tasks(1, 2), 0, 6).await.unwrap();
+        assert!(old.cancel(&ended, 7).await.unwrap());
+        // What an older coordinator left: the ids in a LIST, no index, no end times.
+        let mut rewind = redis::pipe();
+        rewind.cmd("DEL").arg(old.key("jobindex")).arg(old.key("ended")).ignore();
+        rewind.cmd("RPUSH").arg(old.key("jobs")).arg(running.as_str()).arg(ended.as_str()).ignore();
+        rewind.exec_async(&mut old.conn.clone()).await.unwrap();
+        assert!(old.jobs().await.unwrap().is_empty());
+
+        let new = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let listed: Vec<JobId> = new.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(listed, vec![ended.clone(), running.clone()]);
+        assert!(!new.query::<bool>(redis::cmd("EXISTS").arg(new.key("jobs"))).await.unwrap());
+        assert_eq!(new.expire_jobs(6 + 1_000, 1_000).await.unwrap(), 1, "an ended job counts as ended when created");
+        assert_eq!(new.jobs().await.unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>(), vec![running]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1019,5 +1180,86 @@ mod tests {
         assert_eq!(all.into_iter().collect::<HashSet<_>>(), (0..TASKS).collect::<HashSet<_>>(), "every task granted");
         let st = s.job(&id).await.unwrap();
         assert_eq!((st.state, st.tasks_done, st.images_done), (JobState::Indexing, TASKS, 64 * TASKS as u64));
+    }
+
+    #[test]
+    fn a_redis_url_is_shown_without_its_password() {
+        for (url, shown) in [
+            ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+            ("rediss://loupe:s3cret@redis.example:6380/2", "rediss://loupe:***@redis.example:6380/2"),
+            ("rediss://loupe:p@ss:w@rd@redis/0", "rediss://loupe:***@redis/0"),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://redis:6379/0?x=a@b", "redis://redis:6379/0?x=a@b"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
+    }
+
+    /// A redis-server that serves only TLS (with a password), on a certificate of a CA
+    /// made here with the `openssl` command.
+    struct TlsRedis {
+        dir: tempfile::TempDir,
+        port: u16,
+        child: std::process::Child,
+    }
+
+    impl TlsRedis {
+        fn start() -> TlsRedis {
+            let dir = tempfile::tempdir().unwrap();
+            let openssl = |args: &[&str]| {
+                let o = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().expect("running openssl");
+                assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            };
+            let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+            openssl(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test CA"]].concat());
+            openssl(&[&["req"][..], &ec, &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=localhost"]].concat());
+            std::fs::write(dir.path().join("leaf.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+            openssl(&["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "leaf.ext"]);
+            let port = loupe_testsupport::free_port();
+            let child = std::process::Command::new(loupe_testsupport::program("redis-server", "apt-get install -y redis-server"))
+                .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--requirepass", "s3cret"])
+                .args(["--tls-cert-file", "tls.crt", "--tls-key-file", "tls.key", "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+                .current_dir(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("starting redis-server");
+            loupe_testsupport::wait_for("redis-server to listen for TLS", Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+            TlsRedis { dir, port, child }
+        }
+
+        fn ca(&self) -> Vec<u8> {
+            std::fs::read(self.dir.path().join("ca.crt")).unwrap()
+        }
+    }
+
+    impl Drop for TlsRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tls_redis_is_reached_with_its_ca_and_no_error_shows_the_password() {
+        let redis = TlsRedis::start();
+        let url = format!("rediss://:s3cret@127.0.0.1:{}/0", redis.port);
+        let store = RedisStateStore::connect_trusting(&url, Some(&redis.ca())).await.unwrap();
+        store.ping().await.unwrap();
+        let id = store.create_job(spec(), tasks(1, 1), 0, 0).await.unwrap();
+        assert_eq!(store.job(&id).await.unwrap().state, JobState::Running);
+
+        let shown = format!("rediss://:***@127.0.0.1:{}/0", redis.port);
+        let refused = [
+            ("the system's roots do not know the test CA", RedisStateStore::connect(&url).await.err()),
+            ("a wrong password", RedisStateStore::connect_trusting(&url.replace("s3cret", "wr0ng"), Some(&redis.ca())).await.err()),
+            ("plaintext to a TLS port", RedisStateStore::connect(&url.replace("rediss://", "redis://")).await.err()),
+        ];
+        for (why, e) in refused {
+            let e = e.unwrap_or_else(|| panic!("{why}: connected")).to_string();
+            assert!(!e.contains("s3cret") && !e.contains("wr0ng"), "{why}: {e}");
+            assert!(e.contains(":***@127.0.0.1"), "{why}: the error names the URL without its password: {e}");
+        }
+        let e = RedisStateStore::connect_trusting(&url.replace("rediss://", "redis://"), Some(&redis.ca())).await.err().unwrap().to_string();
+        assert!(e.contains("not rediss://") && e.contains(&shown.replace("rediss://", "redis://")), "{e}");
     }
 }

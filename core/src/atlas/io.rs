@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 use super::*;
 use crate::job::JobId;
@@ -119,7 +120,8 @@ impl Atlas {
     }
 
     /// The images of the job that the atlas already holds whole: a record for this model
-    /// and the layer's settings, with its image beside it.
+    /// and the layer's settings, with its image beside it, or a failed record (its
+    /// optimisation diverged, and would again).
     pub async fn complete_images(&self, spec: &JobSpec) -> Result<HashSet<ImageId>> {
         let mut done = HashSet::new();
         for plan in &spec.layers {
@@ -128,23 +130,18 @@ impl Atlas {
             for &technique in spec.techniques_for(plan) {
                 for target in spec.targets(plan, technique) {
                     let id = ImageId::new(&plan.layer.name, technique, target)?;
-                    if keys.contains(&id.record_key()) && keys.contains(&id.image_key()) && self.is_current(&id, &spec.model.sha256, &settings).await {
+                    if !keys.contains(&id.record_key()) {
+                        continue;
+                    }
+                    let stamp = self.read_json::<Stamp>(&id.record_key()).await.ok().flatten();
+                    let current = stamp.is_some_and(|s| s.model_sha256 == spec.model.sha256 && s.settings == settings && (s.failed.is_some() || keys.contains(&id.image_key())));
+                    if current {
                         done.insert(id);
                     }
                 }
             }
         }
         Ok(done)
-    }
-
-    /// Whether the image's record is of this model and settings. An unreadable record
-    /// means an unfinished image: it is rendered again.
-    async fn is_current(&self, id: &ImageId, model_sha256: &str, settings: &RenderSettings) -> bool {
-        let stamp = match id.target() {
-            Target::Unit(_) => self.read_json::<UnitRecord>(&id.record_key()).await.ok().flatten().map(|r| (r.model_sha256, r.settings)),
-            Target::Item(_) => self.read_json::<ItemRecord>(&id.record_key()).await.ok().flatten().map(|r| (r.model_sha256, r.settings)),
-        };
-        stamp.is_some_and(|(sha, s)| sha == model_sha256 && s == *settings)
     }
 
     /// Writes an image's PNGs and snapshots, then its record: the record is written last,
@@ -179,6 +176,21 @@ impl Atlas {
         self.store.put(&id.record_key(), record).await
     }
 
+    /// Writes the record of an image whose optimisation diverged, with the reason; no
+    /// image. A retry or a later job with other settings that renders it overwrites it.
+    pub async fn write_failed(&self, id: &ImageId, reason: &str, model_sha256: &str, settings: &RenderSettings) -> Result<()> {
+        let record = FailedRecord {
+            format_version: FORMAT_VERSION,
+            layer: id.layer().to_string(),
+            technique: id.technique(),
+            target: id.target().into(),
+            failed: reason.to_string(),
+            model_sha256: model_sha256.to_string(),
+            settings: settings.clone(),
+        };
+        self.store.put(&id.record_key(), crate::to_json(&record)).await
+    }
+
     async fn put_image(&self, id: &ImageId, i: usize, step: Option<u32>, png: &[u8]) -> Result<String> {
         let name = id.image_name(i as u32, step);
         self.store.put(&id.file_key(&name), png.to_vec()).await?;
@@ -188,12 +200,16 @@ impl Atlas {
     /// Writes `layer.json` for each layer of the job, listing every complete record in the
     /// layer, including those of earlier jobs on the same atlas, with the units' dataset
     /// statistics and examples where the layer's reduce left an `examples.json`. When one
-    /// did, `atlas.json` says which dataset they cover.
-    pub async fn write_layer_indices(&self, spec: &JobSpec) -> Result<()> {
+    /// did, `atlas.json` says which dataset they cover. Returns how many of the job's
+    /// images failed (their optimisation diverged).
+    pub async fn write_layer_indices(&self, spec: &JobSpec) -> Result<u64> {
         let mut dataset = None;
+        let mut failed = 0;
         for plan in &spec.layers {
             let segment = layer_segment(&plan.layer.name)?;
             let mut units = self.unit_entries(&segment).await?;
+            let items = self.item_entries(&segment).await?;
+            failed += failed_in_job(spec, plan, &units, &items);
             let examples = self.read_json::<LayerExamples>(&examples_key(&segment)).await?;
             let layer_dataset = examples.map(|examples| {
                 dataset.get_or_insert(examples.dataset.clone());
@@ -204,7 +220,7 @@ impl Atlas {
                 name: plan.layer.name.clone(),
                 shape: plan.layer.shape.clone(),
                 units: units.into_values().collect(),
-                items: self.item_entries(&segment).await?,
+                items,
                 dataset: layer_dataset,
             };
             self.store.put(&layer_key(&segment), crate::to_json(&index)).await?;
@@ -215,7 +231,7 @@ impl Atlas {
                 self.store.put(ATLAS_KEY, crate::to_json(&manifest)).await?;
             }
         }
-        Ok(())
+        Ok(failed)
     }
 
     /// The per-unit records of a layer, for `layer.json`.
@@ -223,14 +239,17 @@ impl Atlas {
         let mut units: BTreeMap<u32, UnitEntry> = BTreeMap::new();
         for key in self.store.list(&format!("layers/{segment}/units/")).await? {
             let Some((_, unit, technique)) = parse_record_key(&key) else { continue };
-            let Some(record) = self.read_json::<UnitRecord>(&key).await? else { continue };
+            let Some(record) = self.read_json::<Stored<UnitRecord>>(&key).await? else { continue };
             let path = |name: &String| format!("units/{unit}/{name}");
-            let entry = ImageEntry {
-                image: path(&record.image),
-                objective: record.objective,
-                images: record.images.iter().map(path).collect(),
-                snapshots: relative_snapshots(&record.snapshots, path),
-                dead: record.dead,
+            let entry = match record {
+                Stored::Rendered(record) => TechniqueEntry::Rendered(ImageEntry {
+                    image: path(&record.image),
+                    objective: record.objective,
+                    images: record.images.iter().map(path).collect(),
+                    snapshots: relative_snapshots(&record.snapshots, path),
+                    dead: record.dead,
+                }),
+                Stored::Failed(record) => TechniqueEntry::Failed { failed: record.failed },
             };
             unit_entry(&mut units, unit).techniques.insert(technique, entry);
         }
@@ -238,25 +257,32 @@ impl Atlas {
     }
 
     /// The item records of a layer's per-layer techniques, for `layer.json`.
-    async fn item_entries(&self, segment: &str) -> Result<BTreeMap<Technique, Vec<ItemEntry>>> {
-        let mut items: BTreeMap<Technique, Vec<ItemEntry>> = BTreeMap::new();
+    async fn item_entries(&self, segment: &str) -> Result<BTreeMap<Technique, Vec<ItemListing>>> {
+        let mut items: BTreeMap<Technique, Vec<ItemListing>> = BTreeMap::new();
         for technique in Technique::ALL.into_iter().filter(|t| !t.per_unit()) {
             for key in self.store.list(&format!("layers/{segment}/{technique}/")).await? {
                 if !key.ends_with(".json") {
                     continue;
                 }
-                let Some(r) = self.read_json::<ItemRecord>(&key).await? else { continue };
+                let Some(record) = self.read_json::<Stored<ItemRecord>>(&key).await? else { continue };
                 let path = |name: &String| format!("{technique}/{name}");
-                items.entry(technique).or_default().push(ItemEntry {
-                    item: r.item.clone(),
-                    image: path(&r.image),
-                    objective: r.objective,
-                    snapshots: relative_snapshots(&r.snapshots, path),
-                });
+                let listing = match record {
+                    Stored::Rendered(r) => ItemListing::Rendered(ItemEntry {
+                        item: r.item.clone(),
+                        image: path(&r.image),
+                        objective: r.objective,
+                        snapshots: relative_snapshots(&r.snapshots, path),
+                    }),
+                    Stored::Failed(r) => match r.target {
+                        RecordTarget::Item(item) => ItemListing::Failed { item, failed: r.failed },
+                        RecordTarget::Unit(_) => continue,
+                    },
+                };
+                items.entry(technique).or_default().push(listing);
             }
         }
         for list in items.values_mut() {
-            list.sort_by(|a, b| a.item.cmp(&b.item));
+            list.sort_by(|a, b| a.item().cmp(b.item()));
         }
         Ok(items)
     }
@@ -271,7 +297,7 @@ impl Atlas {
             let covered = match self.read_json::<LayerExamples>(&key).await {
                 Ok(Some(e)) => {
                     let units: HashSet<u32> = e.units.iter().map(|u| u.unit).collect();
-                    e.dataset.uri == dataset.uri && e.dataset.examples == dataset.examples && plan.units.iter().all(|u| units.contains(u))
+                    e.dataset.uri == dataset.uri && e.dataset.examples == dataset.examples && plan.units.iter().all(|u| units.contains(&u))
                 }
                 _ => false,
             };
@@ -318,6 +344,44 @@ impl Atlas {
         self.store.put(&format!("{layer_dir}skipped.json"), crate::to_json(&skipped)).await?;
         self.store.put(&examples_key(&segment), crate::to_json(examples)).await
     }
+}
+
+/// A record as stored: an image's, or a failed one's.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stored<R> {
+    Rendered(R),
+    Failed(Box<FailedRecord>),
+}
+
+/// What says whether any record is current: its model and settings, and whether it failed.
+#[derive(Deserialize)]
+struct Stamp {
+    model_sha256: String,
+    settings: RenderSettings,
+    #[serde(default)]
+    failed: Option<String>,
+}
+
+/// The failed images among a layer's entries that this job renders: its techniques for
+/// the layer, its units or items.
+fn failed_in_job(spec: &JobSpec, plan: &crate::spec::LayerPlan, units: &BTreeMap<u32, UnitEntry>, items: &BTreeMap<Technique, Vec<ItemListing>>) -> u64 {
+    let techniques = spec.techniques_for(plan);
+    let unit_failures = units
+        .values()
+        .filter(|u| plan.units.contains(u.unit))
+        .flat_map(|u| u.techniques.iter())
+        .filter(|(t, e)| techniques.contains(t) && matches!(e, TechniqueEntry::Failed { .. }))
+        .count();
+    let item_failures: usize = items
+        .iter()
+        .filter(|(t, _)| techniques.contains(t))
+        .map(|(t, list)| {
+            let names = spec.layer_items(plan, *t);
+            list.iter().filter(|l| matches!(l, ItemListing::Failed { item, .. } if names.contains(item))).count()
+        })
+        .sum();
+    (unit_failures + item_failures) as u64
 }
 
 fn unit_record(id: &ImageId, unit: u32, image: &RenderedImage, names: Vec<String>, snapshots: Vec<SnapshotEntry>, model_sha256: &str, settings: &RenderSettings) -> UnitRecord {
@@ -383,4 +447,66 @@ fn look(s: &RenderSettings) -> RenderSettings {
 
 fn describe(s: &RenderSettings) -> String {
     format!("steps {}, size {}, input size {}, seed {}, learning rate {}, precision {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate, s.precision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{LayerInfo, LayerPlan, ModelRef, NamedImage};
+    use crate::store::LocalStore;
+    use crate::units::UnitRanges;
+
+    fn spec(out: &str) -> JobSpec {
+        let mut settings = RenderSettings { steps: 4, size: 16, input_size: 16, ..Default::default() };
+        settings.options.caricature_inputs = vec![NamedImage { name: "dog".into(), uri: "dog.png".into() }];
+        JobSpec {
+            model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "abc".into() },
+            layers: vec![LayerPlan::new(LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, UnitRanges::range(0, 3))],
+            techniques: vec![Technique::Channel, Technique::Caricature],
+            settings,
+            batch: 2,
+            out: out.into(),
+            dataset: None,
+        }
+    }
+
+    fn image(objective: f64) -> RenderedImage {
+        RenderedImage { pngs: vec![b"png".to_vec()], objectives: vec![objective], snapshots: Vec::new(), dead: false }
+    }
+
+    /// A failed record has the reason and no image, counts as complete for the same model
+    /// and settings, and is listed in layer.json with its reason; the job's failures are
+    /// counted, those of units outside the job are not.
+    #[tokio::test]
+    async fn failed_images_are_recorded_complete_and_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(&dir.path().to_string_lossy());
+        let atlas = Atlas::new(Arc::new(LocalStore::new(dir.path())));
+        let s = spec.settings_for(&spec.layers[0]);
+        let id = |t, target: Target| ImageId::new("conv", t, target).unwrap();
+        atlas.write_image(&id(Technique::Channel, 0.into()), &image(1.5), "abc", &s).await.unwrap();
+        atlas.write_failed(&id(Technique::Channel, 1.into()), "objective became NaN at step 3", "abc", &s).await.unwrap();
+        atlas.write_failed(&id(Technique::Channel, 7.into()), "objective became inf at step 1", "abc", &s).await.unwrap();
+        atlas.write_failed(&id(Technique::Caricature, "dog".into()), "the image is not finite", "abc", &s).await.unwrap();
+
+        let record: serde_json::Value = serde_json::from_slice(&atlas.store().get("layers/conv/units/1/channel.json").await.unwrap().unwrap()).unwrap();
+        assert_eq!((record["unit"].as_u64(), record["failed"].as_str()), (Some(1), Some("objective became NaN at step 3")));
+        assert!(record.get("image").is_none() && record.get("objective").is_none());
+        assert!(!dir.path().join("layers/conv/units/1/channel.png").exists());
+
+        let done = atlas.complete_images(&spec).await.unwrap();
+        let want: HashSet<ImageId> = [id(Technique::Channel, 0.into()), id(Technique::Channel, 1.into()), id(Technique::Caricature, "dog".into())].into();
+        assert_eq!(done, want, "unit 2 is not rendered; the failures are complete");
+        let other = JobSpec { settings: RenderSettings { learning_rate: 0.01, ..spec.settings.clone() }, ..spec.clone() };
+        assert!(atlas.complete_images(&other).await.unwrap().is_empty(), "a failure under other settings is rendered again");
+
+        assert_eq!(atlas.write_layer_indices(&spec).await.unwrap(), 2, "unit 7 is not the job's");
+        let index: LayerIndex = serde_json::from_slice(&atlas.store().get("layers/conv/layer.json").await.unwrap().unwrap()).unwrap();
+        let channel = |u: usize| index.units[u].techniques[&Technique::Channel].clone();
+        assert!(matches!(channel(0), TechniqueEntry::Rendered(ImageEntry { objective, .. }) if objective == 1.5));
+        assert_eq!(channel(1), TechniqueEntry::Failed { failed: "objective became NaN at step 3".into() });
+        assert_eq!(index.items[&Technique::Caricature], vec![ItemListing::Failed { item: "dog".into(), failed: "the image is not finite".into() }]);
+        let json: serde_json::Value = serde_json::from_slice(&atlas.store().get("layers/conv/layer.json").await.unwrap().unwrap()).unwrap();
+        assert_eq!(json["units"][1]["techniques"]["channel"], serde_json::json!({ "failed": "objective became NaN at step 3" }));
+    }
 }

@@ -284,6 +284,49 @@ pub struct SnapshotEntry {
     pub images: Vec<String>,
 }
 
+/// The record of an image whose optimisation diverged (its objective or image stopped
+/// being finite), at the image's record key: the reason, and no image. Like any record it
+/// marks the image complete, so a resume with the same model and settings does not render
+/// the (deterministic) failure again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedRecord {
+    pub format_version: u32,
+    pub layer: String,
+    pub technique: Technique,
+    /// `"unit": <n>` or `"item": "<name>"`, as in the other records.
+    #[serde(flatten)]
+    pub target: RecordTarget,
+    /// Why, e.g. "objective became NaN at step 37".
+    pub failed: String,
+    pub model_sha256: String,
+    pub settings: RenderSettings,
+}
+
+/// A failed record's target, named as the unit and item records name theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordTarget {
+    Unit(u32),
+    Item(String),
+}
+
+impl From<&Target> for RecordTarget {
+    fn from(t: &Target) -> RecordTarget {
+        match t {
+            Target::Unit(u) => RecordTarget::Unit(*u),
+            Target::Item(name) => RecordTarget::Item(name.clone()),
+        }
+    }
+}
+
+/// A technique's entry for a unit in `layer.json`: its images, or why it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TechniqueEntry {
+    Rendered(ImageEntry),
+    Failed { failed: String },
+}
+
 /// What one technique produced for one unit, as listed in `layer.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageEntry {
@@ -317,6 +360,23 @@ pub struct ItemRecord {
     pub settings: RenderSettings,
 }
 
+/// An item of a per-layer technique in `layer.json`: its image, or why it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ItemListing {
+    Rendered(ItemEntry),
+    Failed { item: String, failed: String },
+}
+
+impl ItemListing {
+    pub fn item(&self) -> &str {
+        match self {
+            ItemListing::Rendered(e) => &e.item,
+            ItemListing::Failed { item, .. } => item,
+        }
+    }
+}
+
 /// An item of a per-layer technique in `layer.json`; paths relative to the layer directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ItemEntry {
@@ -330,7 +390,7 @@ pub struct ItemEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnitEntry {
     pub unit: u32,
-    pub techniques: BTreeMap<Technique, ImageEntry>,
+    pub techniques: BTreeMap<Technique, TechniqueEntry>,
     /// The unit's dataset statistics and examples, when a job with a dataset covered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<UnitExamples>,
@@ -432,7 +492,7 @@ pub struct LayerIndex {
     pub units: Vec<UnitEntry>,
     /// The per-layer techniques' images (deepdream, caricature, direction), by technique.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub items: BTreeMap<Technique, Vec<ItemEntry>>,
+    pub items: BTreeMap<Technique, Vec<ItemListing>>,
     /// The layer's dataset pass: where its statistics table is, and what it covered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<LayerDataset>,

@@ -65,6 +65,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s://%s-coordinator:%d" (ternary "https" "http" .Values.tls.enabled) (include "loupe.fullname" .) (int .Values.coordinator.service.grpcPort) -}}
 {{- end -}}
 
+{{/* The locations jobs may read from, comma-separated (LOUPE_INPUT_PREFIX): s3.inputPrefixes, else the bucket. */}}
+{{- define "loupe.inputPrefixes" -}}
+{{- if .Values.s3.inputPrefixes -}}
+{{- join "," .Values.s3.inputPrefixes -}}
+{{- else -}}
+{{- printf "s3://%s" .Values.s3.bucket -}}
+{{- end -}}
+{{- end -}}
+
 {{/* s3://bucket/prefix, the root every job's --out must be under. */}}
 {{- define "loupe.outPrefix" -}}
 {{- $prefix := trimAll "/" .Values.s3.prefix -}}
@@ -75,16 +84,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* The token Secret's name and key, or "" when no token is configured. */}}
+{{/*
+The Secret holding one credential's token, and its key: the operator's
+(auth.<who>.existingSecret) or the one the chart generates. Pass
+(dict "ctx" $ "who" "user") or (dict "ctx" $ "who" "worker").
+*/}}
 {{- define "loupe.tokenSecretName" -}}
-{{- if .Values.auth.existingSecret -}}
-{{- .Values.auth.existingSecret -}}
-{{- else if .Values.auth.create -}}
-{{- printf "%s-token" (include "loupe.fullname" .) -}}
-{{- end -}}
+{{- $auth := index .ctx.Values.auth .who -}}
+{{- default (printf "%s-%s-token" (include "loupe.fullname" .ctx) .who) $auth.existingSecret -}}
 {{- end -}}
 {{- define "loupe.tokenSecretKey" -}}
-{{- if .Values.auth.existingSecret -}}{{ .Values.auth.existingSecretKey }}{{- else -}}token{{- end -}}
+{{- $auth := index .ctx.Values.auth .who -}}
+{{- if $auth.existingSecret -}}{{ $auth.existingSecretKey }}{{- else -}}token{{- end -}}
+{{- end -}}
+
+{{/* A pod volume holding one credential's token as the file `token`; pass as for loupe.tokenSecretName. */}}
+{{- define "loupe.tokenVolume" -}}
+- name: {{ .who }}-token
+  secret:
+    secretName: {{ include "loupe.tokenSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ include "loupe.tokenSecretKey" . }}
+        path: token
 {{- end -}}
 
 {{/* Checks across values that the JSON schema cannot express; rendered by every template that needs them. */}}
@@ -104,11 +126,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
 {{- fail "tls.enabled needs tls.existingSecret: a kubernetes.io/tls Secret holding tls.crt, tls.key and ca.crt" -}}
 {{- end -}}
-{{- if and .Values.auth.create .Values.auth.existingSecret -}}
-{{- fail "auth: set existingSecret or create, not both" -}}
+{{- $user := .Values.auth.user -}}
+{{- $worker := .Values.auth.worker -}}
+{{- if and $user.existingSecret (eq $user.existingSecret $worker.existingSecret) (eq $user.existingSecretKey $worker.existingSecretKey) -}}
+{{- fail "auth.user and auth.worker name the same Secret key: users could then act as workers; give each its own token" -}}
 {{- end -}}
-{{- if and .Values.auth.create (lt (len .Values.auth.token) 16) -}}
-{{- fail "auth.create needs auth.token, at least 16 characters" -}}
+{{- if and .Values.auth.insecureNoAuth (or $user.existingSecret $worker.existingSecret) -}}
+{{- fail "auth.insecureNoAuth serves without tokens: unset auth.user.existingSecret and auth.worker.existingSecret, or insecureNoAuth" -}}
 {{- end -}}
 {{- if and (eq (int .Values.worker.gpus) 0) (hasPrefix "cuda" .Values.worker.device) -}}
 {{- fail (printf "worker.device %s needs worker.gpus >= 1" .Values.worker.device) -}}

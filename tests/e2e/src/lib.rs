@@ -71,21 +71,40 @@ pub struct Cluster {
     /// Set: the coordinator serves TLS, and workers and the CLI trust its CA.
     pub tls: Option<TestTls>,
     pub dir: tempfile::TempDir,
-    pub token: Option<String>,
+    /// The coordinator's credentials; none: it serves with --insecure-no-auth.
+    pub tokens: Option<Tokens>,
+    coordinator_args: Vec<String>,
     coordinator: Option<Child>,
     pub workers: Vec<Child>,
     pub lease_ttl: &'static str,
 }
 
+/// A coordinator's two credentials: the user token (Jobs service, the CLI's) and the
+/// worker token (Workers service). A cluster writes them to `user-token` and
+/// `worker-token` in its directory, which a test may overwrite to play a wrong one.
+#[derive(Debug, Clone, Copy)]
+pub struct Tokens {
+    pub user: &'static str,
+    pub worker: &'static str,
+}
+
+pub const TOKENS: Tokens = Tokens { user: "user-s3cret-t0ken", worker: "worker-s3cret-t0ken" };
+
 impl Cluster {
     /// Redis (AOF on, so it can restart without loss), S3 with buckets `models` and
-    /// `atlas`, and a coordinator with a short lease TTL.
-    pub fn start(token: Option<&str>) -> Cluster {
-        Self::start_with(token, false)
+    /// `atlas`, and a coordinator with a short lease TTL, with `tokens` or, without,
+    /// serving anyone (--insecure-no-auth).
+    pub fn start(tokens: Option<Tokens>) -> Cluster {
+        Self::start_with(tokens, false)
     }
 
     /// [`Cluster::start`], with the coordinator serving TLS when `tls`.
-    pub fn start_with(token: Option<&str>, tls: bool) -> Cluster {
+    pub fn start_with(tokens: Option<Tokens>, tls: bool) -> Cluster {
+        Self::start_configured(tokens, tls, &[])
+    }
+
+    /// [`Cluster::start_with`], with more flags for the coordinator.
+    pub fn start_configured(tokens: Option<Tokens>, tls: bool, coordinator_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cluster {
             redis: RedisServer::start_with(true),
@@ -95,7 +114,8 @@ impl Cluster {
             worker_metrics_ports: Vec::new(),
             tls: tls.then(|| TestTls::make(dir.path())),
             dir,
-            token: token.map(str::to_string),
+            tokens,
+            coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
             coordinator: None,
             workers: Vec::new(),
             // Short, so that a killed worker's task comes back soon, but long enough that
@@ -103,8 +123,9 @@ impl Cluster {
             // every third of the TTL).
             lease_ttl: "6s",
         };
-        if let Some(t) = token {
-            std::fs::write(c.dir.path().join("token"), t).unwrap();
+        if let Some(t) = tokens {
+            std::fs::write(c.user_token_file(), t.user).unwrap();
+            std::fs::write(c.worker_token_file(), t.worker).unwrap();
         }
         c.start_coordinator();
         c
@@ -123,11 +144,25 @@ impl Cluster {
         }
     }
 
-    fn token_args(&self) -> Vec<String> {
-        if self.token.is_some() {
-            vec!["--token-file".into(), self.dir.path().join("token").to_string_lossy().into_owned()]
-        } else {
-            vec![]
+    pub fn user_token_file(&self) -> PathBuf {
+        self.dir.path().join("user-token")
+    }
+
+    pub fn worker_token_file(&self) -> PathBuf {
+        self.dir.path().join("worker-token")
+    }
+
+    fn coordinator_auth_args(&self) -> Vec<OsString> {
+        match self.tokens {
+            Some(_) => vec!["--user-token-file".into(), self.user_token_file().into(), "--worker-token-file".into(), self.worker_token_file().into()],
+            None => vec!["--insecure-no-auth".into()],
+        }
+    }
+
+    fn worker_token_args(&self) -> Vec<OsString> {
+        match self.tokens {
+            Some(_) => vec!["--token-file".into(), self.worker_token_file().into()],
+            None => vec![],
         }
     }
 
@@ -143,8 +178,11 @@ impl Cluster {
         let child = Command::new(binary("loupe-coordinator"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--state", &self.redis.url(), "--lease-ttl", self.lease_ttl])
             .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
+            // Models, input images and datasets are uploaded to the `models` bucket.
+            .args(["--input-prefix", "s3://models"])
             .args(self.tls.iter().flat_map(|t| [OsString::from("--tls-cert"), t.cert.clone().into(), "--tls-key".into(), t.key.clone().into()]))
-            .args(self.token_args())
+            .args(self.coordinator_auth_args())
+            .args(&self.coordinator_args)
             .envs(self.s3.env())
             .stdout(Stdio::null())
             .stderr(self.log("coordinator"))
@@ -153,6 +191,11 @@ impl Cluster {
         self.coordinator = Some(child);
         let port = self.port;
         wait_for("the coordinator to listen", Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    }
+
+    /// The running coordinator's process id.
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator.as_ref().expect("a running coordinator").id()
     }
 
     /// SIGKILL, as a crash.
@@ -173,7 +216,7 @@ impl Cluster {
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .arg("--model-cache")
             .arg(cache)
-            .args(self.token_args())
+            .args(self.worker_token_args())
             .args(self.tls_ca_args())
             .envs(self.s3.env())
             .env("LOUPE_LOG", "info")
@@ -191,13 +234,13 @@ impl Cluster {
         self.workers[i].wait().unwrap();
     }
 
-    /// The `loupe` CLI with this cluster's coordinator, token and S3 environment.
+    /// The `loupe` CLI with this cluster's coordinator, user token and S3 environment.
     pub fn loupe(&self, args: &[&str]) -> Output {
         Command::new(binary("loupe"))
             .args(args)
             .env("LOUPE_COORDINATOR", self.url())
             .envs(self.tls.as_ref().map(|t| ("LOUPE_TLS_CA", t.ca.clone())))
-            .envs(self.token.as_ref().map(|_| ("LOUPE_TOKEN_FILE", self.dir.path().join("token"))))
+            .envs(self.tokens.map(|_| ("LOUPE_TOKEN_FILE", self.user_token_file())))
             .envs(self.s3.env())
             .output()
             .unwrap()

@@ -251,29 +251,35 @@ fn a_submit_with_bad_settings_or_model_is_refused() {
     assert!(!o.status.success() && stderr(&o).contains("does not exist"), "{}", stderr(&o));
 }
 
+/// Users hold the user token, workers the worker token; each opens only its own service.
 #[test]
-fn a_wrong_or_missing_token_is_refused() {
+fn each_credential_opens_only_its_own_service() {
     let _one = serial();
     let rt = runtime();
-    let mut c = Cluster::start(Some("s3cret-token"));
+    let mut c = Cluster::start(Some(TOKENS));
     let _model = c.upload_tiny(&rt);
     let o = c.loupe(&["jobs"]);
     assert_ok(&o);
 
-    std::fs::write(c.dir.path().join("token"), "wrong").unwrap();
-    let o = c.loupe(&["jobs"]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("Unauthenticated"), "{}", stderr(&o));
+    // The worker token does not open the Jobs service; a wrong or missing one neither.
+    for (given, why) in [(TOKENS.worker, "takes the user token"), ("wrong", "takes the user token")] {
+        std::fs::write(c.user_token_file(), given).unwrap();
+        let o = c.loupe(&["jobs"]);
+        assert!(!o.status.success(), "{given}");
+        assert!(stderr(&o).contains("Unauthenticated") && stderr(&o).contains(why), "{given}: {}", stderr(&o));
+    }
     let o = std::process::Command::new(binary("loupe")).args(["jobs", "--coordinator", &c.url()]).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("bearer token is required"), "{}", stderr(&o));
 
-    // A worker with the wrong token stops with the refusal instead of retrying forever.
+    // A worker holding the user token stops with the refusal instead of retrying forever.
+    std::fs::write(c.worker_token_file(), TOKENS.user).unwrap();
     let w = c.start_worker();
     let status = c.workers[w].wait().unwrap();
     assert!(!status.success());
-    assert!(c.read_log(&format!("worker-{w}")).contains("refused"), "{}", c.read_log(&format!("worker-{w}")));
-    std::fs::write(c.dir.path().join("token"), "s3cret-token").unwrap();
-    assert!(!c.read_log("coordinator").contains("s3cret-token"), "the token never reaches a log");
+    let log = c.read_log(&format!("worker-{w}"));
+    assert!(log.contains("refused") && log.contains("takes the worker token"), "{log}");
+    let coordinator_log = c.read_log("coordinator");
+    assert!(!coordinator_log.contains(TOKENS.user) && !coordinator_log.contains(TOKENS.worker), "no token reaches a log");
 }
 
 /// The dataset of tools/make_test_dataset.py, 13 times over (312 images and the broken

@@ -29,7 +29,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
 fn metrics_readiness_and_a_worker_that_hands_its_task_back_on_sigterm() {
     let _one = serial();
     let rt = runtime();
-    let mut c = Cluster::start(Some("t0ken"));
+    let mut c = Cluster::start(Some(TOKENS));
     let model = c.upload_tiny(&rt);
     wait_for("the coordinator to be ready", Duration::from_secs(60), || get(c.metrics_port, "/readyz").0 == 200);
     assert_eq!(get(c.metrics_port, "/healthz").0, 200);
@@ -86,7 +86,7 @@ fn metrics_readiness_and_a_worker_that_hands_its_task_back_on_sigterm() {
 fn the_cli_and_workers_reach_a_tls_coordinator_with_its_ca_and_token() {
     let _one = serial();
     let rt = runtime();
-    let mut c = Cluster::start_with(Some("t0ken"), true);
+    let mut c = Cluster::start_with(Some(TOKENS), true);
     let model = c.upload_tiny(&rt);
     c.start_worker();
     let job = c.submit(&model, "s3://atlas/tls", &["--steps", "20", "--size", "16"]);
@@ -98,7 +98,7 @@ fn the_cli_and_workers_reach_a_tls_coordinator_with_its_ca_and_token() {
     // certificate does not carry is refused.
     let tls = c.tls.as_ref().unwrap();
     let ca = tls.ca.to_string_lossy().into_owned();
-    let token = c.dir.path().join("token").to_string_lossy().into_owned();
+    let token = c.user_token_file().to_string_lossy().into_owned();
     let url = c.url();
     let plain = url.replace("https://", "http://");
     for (why, args) in [
@@ -117,4 +117,44 @@ fn the_cli_and_workers_reach_a_tls_coordinator_with_its_ca_and_token() {
     // And a --tls-ca with an http:// URL is a mistake worth naming.
     let o = std::process::Command::new(binary("loupe")).args(["jobs", "--coordinator", &plain, "--tls-ca", &ca]).output().unwrap();
     assert!(stderr(&o).contains("https://"), "{}", stderr(&o));
+}
+
+/// Secure by default: a coordinator given no tokens, one token, or one token for both
+/// services refuses to start and says what it needs; --insecure-no-auth is the explicit
+/// way to serve anyone.
+#[test]
+fn a_coordinator_without_two_distinct_tokens_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (user, worker) = (dir.path().join("user"), dir.path().join("worker"));
+    std::fs::write(&user, TOKENS.user).unwrap();
+    std::fs::write(&worker, TOKENS.user).unwrap();
+    let (user, worker) = (user.to_string_lossy().into_owned(), worker.to_string_lossy().into_owned());
+    for (args, says) in [
+        (vec![], "--user-token-file and --worker-token-file"),
+        (vec!["--user-token-file", &user], "--insecure-no-auth"),
+        (vec!["--user-token-file", &user, "--worker-token-file", &worker], "the same token"),
+        (vec!["--insecure-no-auth", "--user-token-file", &user], "cannot be used with"),
+    ] {
+        let o = std::process::Command::new(binary("loupe-coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--input-prefix", "s3://models"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} started");
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains(TOKENS.user), "{args:?}: the error shows the token: {}", stderr(&o));
+    }
+}
+
+/// A Redis URL carries its password; what the coordinator says of it never does.
+#[test]
+fn the_coordinator_never_shows_the_redis_password() {
+    let url = format!("redis://:s3cret-pass@127.0.0.1:{}/0", free_port());
+    let o = std::process::Command::new(binary("loupe-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--input-prefix", "s3://models", "--insecure-no-auth", "--state", &url])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "nothing listens there");
+    assert!(stderr(&o).contains("redis://:***@127.0.0.1"), "the error names the Redis: {}", stderr(&o));
+    assert!(!stderr(&o).contains("s3cret-pass"), "{}", stderr(&o));
 }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use loupe_core::api::ApiResult;
 use loupe_core::spec::{ModelRef, RenderSettings, Technique};
-use loupe_core::task::{JobContext, LeaseId, TaskSpec, Work};
+use loupe_core::task::{JobContext, LeaseId, LeaseSecret, TaskSpec, Work};
 use loupe_metrics::Probe;
 use tokio::time::{timeout, Instant};
 
@@ -110,7 +110,7 @@ fn lease(id: &str, index: u32, ttl_ms: u64) -> Lease {
     let model = ModelRef { uri: "model.pt".into(), name: "model".into(), sha256: "0".repeat(64) };
     let job_id = id.parse().unwrap();
     Lease {
-        lease_id: LeaseId::new(&job_id, index, 1),
+        lease_id: LeaseId::new(&job_id, index, 1, LeaseSecret::random()),
         task: TaskSpec { job_id, index, work },
         attempt: 1,
         deadline_ms: now_ms() + ttl_ms,

@@ -74,7 +74,9 @@ struct Args {
     /// then the state store forgets it. A job that has not ended never expires.
     #[arg(long, env = "LOUPE_JOB_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     job_retention: Duration,
-    /// Units per job, summed over its layers; a bigger job is refused at submit.
+    /// Units per job, summed over its layers, with the items of per-layer techniques
+    /// (deepdream starts, caricature inputs, directions, per layer); a bigger job is
+    /// refused at submit.
     #[arg(long, env = "LOUPE_MAX_UNITS_PER_JOB", default_value_t = Limits::default().max_units)]
     max_units_per_job: u64,
     /// Tasks per job (renders, maps and reduces); a job that needs more is refused.

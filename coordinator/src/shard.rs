@@ -20,7 +20,7 @@ const GIB: u64 = 1 << 30;
 /// the job is built ([`Limits::check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Units per job, summed over its layers.
+    /// Units per job, summed over its layers, with the items of per-layer techniques.
     pub max_units: u64,
     /// Tasks per job: renders, maps and reduces.
     pub max_tasks: u64,
@@ -48,6 +48,15 @@ impl Limits {
         let units: u64 = spec.layers.iter().map(|p| p.units.len()).sum();
         if units > self.max_units {
             return Err(Error::invalid("units", format!("the job has {units} units; this cluster takes at most {} units per job (--max-units-per-job)", self.max_units)));
+        }
+        // The items of per-layer techniques (start images, inputs, directions, per layer)
+        // are listed in tasks as units are, so they count against the same cap.
+        let items: u64 = spec.layers.iter().flat_map(|p| spec.techniques_for(p).iter().filter(|t| !t.per_unit()).map(move |&t| spec.target_count(p, t))).sum();
+        if units + items > self.max_units {
+            return Err(Error::invalid(
+                "units",
+                format!("the job has {units} units and {items} items of per-layer techniques; this cluster takes at most {} per job (--max-units-per-job)", self.max_units),
+            ));
         }
         let mut tasks = 0u64;
         for plan in &spec.layers {
@@ -109,7 +118,7 @@ fn images_per_target(settings: &RenderSettings, technique: Technique) -> u64 {
 /// only (fp32 values): the parameters with their gradient and Adam's two moments, the
 /// image made from them and kept for the backward pass, the transformed and resized
 /// model input with its sampling grid and their gradients, and every step's transform
-/// (drawn up front). The model's activations are not counted: the coordinator never
+/// (drawn up front), and the snapshots kept at the thresholds. The model's activations are not counted: the coordinator never
 /// loads the model, so it cannot know them; the budget's headroom is for them.
 pub fn image_bytes(s: &RenderSettings) -> u64 {
     let (size, input, channels) = (u64::from(s.size), u64::from(s.input_size), u64::from(s.param.channels));
@@ -125,7 +134,9 @@ pub fn image_bytes(s: &RenderSettings) -> u64 {
     let model_input = 2 * (2 * input * input + 2 * channels * input * input);
     // A 2x3 affine matrix a step.
     let transforms = 6 * u64::from(s.steps);
-    4 * (optimiser + image + model_input + transforms)
+    // The image kept at each threshold until the task ends.
+    let snapshots = s.thresholds.len() as u64 * channels * size * size;
+    4 * (optimiser + image + model_input + transforms + snapshots)
 }
 
 /// Splits the job into tasks, leaving out the images in `done`, after checking it against
@@ -170,7 +181,7 @@ pub fn shard(spec: &JobSpec, done: &Done, dataset_shards: &[ShardSource], limits
 #[cfg(test)]
 mod tests {
     use super::*;
-    use loupe_core::spec::{DatasetSpec, LayerInfo, ModelRef, UnitRanges};
+    use loupe_core::spec::{DatasetSpec, LayerInfo, ModelRef, NamedImage, UnitRanges};
 
     fn unit(layer: &str, u: u32, t: Technique) -> ImageId {
         ImageId::new(layer, t, Target::Unit(u)).unwrap()
@@ -324,6 +335,25 @@ mod tests {
         assert!(err.contains("needs 27 tasks") && err.contains("at most 24 tasks per job"), "{err}");
         let err = shard(&spec, &Done::default(), &[], &Limits { max_tasks: 23, ..limits }).unwrap_err().to_string();
         assert!(err.contains("needs 24 tasks") && err.contains("at most 23"), "{err}");
+    }
+
+    #[test]
+    fn per_layer_items_count_against_the_unit_cap_and_snapshots_against_memory() {
+        let mut spec = spec();
+        spec.techniques.push(Technique::Caricature);
+        spec.settings.options.caricature_inputs = (0..5).map(|i| NamedImage { name: format!("i{i}"), uri: format!("s3://m/{i}.jpg") }).collect();
+        // 12 units, and 5 caricature items in each of the 2 layers.
+        Limits { max_units: 22, ..Limits::default() }.check(&spec, 0).unwrap();
+        let err = Limits { max_units: 21, ..Limits::default() }.check(&spec, 0).unwrap_err().to_string();
+        assert!(err.contains("12 units and 10 items") && err.contains("at most 21"), "{err}");
+
+        let without = image_bytes(&spec.settings);
+        spec.settings.steps = 4;
+        let steps_only = image_bytes(&spec.settings);
+        spec.settings.thresholds = vec![1, 2, 3, 4];
+        // Four fp32 images of 3 x 8 x 8 kept until the task ends.
+        assert_eq!(image_bytes(&spec.settings) - steps_only, 4 * 4 * 3 * 8 * 8);
+        assert!(steps_only > without);
     }
 
     #[test]

@@ -133,6 +133,15 @@ fn bad_specs(model: &str) -> Vec<(Refusal, v1::JobSpec)> {
                 s.batch = 1;
             }),
         ),
+        (
+            refusal("a million caricature items: 1,001 inputs on each of 1,000 layers", &["items", "at most"]),
+            with(&|s| {
+                let inputs = (0..1001).map(|i| NamedImage { name: format!("i{i}"), uri: format!("s3://models/{i}.jpg") }).collect();
+                s.settings = Some(settings(|r| r.options.caricature_inputs = inputs));
+                s.techniques = vec![v1::Technique::Caricature as i32];
+                s.layers = (0..1000).map(|l| v1::LayerPlan { layer: Some(v1::Layer { name: format!("l{l}"), shape: vec![3] }), ..s.layers[1].clone() }).collect();
+            }),
+        ),
         (refusal("a model outside the input prefixes", &["s3://atlas/tiny.pt", "not under"]), with(&|s| s.model.as_mut().unwrap().uri = "s3://atlas/tiny.pt".into())),
         (refusal("a model on the coordinator's disk", &["/dev/zero", "local"]), with(&|s| s.model.as_mut().unwrap().uri = "/dev/zero".into())),
         (

@@ -13,8 +13,9 @@ use loupe_core::spec::{self, DatasetSpec, Precision, JobSpec, LayerInfo, LayerPl
 use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Work};
 
 /// Workers send it in every request; the coordinator refuses other versions. 2: tasks
-/// may be dataset maps and reduces.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// may be dataset maps and reduces. 3: lease ids carry a secret
+/// (`<job>/<index>#<attempt>.<secret>`), which a version 2 worker cannot read.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest message either end of the loupe.v1 services sends or accepts (tonic's own
 /// default, 4 MiB, is less than a map task of a long shard's image keys). The largest

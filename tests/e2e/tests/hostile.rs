@@ -275,8 +275,8 @@ async fn ids_and_sizes(a: &mut Attacker, model: &str) -> usize {
     check(&Refusal { what: "cancelling a job that does not exist", code: Code::NotFound, words: &["job-999999"] }, r);
     let garbage = with_token(v1::LeaseRef { protocol_version: PROTOCOL_VERSION, lease_id: "\u{0}garbage".into() }, Some(&worker));
     check(&Refusal { what: "a lease id that is not one", code: Code::InvalidArgument, words: &["lease"] }, a.workers.complete(garbage).await);
-    let old = with_token(v1::LeaseRequest { protocol_version: PROTOCOL_VERSION + 7, worker: "old".into() }, Some(&worker));
-    check(&Refusal { what: "another protocol version", code: Code::FailedPrecondition, words: &["protocol version"] }, a.workers.lease(old).await);
+    let old = with_token(v1::LeaseRequest { protocol_version: PROTOCOL_VERSION - 1, worker: "old".into() }, Some(&worker));
+    check(&Refusal { what: "a worker of the previous protocol version", code: Code::FailedPrecondition, words: &["protocol version"] }, a.workers.lease(old).await);
 
     let mut huge = good_spec(model, "s3://atlas/huge");
     huge.settings.as_mut().unwrap().options_json = format!("{{\"caricature_inputs\":[], \"pad\": \"{}\"}}", "x".repeat(80 << 20));

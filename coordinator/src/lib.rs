@@ -98,11 +98,7 @@ impl Default for CoordinatorConfig {
 pub struct Coordinator {
     state: Arc<dyn StateStore>,
     policy: LeasePolicy,
-    out_prefix: Option<Location>,
-    input_prefixes: Option<Vec<Location>>,
-    allow_local_paths: bool,
-    job_retention: Duration,
-    limits: shard::Limits,
+    config: CoordinatorConfig,
 }
 
 fn now_ms() -> u64 {
@@ -116,15 +112,7 @@ fn rfc3339_now() -> String {
 impl Coordinator {
     pub fn new(state: Arc<dyn StateStore>, config: CoordinatorConfig) -> Self {
         let policy = LeasePolicy { ttl_ms: config.lease_ttl.as_millis() as u64, max_attempts: config.max_attempts.max(1) };
-        Coordinator {
-            state,
-            policy,
-            out_prefix: config.out_prefix,
-            input_prefixes: config.input_prefixes,
-            allow_local_paths: config.allow_local_paths,
-            job_retention: config.job_retention,
-            limits: config.limits,
-        }
+        Coordinator { state, policy, config }
     }
 
     /// Validates the job, reconciles it with what the atlas already holds, lists its
@@ -134,14 +122,14 @@ impl Coordinator {
     pub async fn submit(&self, mut spec: JobSpec) -> Result<JobId> {
         spec.validate()?;
         // Before anything proportional to the job: the atlas's done images, the tasks.
-        self.limits.check(&spec, 0)?;
+        self.config.limits.check(&spec, 0)?;
         let model = self.check_locations(&spec)?;
         spec.model.sha256 = model_digest(&model, &spec.model.sha256).await?;
         let atlas = Atlas::open(&spec.out).await?;
         let manifest = atlas.manifest_for(&spec, rfc3339_now()).await?;
         let done = atlas.complete_images(&spec).await?;
         let shards = dataset_shards(&atlas, &spec).await?;
-        let tasks = shard::shard(&spec, &done, &shards, &self.limits)?;
+        let tasks = shard::shard(&spec, &done, &shards, &self.config.limits)?;
         check_lease_sizes(&spec, &tasks)?;
         atlas.write_manifest(&manifest).await?;
         let skipped = done.len() as u64;
@@ -155,8 +143,8 @@ impl Coordinator {
     /// the out prefix, what it reads under an input prefix, and local paths only where
     /// allowed. Each is parsed once here; returns the model's, which is read next.
     fn check_locations(&self, spec: &JobSpec) -> Result<Location> {
-        self.allowed("out", &spec.out, self.out_prefix.as_ref().map(std::slice::from_ref))?;
-        let inputs = self.input_prefixes.as_deref();
+        self.allowed("out", &spec.out, self.config.out_prefix.as_ref().map(std::slice::from_ref))?;
+        let inputs = self.config.input_prefixes.as_deref();
         let model = self.allowed("model", &spec.model.uri, inputs)?;
         if let Some(dataset) = &spec.dataset {
             self.allowed("dataset", &dataset.uri, inputs)?;
@@ -174,7 +162,7 @@ impl Coordinator {
     /// when local paths are allowed, and under one of `prefixes` when there are any.
     fn allowed(&self, field: &'static str, uri: &str, prefixes: Option<&[Location]>) -> Result<Location> {
         let location = Location::parse(field, uri)?;
-        if matches!(location, Location::Local(_)) && !self.allow_local_paths {
+        if matches!(location, Location::Local(_)) && !self.config.allow_local_paths {
             return Err(Error::Invalid(loupe_core::Error::invalid(
                 field,
                 format!("{location} is a local path, and this cluster reads and writes only object storage (s3://); its operator can allow local paths with --allow-local-paths"),
@@ -214,7 +202,7 @@ impl Coordinator {
 
     /// Removes the jobs that ended longer ago than the retention; returns how many.
     pub async fn expire_jobs(&self) -> Result<u64> {
-        Ok(self.state.expire_jobs(now_ms(), self.job_retention.as_millis() as u64).await?)
+        Ok(self.state.expire_jobs(now_ms(), self.config.job_retention.as_millis() as u64).await?)
     }
 
     pub async fn cancel(&self, job_id: &JobId) -> Result<bool> {

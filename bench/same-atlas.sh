@@ -4,7 +4,9 @@
 # from dataset images, a direction per layer), snapshots and a dataset, with this
 # checkout's `loupe` and with the `loupe` of an older revision, then resumes the old atlas
 # with this checkout's binary, and compares every file. Only atlas.json's `created` may
-# differ. Usage, from the repository root after `make build`:
+# differ; the job manifests under jobs/ are left out (each carries its job's creation
+# time, and an atlas written before them has none). Usage, from the repository root
+# after `make build`:
 #   bench/same-atlas.sh REV            # builds REV's loupe in its own target dir (~5 min)
 #   OLD_LOUPE=path bench/same-atlas.sh  # or compares with a loupe binary built already
 set -euo pipefail
@@ -48,13 +50,14 @@ TOML
 render() { # binary out
   "$1" render --spec "$WORK/job.toml" --out "$2" --device cpu --dataset "$IMAGES" --examples 3 2>&1 | tail -1
 }
+files() { (cd "$1" && find . -type f -not -path './jobs/*' | sort); }
 compare() { # a b
   local n=0 differ=0
   while read -r f; do
     n=$((n + 1))
     cmp -s "$1/$f" "$2/$f" || { differ=$((differ + 1)); echo "  differs: $f"; }
-  done < <(cd "$1" && find . -type f | sort)
-  diff <(cd "$1" && find . -type f | sort) <(cd "$2" && find . -type f | sort) > /dev/null || echo "  the file lists differ"
+  done < <(files "$1")
+  diff <(files "$1") <(files "$2") > /dev/null || echo "  the file lists differ"
   echo "  $n files compared, $differ differ"
 }
 echo "old: $(render "$OLD_LOUPE" "$WORK/old")"

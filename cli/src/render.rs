@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use loupe_core::api::ApiError;
 use loupe_core::job::{JobId, JobStatus};
 use loupe_coordinator::state::{JobState, MemoryStateStore};
-use loupe_coordinator::{Coordinator, CoordinatorConfig};
+use loupe_coordinator::{Coordinator, CoordinatorConfig, INDEX_SWEEP_INTERVAL};
 use loupe_worker::device::{describe, parse_device};
 use loupe_worker::metrics::WorkerMetrics;
 use loupe_worker::runner::{run_worker, WorkerConfig, WorkerStats};
@@ -39,6 +39,8 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
     }
 
     let coordinator = Arc::new(Coordinator::new(Arc::new(MemoryStateStore::new()), CoordinatorConfig::default()));
+    // Ends the job should its last completion fail to (see `sweep_indexing`).
+    let sweep = tokio::spawn(coordinator.clone().sweep_indexing(INDEX_SWEEP_INTERVAL));
     let job_id = coordinator.submit(spec).await?;
     let status = coordinator.status(&job_id).await?;
     announce(&status, device, &out);
@@ -53,6 +55,7 @@ pub async fn render(args: RenderArgs) -> Result<ExitCode> {
         let _ = w.await;
     }
     bar.finish();
+    sweep.abort();
     let status = coordinator.status(&job_id).await?;
     if interrupted {
         let done = status.images_skipped + status.images_done;

@@ -157,3 +157,29 @@ fn an_empty_dataset_and_a_shard_that_is_not_a_tar_are_refused_with_their_names()
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bad.tar") && err.contains("not a tar archive"), "{err}");
 }
+
+/// Renders into an atlas that an earlier job already gave dataset statistics, with other
+/// shards, K or units: each reduce must merge only its own job's partials. Under a repeated
+/// job id the earlier job's were merged too ("counted twice", "different units (8 vs 4
+/// units)", or silently inflated counts). The statistics must equal a fresh render's, and
+/// no partial is left behind.
+#[test]
+fn a_render_into_an_atlas_merges_only_its_own_partials_and_leaves_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (atlas, fresh) = (dir.path().join("atlas"), dir.path().join("fresh"));
+    let ds = dataset("images").to_string_lossy().into_owned();
+    let conv3 = |out: &Path, units: &str, per_shard: &str, examples: &str| {
+        let args = ["--layers", "conv3", "--units", units, "--techniques", "channel", "--steps", "2", "--size", "16", "--device", "cpu"];
+        render(&demo_model(), out, &[&args[..], &["--dataset", &ds, "--examples", examples, "--images-per-shard", per_shard]].concat())
+    };
+    for (units, per_shard, examples, why) in [("0..4", "3", "2", "the first job"), ("0..4", "10", "3", "other shards and K"), ("0..8", "5", "3", "more units")] {
+        let o = conv3(&atlas, units, per_shard, examples);
+        assert!(o.status.success(), "{why}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(!atlas.join("partials").exists(), "{why}: partials left: {:?}", files(&atlas.join("partials")));
+    }
+    assert_ok(&conv3(&fresh, "0..8", "5", "3"));
+    for file in ["stats.parquet", "examples.json", "skipped.json"] {
+        let (a, b) = (std::fs::read(atlas.join("layers/conv3").join(file)).unwrap(), std::fs::read(fresh.join("layers/conv3").join(file)).unwrap());
+        assert!(a == b, "conv3/{file} differs from a fresh render's");
+    }
+}

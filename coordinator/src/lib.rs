@@ -95,6 +95,10 @@ impl Default for CoordinatorConfig {
     }
 }
 
+/// How often every coordinator looks for jobs left indexing ([`Coordinator::sweep_indexing`]):
+/// how long, at most, such a job waits to end.
+pub const INDEX_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 pub struct Coordinator {
     state: Arc<dyn StateStore>,
     policy: LeasePolicy,
@@ -111,7 +115,7 @@ fn rfc3339_now() -> String {
 
 impl Coordinator {
     pub fn new(state: Arc<dyn StateStore>, config: CoordinatorConfig) -> Self {
-        let policy = LeasePolicy { ttl_ms: config.lease_ttl.as_millis() as u64, max_attempts: config.max_attempts.max(1) };
+        let policy = LeasePolicy { ttl_ms: config.lease_ttl.as_millis() as u64, max_attempts: config.max_attempts.max(1), task_time: state::TaskTime::DEFAULT };
         Coordinator { state, policy, config }
     }
 
@@ -126,12 +130,12 @@ impl Coordinator {
         let model = self.check_locations(&spec)?;
         spec.model.sha256 = model_digest(&model, &spec.model.sha256).await?;
         let atlas = Atlas::open(&spec.out).await?;
-        let manifest = atlas.manifest_for(&spec, rfc3339_now()).await?;
+        atlas.check_job(&spec).await?;
         let done = atlas.complete_images(&spec).await?;
         let shards = dataset_shards(&atlas, &spec).await?;
         let tasks = shard::shard(&spec, &done, &shards, &self.config.limits)?;
         check_lease_sizes(&spec, &tasks)?;
-        atlas.write_manifest(&manifest).await?;
+        atlas.add_job(&spec, rfc3339_now()).await?;
         let skipped = done.len() as u64;
         let job_id = self.state.create_job(spec, tasks, skipped, now_ms()).await?;
         info!(job_id = job_id.as_str(), images_skipped = skipped, dataset_shards = shards.len(), "job submitted");
@@ -175,7 +179,9 @@ impl Coordinator {
     }
 
     /// Finishes what a previous coordinator left half done: jobs whose tasks all completed
-    /// but whose atlas index was not yet written. Call it at start-up.
+    /// but whose atlas index was not yet written. Call it at start-up. It reads every job,
+    /// so it also finds those left indexing by a coordinator older than the store's list
+    /// of indexing jobs, which [`Coordinator::sweep_indexing`] reads.
     pub async fn recover(&self) -> Result<()> {
         for job in self.state.jobs().await? {
             if job.state == JobState::Indexing {
@@ -184,6 +190,32 @@ impl Coordinator {
             }
         }
         Ok(())
+    }
+
+    /// Every `interval`, writes the index of each job left indexing: one whose last
+    /// completion failed to end it (the state store erred, or the coordinator was killed
+    /// mid-index), which no retried completion can end since its lease is gone. Runs on
+    /// every coordinator of a cluster, forever. Two coordinators indexing one job at once
+    /// is harmless: the index files are rewritten with the same bytes, and only the first
+    /// `finish` ends the job (it moves only an indexing job).
+    pub async fn sweep_indexing(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let jobs = match self.state.indexing_jobs().await {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    warn!(error = %e, "listing the jobs left indexing failed; trying again later");
+                    continue;
+                }
+            };
+            for job_id in jobs {
+                if let Err(e) = self.index_if_done(&job_id).await {
+                    warn!(job_id = job_id.as_str(), error = %e, "ending a job left indexing failed; trying again later");
+                }
+            }
+        }
     }
 
     pub async fn status(&self, job_id: &JobId) -> Result<JobStatus> {
@@ -217,8 +249,7 @@ impl Coordinator {
         if status.state != JobState::Indexing {
             return Ok(());
         }
-        let written = async { Atlas::open(&status.spec.out).await?.write_layer_indices(&status.spec).await };
-        let (outcome, images_failed) = match written.await {
+        let (outcome, images_failed) = match write_index(job_id, &status.spec).await {
             Ok(failed) => (JobState::Succeeded, failed),
             Err(e) => {
                 warn!(job_id = job_id.as_str(), error = %e, "writing the atlas index failed");
@@ -229,6 +260,20 @@ impl Coordinator {
         self.state.finish(job_id, outcome, images_failed, now_ms()).await?;
         Ok(())
     }
+}
+
+/// Writes each layer's `layer.json` and removes the partial statistics the job's maps
+/// left, now that its reduces have written every layer's; returns the failed images.
+async fn write_index(job_id: &JobId, spec: &JobSpec) -> loupe_core::Result<u64> {
+    let atlas = Atlas::open(&spec.out).await?;
+    let images_failed = atlas.write_layer_indices(spec).await?;
+    if spec.dataset.is_some() {
+        // Scratch only: a failure leaves files no job reads, not a wrong atlas.
+        if let Err(e) = atlas.delete_partials(job_id).await {
+            warn!(job_id = job_id.as_str(), error = %e, "removing the job's partial statistics failed; partials/{job_id}/ in the atlas may be deleted");
+        }
+    }
+    Ok(images_failed)
 }
 
 /// The model's sha256, streamed from its location. A digest given at submit must match:
@@ -271,8 +316,8 @@ async fn dataset_shards(atlas: &Atlas, spec: &JobSpec) -> Result<Vec<ShardSource
 /// dataset map of a long shard's image keys.
 fn check_lease_sizes(spec: &JobSpec, tasks: &[NewTask]) -> Result<()> {
     let context = loupe_proto::context_len(&JobContext::of(spec));
-    // The longest id a state store gives, so the job's real one is no longer.
-    let job_id = JobId::numbered(u64::MAX);
+    // Every id a state store gives has this one's length.
+    let job_id = JobId::generate();
     for (index, task) in tasks.iter().enumerate() {
         let task = TaskSpec { job_id: job_id.clone(), index: index as u32, work: task.work.clone() };
         let len = loupe_proto::lease_len(&task, context);
@@ -300,16 +345,16 @@ fn api_err(e: impl std::fmt::Display) -> ApiError {
 /// the in-process [`WorkerApi`] both call these.
 impl Coordinator {
     pub async fn lease_for(&self, worker: &str) -> std::result::Result<Option<Lease>, StateError> {
-        self.state.lease(worker, now_ms(), self.policy).await
+        self.state.lease(worker, self.policy).await
     }
 
     pub async fn renew_lease(&self, lease_id: &LeaseId) -> std::result::Result<LeaseState, StateError> {
-        self.state.renew(lease_id, now_ms(), self.policy).await
+        self.state.renew(lease_id, self.policy).await
     }
 
     /// Records the task done; the last task of a job triggers its atlas index.
     pub async fn complete_lease(&self, lease_id: &LeaseId) -> Result<LeaseState> {
-        let c = self.state.complete(lease_id, now_ms()).await?;
+        let c = self.state.complete(lease_id).await?;
         if c.job_done {
             self.index_if_done(lease_id.job_id()).await?;
         }
@@ -318,7 +363,7 @@ impl Coordinator {
 
     pub async fn fail_lease(&self, lease_id: &LeaseId, failure: Failure) -> std::result::Result<LeaseState, StateError> {
         warn!(lease = lease_id.public(), retryable = failure.retryable, message = %failure.message, "task failed");
-        self.state.fail(lease_id, failure, now_ms(), self.policy).await
+        self.state.fail(lease_id, failure, self.policy).await
     }
 }
 
@@ -392,6 +437,92 @@ mod tests {
 
     fn coordinator() -> Coordinator {
         Coordinator::new(Arc::new(MemoryStateStore::new()), CoordinatorConfig::default())
+    }
+
+    /// A memory store whose first `finish` fails, as a Redis that drops the connection
+    /// while the last completion ends its job.
+    #[derive(Default)]
+    struct FinishFailsOnce {
+        inner: MemoryStateStore,
+        failed: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl StateStore for FinishFailsOnce {
+        async fn finish(&self, job_id: &JobId, outcome: JobState, images_failed: u64, now_ms: u64) -> state::StateResult<()> {
+            if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(StateError::Backend("connection reset (injected)".into()));
+            }
+            self.inner.finish(job_id, outcome, images_failed, now_ms).await
+        }
+        async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> state::StateResult<JobId> {
+            self.inner.create_job(spec, tasks, images_skipped, now_ms).await
+        }
+        async fn lease(&self, worker: &str, policy: LeasePolicy) -> state::StateResult<Option<Lease>> {
+            self.inner.lease(worker, policy).await
+        }
+        async fn renew(&self, lease_id: &LeaseId, policy: LeasePolicy) -> state::StateResult<LeaseState> {
+            self.inner.renew(lease_id, policy).await
+        }
+        async fn complete(&self, lease_id: &LeaseId) -> state::StateResult<state::Completion> {
+            self.inner.complete(lease_id).await
+        }
+        async fn fail(&self, lease_id: &LeaseId, failure: Failure, policy: LeasePolicy) -> state::StateResult<LeaseState> {
+            self.inner.fail(lease_id, failure, policy).await
+        }
+        async fn indexing_jobs(&self) -> state::StateResult<Vec<JobId>> {
+            self.inner.indexing_jobs().await
+        }
+        async fn cancel(&self, job_id: &JobId, now_ms: u64) -> state::StateResult<bool> {
+            self.inner.cancel(job_id, now_ms).await
+        }
+        async fn job(&self, job_id: &JobId) -> state::StateResult<JobStatus> {
+            self.inner.job(job_id).await
+        }
+        async fn jobs_page(&self, before: Option<JobCursor>, limit: usize) -> state::StateResult<JobsPage> {
+            self.inner.jobs_page(before, limit).await
+        }
+        async fn expire_jobs(&self, now_ms: u64, retention_ms: u64) -> state::StateResult<u64> {
+            self.inner.expire_jobs(now_ms, retention_ms).await
+        }
+        async fn ping(&self) -> state::StateResult<()> {
+            self.inner.ping().await
+        }
+        async fn counters(&self) -> state::StateResult<state::StoreCounters> {
+            self.inner.counters().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_last_completion_failed_to_end_it_still_ends_without_a_restart() {
+        let f = Fixture::new();
+        let c = Arc::new(Coordinator::new(Arc::new(FinishFailsOnce::default()), CoordinatorConfig::default()));
+        tokio::spawn(c.clone().sweep_indexing(Duration::from_millis(100)));
+        let id = c.submit(f.spec("images")).await.unwrap();
+        // What the job's maps would leave for its reduces.
+        let partial = f.dir.path().join(format!("atlas/{}", atlas::partial_key(id.as_str(), "conv", 0)));
+        std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+        std::fs::write(&partial, b"{}").unwrap();
+        let mut last = None;
+        while let Some(lease) = c.lease_for("w").await.unwrap() {
+            match c.complete_lease(&lease.lease_id).await {
+                Ok(state) => assert_eq!(state, LeaseState::Held),
+                Err(e) => last = Some((lease.lease_id, e.to_string())),
+            }
+        }
+        let (lease_id, error) = last.expect("the last completion's finish failed");
+        assert!(error.contains("injected"), "{error}");
+        assert_eq!(c.complete_lease(&lease_id).await.unwrap(), LeaseState::Lost, "the retried completion cannot end it");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = c.status(&id).await.unwrap();
+            if st.state == JobState::Succeeded {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the job is still {:?} after 60 s", st.state);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!f.dir.path().join("atlas/partials").exists(), "the job's partials are removed when its index is written");
     }
 
     #[tokio::test]

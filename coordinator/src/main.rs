@@ -12,7 +12,7 @@ use tracing::info;
 use loupe_coordinator::state::{redacted_url, MemoryStateStore, RedisStateStore, StateStore};
 use loupe_coordinator::monitor::Monitor;
 use loupe_coordinator::shard::{parse_memory, Limits};
-use loupe_coordinator::{server, Coordinator, CoordinatorConfig};
+use loupe_coordinator::{server, Coordinator, CoordinatorConfig, INDEX_SWEEP_INTERVAL};
 use loupe_core::location::Location;
 
 #[derive(Parser)]
@@ -168,6 +168,7 @@ async fn main() -> Result<()> {
     };
     let coordinator = Arc::new(Coordinator::new(state, config));
     coordinator.recover().await.context("recovering jobs left by a previous coordinator")?;
+    tokio::spawn(coordinator.clone().sweep_indexing(INDEX_SWEEP_INTERVAL));
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
     info!(

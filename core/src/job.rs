@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::JobSpec;
 
-/// A job's id, as a state store makes it (`job-<n>`). Ids also come in from users and
+/// A job's id, made by [`JobId::generate`] (`job-<yyyymmdd>t<hhmmss>-<8 hex digits>`;
+/// jobs recorded before that are `job-<n>`). Ids also come in from users and
 /// over gRPC, so they are checked once, where they arrive. '/' and '#' are refused
 /// because task and lease ids (`<job>/<index>#<attempt>`) and atlas keys embed the job
 /// id; whitespace and control characters because ids are printed and typed back.
@@ -17,9 +18,15 @@ use crate::spec::JobSpec;
 pub struct JobId(String);
 
 impl JobId {
-    /// The id a state store gives the `n`th job it records.
-    pub fn numbered(n: u64) -> JobId {
-        JobId(format!("job-{n}"))
+    /// A new id, unique across coordinators, their restarts and state stores: atlas keys
+    /// (`partials/<job>/`) and leases embed it, so a repeated id would mix two jobs' work.
+    /// The UTC time makes it readable, 32 random bits unique among jobs of one second.
+    pub fn generate() -> JobId {
+        use rand::RngCore;
+        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        // "2026-12-01T23:59:00Z" -> "20261201t235900"
+        let compact: String = time.chars().filter(char::is_ascii_alphanumeric).take(15).collect::<String>().to_ascii_lowercase();
+        JobId(format!("job-{compact}-{:08x}", rand::rngs::OsRng.next_u32()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -127,5 +134,18 @@ mod tests {
             assert!(e.starts_with("invalid job id") && e.contains(why), "{bad:?}: {e}");
         }
         assert!(serde_json::from_str::<JobId>(r#""a/b""#).is_err());
+    }
+
+    #[test]
+    fn generated_job_ids_are_unique_readable_and_valid() {
+        let ids: std::collections::HashSet<JobId> = (0..1000).map(|_| JobId::generate()).collect();
+        assert_eq!(ids.len(), 1000, "ids repeat");
+        for id in &ids {
+            let s = id.as_str();
+            let (time, random) = s.strip_prefix("job-").unwrap().split_once('-').unwrap();
+            assert!(time.len() == 15 && time.as_bytes()[8] == b't' && time.starts_with("20"), "{s}");
+            assert!(random.len() == 8 && random.chars().all(|c| c.is_ascii_hexdigit()), "{s}");
+            assert_eq!(s.parse::<JobId>().unwrap(), *id);
+        }
     }
 }

@@ -546,6 +546,22 @@ impl ArtifactStore for S3Store {
         Ok(keys)
     }
 
+    async fn delete(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        let remote = &self.remote;
+        self.check_bucket(remote, key).await?;
+        // DeleteObject succeeds for a key that is not there.
+        remote
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key))
+            .send()
+            .await
+            .map_err(|e| self.remote_error(remote, key, "DeleteObject", e))?;
+        Ok(())
+    }
+
     fn location(&self) -> String {
         if self.prefix.is_empty() {
             format!("s3://{}", self.bucket)
@@ -640,6 +656,7 @@ mod tests {
             conformance::put_get_overwrite(&s).await;
             conformance::list_by_prefix(&s).await;
             conformance::refuses_escaping_keys(&s).await;
+            conformance::delete_removes_only_its_key(&s).await;
         })
         .await;
         // The objects really are under the prefix.

@@ -267,16 +267,31 @@ fn dead_units_default() -> DeadUnits {
     DeadUnits::Keep
 }
 
-/// An item name becomes a file name (`<name>.png`): letters, digits, `-`, `_`, `.`.
+/// An item name becomes file names in its technique's directory: `<name>.png`,
+/// `<name>.json` and its snapshots' `<name>.step<N>.png`. So it is letters, digits, `-`,
+/// `_` and `.`, and does not end in `.step<digits>`, or its image would be another item's
+/// snapshot.
 fn check_item_name(what: &'static str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && !name.starts_with('.')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(what, format!("{name:?} is not a usable name: use letters, digits, '-', '_' and '.'")))
+    if !ok {
+        return Err(Error::invalid(what, format!("{name:?} is not a usable name: use letters, digits, '-', '_' and '.'")));
+    }
+    let snapshot_like = name.rsplit_once(".step").is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if snapshot_like {
+        return Err(Error::invalid(what, format!("{name:?} ends like a snapshot's name (<item>.step<N>.png); choose a name that does not end in .step and digits")));
+    }
+    Ok(())
+}
+
+/// Why `name` cannot join the names `seen` of its directory: it is one of them, or differs
+/// from one only in case (one file on a case-insensitive disk).
+fn name_clash<'a>(seen: &mut std::collections::HashMap<String, &'a str>, name: &'a str) -> Option<String> {
+    match seen.insert(name.to_ascii_lowercase(), name)? {
+        earlier if earlier == name => Some(format!("the name {name:?} is used twice")),
+        earlier => Some(format!("the names {earlier:?} and {name:?} differ only in case, so they name one file on a case-insensitive disk")),
     }
 }
 
@@ -378,22 +393,22 @@ impl TechniqueOptions {
             }
         }
         for (what, list) in [("deepdream_inputs", &o.deepdream_inputs), ("caricature_inputs", &o.caricature_inputs)] {
-            let mut names = std::collections::HashSet::new();
+            let mut names = std::collections::HashMap::new();
             for i in list {
                 check_item_name(what, &i.name)?;
-                if !names.insert(i.name.as_str()) {
-                    return Err(Error::invalid(what, format!("the name {:?} is used twice", i.name)));
+                if let Some(clash) = name_clash(&mut names, &i.name) {
+                    return Err(Error::invalid(what, clash));
                 }
                 if i.uri.trim().is_empty() {
                     return Err(Error::invalid(what, format!("{:?} has no uri", i.name)));
                 }
             }
         }
-        let mut names = std::collections::HashSet::new();
+        let mut names: std::collections::HashMap<&str, std::collections::HashMap<String, &str>> = Default::default();
         for d in &o.directions {
             check_item_name("directions", &d.name)?;
-            if !names.insert((d.layer.as_str(), d.name.as_str())) {
-                return Err(Error::invalid("directions", format!("direction {:?} of layer {:?} is given twice", d.name, d.layer)));
+            if let Some(clash) = name_clash(names.entry(d.layer.as_str()).or_default(), &d.name) {
+                return Err(Error::invalid("directions", format!("{clash} among the directions of layer {:?}", d.layer)));
             }
             if d.vector.is_empty() || d.vector.iter().any(|v| !v.is_finite()) || d.vector.iter().all(|&v| v == 0.0) {
                 return Err(Error::invalid("directions", format!("direction {:?} must be a non-zero vector of finite numbers", d.name)));
@@ -815,6 +830,45 @@ mod tests {
             let err = spec.validate().unwrap_err().to_string();
             assert!(err.contains(word), "{err}");
         }
+    }
+
+    /// An item's files are `<item>.png`, `<item>.json` and `<item>.step<N>.png` in its
+    /// technique's directory: item `x.step64`'s image would be item `x`'s snapshot.
+    #[test]
+    fn item_names_that_could_share_a_file_are_refused() {
+        let image = |name: &str| NamedImage { name: name.into(), uri: "in.png".into() };
+        let direction = |name: &str| Direction { name: name.into(), layer: "l".into(), vector: vec![1.0; 4] };
+        let mut spec = JobSpec {
+            model: ModelRef { uri: "m".into(), name: "m".into(), sha256: String::new() },
+            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1].into(), techniques: None, steps: None }],
+            techniques: vec![Technique::Caricature, Technique::DeepDream, Technique::Direction],
+            settings: RenderSettings { steps: 128, size: 16, input_size: 16, thresholds: vec![64], ..Default::default() },
+            batch: 2,
+            out: "o".into(),
+            dataset: None,
+        };
+        let o = &mut spec.settings.options;
+        o.caricature_inputs = vec![image("x"), image("x.step-64"), image("x.step"), image("x.steps64")];
+        o.deepdream_inputs = vec![image("dog.v2")];
+        o.directions = vec![direction("a.step1x")];
+        spec.validate().unwrap();
+        for bad in ["x.step64", "x.step0", "cat.step007"] {
+            for list in 0..3 {
+                let mut spec = spec.clone();
+                let o = &mut spec.settings.options;
+                match list {
+                    0 => o.caricature_inputs.push(image(bad)),
+                    1 => o.deepdream_inputs.push(image(bad)),
+                    _ => o.directions.push(direction(bad)),
+                }
+                let err = spec.validate().unwrap_err().to_string();
+                assert!(err.contains(&format!("{bad:?}")) && err.contains(".step<N>.png"), "{err}");
+            }
+        }
+        // On a case-insensitive disk (macOS, Windows) `Dog.png` is `dog.png`.
+        spec.settings.options.deepdream_inputs.push(image("DOG.V2"));
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("\"DOG.V2\"") && err.contains("\"dog.v2\""), "{err}");
     }
 
     #[test]

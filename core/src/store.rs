@@ -3,7 +3,6 @@
 //! retried task's outputs replace its earlier attempt's.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
@@ -21,6 +20,8 @@ pub trait ArtifactStore: Send + Sync {
     async fn size(&self, key: &str) -> Result<Option<u64>>;
     /// Every key that starts with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Removes what is at `key`; nothing there is no error, so a retried clean-up succeeds.
+    async fn delete(&self, key: &str) -> Result<()>;
     /// Where the store points, for messages.
     fn location(&self) -> String;
 }
@@ -131,7 +132,6 @@ pub struct LocalStore {
 /// Temporary files carry this marker; `list` skips them and a crash leaves at most one of
 /// them behind, never a partial file under a real key.
 const TMP_MARKER: &str = ".loupe-tmp-";
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -152,15 +152,28 @@ fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { key: key.to_string(), source }
 }
 
+/// Where a write to `path` goes before its rename: a random name, since writers that
+/// share a directory need not share anything else (two containers on one volume are
+/// both process 1, and each process has its own counters).
+fn temporary_path(path: &Path) -> PathBuf {
+    let name = path.file_name().expect("store paths have a file name").to_string_lossy();
+    path.with_file_name(format!("{name}{TMP_MARKER}{:032x}", rand::random::<u128>()))
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().expect("store paths have a parent");
     std::fs::create_dir_all(dir)?;
-    let name = path.file_name().expect("store paths have a file name").to_string_lossy();
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!("{name}{TMP_MARKER}{}-{n}", std::process::id()));
+    let tmp = temporary_path(path);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = match std::fs::File::create(&tmp) {
+            // A delete of the directory's last file removes the directory; make it again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)?;
+                std::fs::File::create(&tmp)?
+            }
+            created => created?,
+        };
         f.write_all(bytes)?;
         // The data must be on disk before the rename makes it visible under its key.
         f.sync_all()?;
@@ -170,6 +183,24 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes the file at `path` and then each directory up to `root` that this leaves
+/// empty, so that a deleted key leaves no trace in a listing of the atlas directory.
+fn remove_with_empty_parents(root: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir.filter(|d| *d != root && d.starts_with(root)) {
+        // Fails, and stops the walk, at the first directory something else still uses.
+        if std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
@@ -240,6 +271,12 @@ impl ArtifactStore for LocalStore {
         Ok(keys)
     }
 
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || remove_with_empty_parents(&root, &path)).await.expect("delete task panicked").map_err(io_err(key))
+    }
+
     fn location(&self) -> String {
         self.root.display().to_string()
     }
@@ -259,6 +296,18 @@ pub(crate) mod conformance {
         assert_eq!(store.get("a/b/missing").await.unwrap(), None);
         assert_eq!(store.size("a/b/c.json").await.unwrap(), Some(3));
         assert_eq!(store.size("a/b/missing").await.unwrap(), None);
+    }
+
+    pub async fn delete_removes_only_its_key(store: &dyn ArtifactStore) {
+        store.put("d/e/f.json", b"one".to_vec()).await.unwrap();
+        store.put("d/g.json", b"two".to_vec()).await.unwrap();
+        store.delete("d/e/f.json").await.unwrap();
+        assert_eq!(store.get("d/e/f.json").await.unwrap(), None);
+        assert_eq!(store.list("d/").await.unwrap(), vec!["d/g.json".to_string()]);
+        store.delete("d/e/f.json").await.expect("deleting what is not there succeeds");
+        store.delete("d/g.json").await.unwrap();
+        assert_eq!(store.list("d/").await.unwrap(), Vec::<String>::new());
+        assert!(store.delete("../x").await.is_err(), "an escaping key is refused");
     }
 
     pub async fn list_by_prefix(store: &dyn ArtifactStore) {
@@ -289,6 +338,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path());
         conformance::put_get_overwrite(&store).await;
+        conformance::delete_removes_only_its_key(&store).await;
+        assert!(!dir.path().join("d").exists() && dir.path().exists(), "a delete leaves no empty directory, and the root");
         conformance::list_by_prefix(&store).await;
         conformance::refuses_escaping_keys(&store).await;
     }
@@ -311,6 +362,45 @@ mod tests {
             let e = fetch(&path.to_string_lossy()).await.unwrap_err().to_string();
             assert!(e.contains("is not a regular file"), "{e}");
         }
+    }
+
+    /// Every container's first process is pid 1, so a name made of the pid and a
+    /// per-process counter is the same in two containers that share a volume.
+    #[test]
+    fn temporary_names_do_not_repeat_across_processes() {
+        let path = Path::new("/atlas/layers/x/layer.json");
+        let names: std::collections::HashSet<PathBuf> = (0..1000).map(|_| temporary_path(path)).collect();
+        assert_eq!(names.len(), 1000);
+        let pid = format!("-{}-", std::process::id());
+        for name in &names {
+            let name = name.file_name().unwrap().to_string_lossy();
+            assert!(name.starts_with("layer.json.loupe-tmp-") && !name.contains(&pid), "{name} carries the process id");
+        }
+    }
+
+    /// Two stores on one directory (two containers sharing a volume) writing one key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_local_stores_write_one_key_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = [std::sync::Arc::new(LocalStore::new(dir.path())), std::sync::Arc::new(LocalStore::new(dir.path()))];
+        let values: Vec<Vec<u8>> = (0..2u8).map(|v| vec![v; 64 * 1024]).collect();
+        let mut set = tokio::task::JoinSet::new();
+        for (store, value) in stores.iter().zip(&values) {
+            for _ in 0..4 {
+                let (store, value) = (store.clone(), value.clone());
+                set.spawn(async move {
+                    for _ in 0..50 {
+                        store.put("atlas.json", value.clone()).await.unwrap();
+                    }
+                });
+            }
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+            let now = stores[0].get("atlas.json").await.unwrap().unwrap();
+            assert!(values.contains(&now), "atlas.json holds neither value ({} bytes)", now.len());
+        }
+        assert_eq!(stores[1].list("").await.unwrap(), vec!["atlas.json".to_string()]);
     }
 
     #[tokio::test]

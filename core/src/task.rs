@@ -272,7 +272,9 @@ impl From<LeaseId> for String {
     }
 }
 
-/// A lease: the right to run one attempt of a task until `deadline_ms` unless renewed.
+/// A lease: the right to run one attempt of a task for `ttl_ms` from each renewal, and
+/// never past `max_ms` from the grant. Both are durations, so that the holder measures
+/// them by its own clock: the coordinator's deadlines follow the state store's one clock.
 /// Renew, complete and fail name the lease id, so a stale holder is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
@@ -280,8 +282,10 @@ pub struct Lease {
     pub task: TaskSpec,
     /// 1 for the first attempt.
     pub attempt: u32,
-    /// Milliseconds since the Unix epoch.
-    pub deadline_ms: u64,
+    /// How long the lease lasts after it is granted or renewed (ms).
+    pub ttl_ms: u64,
+    /// The longest the task may run, from its grant (ms): the store renews it no further.
+    pub max_ms: u64,
     pub job: JobContext,
 }
 

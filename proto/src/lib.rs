@@ -14,8 +14,9 @@ use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Wor
 
 /// Workers send it in every request; the coordinator refuses other versions. 2: tasks
 /// may be dataset maps and reduces. 3: lease ids carry a secret
-/// (`<job>/<index>#<attempt>.<secret>`), which a version 2 worker cannot read.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// (`<job>/<index>#<attempt>.<secret>`), which a version 2 worker cannot read. 4: a lease
+/// carries durations (`ttl_ms`, `max_ms`) instead of a deadline by the coordinator's clock.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest message either end of the loupe.v1 services sends or accepts (tonic's own
 /// default, 4 MiB, is less than a map task of a long shard's image keys). The largest
@@ -37,7 +38,7 @@ pub fn check_size(what: &str, message: &impl Message) -> Result<(), Invalid> {
 }
 
 /// Room for what a lease adds around its task and job context: the lease id (a job id
-/// and a 32-digit secret), the attempt and the deadline.
+/// and a 32-digit secret), the attempt, its time to live and its maximum time.
 const LEASE_FIELDS_BYTES: usize = 512;
 
 /// An upper bound on the encoded size of a lease of `task`, where `context_len` is
@@ -308,7 +309,8 @@ impl From<&Lease> for v1::Lease {
             lease_id: l.lease_id.to_string(),
             task: Some((&l.task).into()),
             attempt: l.attempt,
-            deadline_ms: l.deadline_ms,
+            ttl_ms: l.ttl_ms,
+            max_ms: l.max_ms,
             job: Some((&l.job).into()),
         }
     }
@@ -335,7 +337,8 @@ impl TryFrom<v1::Lease> for Lease {
             lease_id: l.lease_id.parse().map_err(|e| Invalid(format!("lease: {e}")))?,
             task: t.try_into()?,
             attempt: l.attempt,
-            deadline_ms: l.deadline_ms,
+            ttl_ms: l.ttl_ms,
+            max_ms: l.max_ms,
             job: JobContext {
                 model: j.model.ok_or_else(|| missing("lease.job.model"))?.into(),
                 settings: j.settings.ok_or_else(|| missing("lease.job.settings"))?.try_into()?,
@@ -476,7 +479,8 @@ mod tests {
                 lease_id: format!("job-2/{index}#1.0123456789abcdef0123456789abcdef").parse().unwrap(),
                 task: TaskSpec { job_id: "job-2".parse().unwrap(), index: index as u32, work },
                 attempt: 1,
-                deadline_ms: 7,
+                ttl_ms: 7,
+                max_ms: 70,
                 job: JobContext { model: job().model, settings: job().settings, out: "o".into(), dataset: Some(dataset()), layers: job().layers },
             };
             assert_eq!(Lease::try_from(v1::Lease::from(&lease)).unwrap(), lease);
@@ -527,7 +531,8 @@ mod tests {
                 work: Work::render("conv", Technique::Neuron, [1, 2]),
             },
             attempt: 1,
-            deadline_ms: 42,
+            ttl_ms: 42,
+            max_ms: 420,
             job: JobContext { model: job().model, settings: job().settings, out: "o".into(), dataset: None, layers: vec![] },
         };
         assert_eq!(Lease::try_from(v1::Lease::from(&lease)).unwrap(), lease);

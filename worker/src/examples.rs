@@ -7,19 +7,19 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use loupe_core::atlas::{self, Atlas, DatasetSummary, ExampleEntry, LayerExamples};
-use loupe_core::spec::{LayerPlan, Precision};
+use loupe_core::spec::LayerPlan;
 use loupe_core::store::ArtifactStore;
 use loupe_core::task::{Lease, ShardSource};
 use loupe_dataset::Preprocessed;
 use loupe_stats::{LayerPartial, UnitSummary};
 
 use crate::model::Model;
+use crate::tasks::TaskSignals;
 use crate::torch::TorchThread;
 use crate::{Error, Result};
 
@@ -31,7 +31,7 @@ pub const MAP_BATCH: usize = 16;
 
 /// Runs the model over `images` (preprocessed at the model's input size) and adds every
 /// image to each layer's partial, in order. `partials[i]` belongs to `layers[i]`.
-pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Preprocessed)], partials: &mut [LayerPartial], cancel: &std::sync::atomic::AtomicBool) -> Result<()> {
+pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Preprocessed)], partials: &mut [LayerPartial], signals: &TaskSignals) -> Result<()> {
     let _no_grad = tch::no_grad_guard();
     let device = model.device();
     let unit_index: Vec<Tensor> = layers
@@ -39,9 +39,7 @@ pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Prepro
         .map(|p| Tensor::from_slice(&p.units.iter().map(i64::from).collect::<Vec<_>>()).to_device(device))
         .collect();
     for batch in images.chunks(MAP_BATCH) {
-        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
+        signals.step()?;
         let size = batch[0].1.size as i64;
         let mut pixels = Vec::with_capacity(MAP_BATCH * 3 * (size * size) as usize);
         for (_, img) in batch {
@@ -251,7 +249,7 @@ pub(crate) async fn run_map(
     out: &Atlas,
     shard: u32,
     source: &ShardSource,
-    cancel: Arc<AtomicBool>,
+    signals: Arc<TaskSignals>,
 ) -> Result<()> {
     let spec = dataset_spec(lease)?;
     let raw = loupe_dataset::read_shard(dataset, source).await.map_err(dataset_error)?;
@@ -276,7 +274,6 @@ pub(crate) async fn run_map(
     let (layers, k) = (lease.job.layers.clone(), spec.examples as usize);
     let partials = torch
         .run(lease, model_path, move |loaded| {
-            loaded.model.set_precision(Precision::Fp32);
             for plan in &layers {
                 loaded.layer(&plan.layer.name)?;
             }
@@ -286,7 +283,7 @@ pub(crate) async fn run_map(
                     partial.add_skipped(id).map_err(stats_error)?;
                 }
             }
-            map_images(&loaded.model, &layers, &images, &mut partials, &cancel)?;
+            map_images(&loaded.model, &layers, &images, &mut partials, &signals)?;
             Ok(partials)
         })
         .await?;
@@ -305,6 +302,7 @@ pub(crate) async fn run_reduce(
     dataset: &dyn ArtifactStore,
     out: &Atlas,
     layer: &str,
+    signals: &TaskSignals,
 ) -> Result<()> {
     let spec = dataset_spec(lease)?;
     let plan = lease.job.layers.iter().find(|p| p.layer.name == layer).ok_or_else(|| Error::UnknownLayer(format!("{layer:?} is not a layer of this job")))?;
@@ -314,6 +312,7 @@ pub(crate) async fn run_reduce(
     }
     let mut merged = LayerPartial::new(plan.units.iter().collect(), spec.examples as usize);
     for bytes in &partials {
+        signals.step()?;
         merged.merge(LayerPartial::from_bytes(bytes).map_err(stats_error)?).map_err(stats_error)?;
     }
     let stats = merged.finish();
@@ -321,11 +320,11 @@ pub(crate) async fn run_reduce(
 
     let ids: BTreeSet<String> = stats.iter().flat_map(|s| s.top.iter().chain(&s.bottom).map(|e| e.id.clone())).collect();
     let raw = fetch_examples(dataset, &ids).await?;
+    signals.step()?;
     let input_size = lease.job.settings.input_size;
     let name = layer.to_string();
     let receptive_field = torch
         .run(lease, model_path, move |loaded| {
-            loaded.model.set_precision(Precision::Fp32);
             loaded.layer(&name)?;
             receptive_field(&loaded.model, &name, input_size)
         })

@@ -93,8 +93,10 @@ impl Model {
         &self.path
     }
 
-    /// Converts the weights to `precision`'s format (a no-op when they already are).
-    pub fn set_precision(&mut self, precision: Precision) {
+    /// The model with its weights in `precision`'s format. It takes the model as loaded
+    /// (fp32), never one already converted: bf16 weights converted back are rounded, not
+    /// the file's, so a precision change loads the file again (see the torch thread).
+    pub fn in_precision(mut self, precision: Precision) -> Model {
         let kind = match precision {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
@@ -103,6 +105,7 @@ impl Model {
             self.module.to(self.device, kind, false);
             self.kind = kind;
         }
+        self
     }
 
     /// The input in the weights' format: casting inside the graph keeps the gradient

@@ -13,7 +13,6 @@
 //! re-drawn initial values, then every step's transform. Which images share an
 //! optimisation never changes what is drawn.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tch::{nn, Device, Kind, Tensor};
@@ -25,6 +24,7 @@ use loupe_core::spec::{DeadUnits, RenderSettings, Technique};
 use crate::model::Model;
 use crate::objective::{caricature, deepdream, direction, diversity_similarity, objective, unit_tensor};
 use crate::param::{ParamImage, INIT_SD};
+use crate::tasks::TaskSignals;
 use crate::transform;
 use crate::{Error, Result};
 
@@ -402,14 +402,14 @@ impl Stopwatch<'_> {
 /// batch is smaller. A diversity unit's N images always share an optimisation. Each image
 /// has its own seeded stream, so grouping never changes what is drawn. A subject whose
 /// optimisation diverges is [`Diverged`]; the rest of the request still renders.
-pub fn render(model: &Model, req: &RenderRequest, cancel: &AtomicBool, max_batch: &mut Option<usize>, times: Option<&mut StepTimes>) -> Result<Vec<Outcome>> {
+pub fn render(model: &Model, req: &RenderRequest, signals: &TaskSignals, max_batch: &mut Option<usize>, times: Option<&mut StepTimes>) -> Result<Vec<Outcome>> {
     check(req)?;
     let mut times = times;
     let n = images_per_subject(req);
     in_batches(req.subjects, n, max_batch, |subjects| {
         let specs = image_specs(req, subjects, model.device());
         let goal = Goal::for_batch(model, req, subjects)?;
-        let o = Optimisation { model, layer: req.layer, settings: req.settings, goal: &goal, cancel };
+        let o = Optimisation { model, layer: req.layer, settings: req.settings, goal: &goal, signals };
         Ok(optimise(&o, specs, times.as_deref_mut())?.per_subject(subjects, n))
     })
 }
@@ -530,13 +530,13 @@ impl Goal {
 }
 
 /// One optimisation's fixed parts: its goal at `layer` of `model` under `settings`, and
-/// the flag that stops it.
+/// the signals it counts its steps on and that stop it.
 struct Optimisation<'a> {
     model: &'a Model,
     layer: &'a str,
     settings: &'a RenderSettings,
     goal: &'a Goal,
-    cancel: &'a AtomicBool,
+    signals: &'a TaskSignals,
 }
 
 /// An optimisation's result, in the order of its images.
@@ -629,9 +629,7 @@ fn reseeded(o: &Optimisation, b: usize, spec: &mut ImageSpec, values: Vec<f32>) 
     }
     let kept = spec.rng.clone();
     for k in RESEED_AMPLITUDES {
-        if o.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
+        o.signals.step()?;
         let again = ParamImage::draw(&o.settings.param, o.settings.size as usize, INIT_SD * k, &mut spec.rng);
         if !unexcited(o, &single, &again)? {
             tracing::debug!(image = %spec.label, amplitude = k, "re-seeded an unexcited initial image");
@@ -747,9 +745,7 @@ fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: 
     let mut divergence = Divergence::new(batch, device);
     let mut watch = Stopwatch { times, device, mark: Instant::now() };
     for step in 0..s.steps as i64 {
-        if o.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
+        o.signals.step()?;
         let x = transformed(&image.image(), &thetas.get(step), s.input_size as i64);
         watch.lap(|t| &mut t.transforms);
         let (loss, values) = o.goal.loss(&o.model.activation(&x, layer)?, layer)?;
@@ -843,7 +839,7 @@ mod tests {
     }
 
     fn run(m: &Model, layer: &str, technique: Technique, units: &[u32], s: &RenderSettings) -> Vec<Rendered> {
-        rendered(render(m, &RenderRequest { layer, technique, subjects: &unit_subjects(units), settings: s }, &AtomicBool::new(false), &mut None, None).unwrap())
+        rendered(render(m, &RenderRequest { layer, technique, subjects: &unit_subjects(units), settings: s }, &TaskSignals::default(), &mut None, None).unwrap())
     }
 
     /// The images of subjects none of which diverged.
@@ -857,7 +853,7 @@ mod tests {
 
     fn try_run_layer(m: &Model, layer: &str, technique: Technique, items: &[LayerItem], s: &RenderSettings) -> Result<Vec<Rendered>> {
         let subjects: Vec<Subject> = items.iter().cloned().map(Subject::Item).collect();
-        render(m, &RenderRequest { layer, technique, subjects: &subjects, settings: s }, &AtomicBool::new(false), &mut None, None).map(rendered)
+        render(m, &RenderRequest { layer, technique, subjects: &subjects, settings: s }, &TaskSignals::default(), &mut None, None).map(rendered)
     }
 
     fn unit_subjects(units: &[u32]) -> Vec<Subject> {
@@ -991,8 +987,7 @@ mod tests {
     fn bf16_renders_reach_the_fp32_objective_within_its_tolerance() {
         let units: Vec<u32> = (0..10).collect();
         let fp32 = model("models/demo/demo.pt");
-        let mut bf16 = model("models/demo/demo.pt");
-        bf16.set_precision(Precision::Bf16);
+        let bf16 = model("models/demo/demo.pt").in_precision(Precision::Bf16);
         let s = settings(512, 64);
         let req = RenderRequest { layer: "logits", technique: Technique::Channel, subjects: &unit_subjects(&units), settings: &s };
         let start = initial_images(&req, Device::Cpu);
@@ -1020,10 +1015,10 @@ mod tests {
         let pixel: &'static RenderSettings = Box::leak(Box::new(RenderSettings { param: ParamSettings { kind: ParamKind::Pixel, ..Default::default() }, ..s.clone() }));
         for (technique, s) in [(Technique::Diversity, s), (Technique::Channel, pixel), (Technique::Channel, s)] {
             let r = req(Box::leak(unit_subjects(&[0, 14, 1]).into_boxed_slice()), technique, s);
-            let together = rendered(render(&demo, &r, &AtomicBool::new(false), &mut None, None).unwrap());
+            let together = rendered(render(&demo, &r, &TaskSignals::default(), &mut None, None).unwrap());
             let per = images_per_subject(&r);
             let mut limit = Some(per);
-            let alone = rendered(render(&demo, &r, &AtomicBool::new(false), &mut limit, None).unwrap());
+            let alone = rendered(render(&demo, &r, &TaskSignals::default(), &mut limit, None).unwrap());
             for (a, b) in together.iter().zip(&alone) {
                 assert_eq!(a.images, b.images, "{technique} unit {}", unit(a));
                 assert_eq!(a.images.len(), per);
@@ -1106,7 +1101,7 @@ mod tests {
         basis[unit as usize] = 1.0;
         let spec = ImageSpec { rng: SplitMix64::new(unit_seed(s.seed, layer, unit, Technique::Channel)), init: Init::Noise, label: "d".into() };
         let goal = Goal::Direction { vectors: Tensor::from_slice(&basis).reshape([1, -1]), pow: 0.0 };
-        let done = optimise(&Optimisation { model: &demo, layer, settings: &s, goal: &goal, cancel: &AtomicBool::new(false) }, vec![spec], None).unwrap();
+        let done = optimise(&Optimisation { model: &demo, layer, settings: &s, goal: &goal, signals: &TaskSignals::default() }, vec![spec], None).unwrap();
         let image = to_pixels(&done.images).remove(0);
         assert!(l1(&image, &channel.images[0]) < 1.0 / 255.0, "mean difference {}", l1(&image, &channel.images[0]));
         assert!((done.objectives[0] - channel.objectives[0]).abs() < 1e-4 * channel.objectives[0].abs());
@@ -1131,7 +1126,7 @@ mod tests {
         let m = model("tests/fixtures/diverges.pt");
         let s = settings(32, 16);
         let req = RenderRequest { layer: "conv", technique: Technique::Channel, subjects: &unit_subjects(&[0, 1, 2, 3]), settings: &s };
-        let mut out = render(&m, &req, &AtomicBool::new(false), &mut None, None).unwrap();
+        let mut out = render(&m, &req, &TaskSignals::default(), &mut None, None).unwrap();
         let failed = out.remove(2).unwrap_err();
         assert_eq!(failed.target, Target::Unit(2));
         let step: u32 = failed.reason.strip_prefix("objective became NaN at step ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{}", failed.reason));
@@ -1294,16 +1289,18 @@ mod tests {
         let tiny = model("tests/fixtures/tiny.pt");
         let s = settings(4, 16);
         let req = RenderRequest { layer: "conv", technique: Technique::Channel, subjects: &[Subject::Unit(0)], settings: &s };
-        assert!(matches!(render(&tiny, &req, &AtomicBool::new(true), &mut None, None), Err(Error::Cancelled)));
+        let cancelled = TaskSignals::default();
+        cancelled.cancel();
+        assert!(matches!(render(&tiny, &req, &cancelled, &mut None, None), Err(Error::Cancelled)));
         let req = RenderRequest { technique: Technique::DeepDream, ..req };
-        assert!(render(&tiny, &req, &AtomicBool::new(false), &mut None, None).is_err());
+        assert!(render(&tiny, &req, &TaskSignals::default(), &mut None, None).is_err());
         let item = LayerItem { name: "x".into(), kind: LayerItemKind::Direction { vector: vec![1.0; 4] } };
         assert!(try_run_layer(&tiny, "conv", Technique::DeepDream, &[item], &s).is_err());
         // No transform at all works too, and profiling counts the steps.
         let mut times = StepTimes::default();
         let s = RenderSettings { transforms: TransformSettings::none(), ..s };
         let req = RenderRequest { layer: "conv", technique: Technique::Channel, subjects: &unit_subjects(&[1, 2]), settings: &s };
-        render(&tiny, &req, &AtomicBool::new(false), &mut None, Some(&mut times)).unwrap();
+        render(&tiny, &req, &TaskSignals::default(), &mut None, Some(&mut times)).unwrap();
         assert_eq!(times.steps, 4);
     }
 }

@@ -4,20 +4,20 @@
 //! in the cluster's workers.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tch::Device;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use loupe_core::api::{ApiError, WorkerApi};
 use loupe_core::task::{Failure, Lease, LeaseState};
 
 use crate::metrics::{TaskOutcome, WorkerMetrics};
-use crate::tasks::{TaskWork, Tasks};
+use crate::tasks::{TaskSignals, TaskWork, Tasks};
 use crate::Error;
 
 pub use crate::tasks::profile_totals;
@@ -164,11 +164,12 @@ impl<W: TaskWork> Worker<W> {
     async fn run_task(&mut self, lease: Lease) {
         let task_id = lease.task.id();
         info!(task_id, attempt = lease.attempt, kind = lease.task.work.kind(), layer = lease.task.work.layer().unwrap_or("-"), units = lease.task.work.images(), "task leased");
-        let cancel = Arc::new(AtomicBool::new(false));
-        let work = self.work.run(&lease, &cancel);
-        let (result, shutting_down) = with_renewal(self.api.as_ref(), &lease, &cancel, Some(&mut self.shutdown), work).await;
+        let renewal = Renewal::of(&lease);
+        let signals = Arc::new(TaskSignals::default());
+        let work = self.work.run(&lease, &signals);
+        let (result, shutting_down) = with_renewal(self.api.as_ref(), &lease, renewal, &signals, Some(&mut self.shutdown), work).await;
         match result {
-            Ok(Some(finished)) => self.start_finishing(lease, finished).await,
+            Ok(Some(finished)) => self.start_finishing(lease, renewal, finished).await,
             Ok(None) => self.completed(&lease).await,
             Err(e) => self.failed(&lease, e, shutting_down).await,
         }
@@ -196,10 +197,10 @@ impl<W: TaskWork> Worker<W> {
 
     /// Stores and reports a rendered task in the background, once the task stored before
     /// it is done.
-    async fn start_finishing(&mut self, lease: Lease, finished: W::Finished) {
+    async fn start_finishing(&mut self, lease: Lease, renewal: Renewal, finished: W::Finished) {
         self.await_finishing().await;
         let (api, work, shutdown, metrics) = (self.api.clone(), self.work.clone(), self.shutdown.clone(), self.config.metrics.clone());
-        self.finishing = Some(tokio::spawn(async move { finish_render(api, work.as_ref(), lease, finished, shutdown, &metrics).await }));
+        self.finishing = Some(tokio::spawn(async move { finish_render(api, work.as_ref(), lease, renewal, finished, shutdown, &metrics).await }));
     }
 }
 
@@ -213,10 +214,6 @@ impl WorkerStats {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
-}
-
 /// Resolves when `shutdown` turns true or its sender goes away.
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -228,38 +225,114 @@ async fn sleep_unless_stopped(d: Duration, shutdown: &mut watch::Receiver<bool>)
     tokio::select! { _ = tokio::time::sleep(d) => true, _ = stopped(shutdown) => false }
 }
 
-/// Runs `work` while renewing the lease every third of its time to live. A lease that
-/// ends (job cancelled, lease lost) or a shutdown, when `shutdown` is given, sets
-/// `cancel`, which the work polls. Returns the work's result and whether the worker is
-/// shutting down.
+/// The shortest wait between renewals, whatever the lease's time to live.
+const MIN_RENEW_EVERY: Duration = Duration::from_millis(50);
+/// How many times to live a task may go without progress before its lease is left to
+/// expire. Generous, since fetching a model or a shard counts no steps; a hung device
+/// (a CUDA hang blocks the torch thread) makes none ever again.
+const STALL_TTLS: u32 = 3;
+
+/// When a task's lease is renewed, by this worker's monotonic clock (the lease carries
+/// durations, so the coordinator's clock never enters): every third of its time to live
+/// while the work makes progress, until the task's maximum time from the grant.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    every: Duration,
+    stall_after: Duration,
+    ends_at: Instant,
+}
+
+impl Renewal {
+    /// For a lease granted now.
+    fn of(lease: &Lease) -> Renewal {
+        let ttl = Duration::from_millis(lease.ttl_ms);
+        Renewal { every: (ttl / 3).max(MIN_RENEW_EVERY), stall_after: ttl * STALL_TTLS, ends_at: Instant::now() + Duration::from_millis(lease.max_ms) }
+    }
+}
+
+/// Whether a task's work has stopped making progress: its step count has not moved for
+/// the stall window.
+struct Stall {
+    steps: u64,
+    moved_at: Instant,
+    after: Duration,
+}
+
+impl Stall {
+    fn new(signals: &TaskSignals, after: Duration) -> Stall {
+        Stall { steps: signals.progress(), moved_at: Instant::now(), after }
+    }
+
+    fn stalled(&mut self, signals: &TaskSignals) -> bool {
+        let steps = signals.progress();
+        if steps != self.steps {
+            (self.steps, self.moved_at) = (steps, Instant::now());
+        }
+        self.moved_at.elapsed() >= self.after
+    }
+}
+
+/// Runs `work` while renewing its lease as `renewal` says, only while the work makes
+/// progress: a stalled task's lease expires and the coordinator gives the task to another
+/// worker. A lease that ends (job cancelled, lease lost), the task's maximum time or a
+/// shutdown, when `shutdown` is given, cancels the work through `signals`. Returns the
+/// work's result and whether the worker is shutting down.
 async fn with_renewal<T>(
     api: &dyn WorkerApi,
     lease: &Lease,
-    cancel: &AtomicBool,
+    renewal: Renewal,
+    signals: &TaskSignals,
     mut shutdown: Option<&mut watch::Receiver<bool>>,
     work: impl std::future::Future<Output = T>,
 ) -> (T, bool) {
     let task_id = lease.task.id();
-    let renew_every = Duration::from_millis(lease.deadline_ms.saturating_sub(now_ms()) / 3).max(Duration::from_millis(50));
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
-    let mut shutting_down = false;
-    tokio::pin!(work);
+    let mut renew = tokio::time::interval_at(Instant::now() + renewal.every, renewal.every);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stall = Stall::new(signals, renewal.stall_after);
+    let (mut shutting_down, mut was_stalled, mut over) = (false, false, false);
+    let max_time = tokio::time::sleep_until(renewal.ends_at);
+    tokio::pin!(work, max_time);
     loop {
         tokio::select! {
             r = &mut work => return (r, shutting_down),
-            _ = renew.tick() => match api.renew(&lease.lease_id).await {
-                Ok(LeaseState::Held) => {}
-                Ok(state) => {
-                    info!(task_id, ?state, "lease ended; stopping the task");
-                    cancel.store(true, Ordering::Relaxed);
+            _ = renew.tick() => {
+                let stalled = stall.stalled(signals);
+                if stalled != was_stalled {
+                    match stalled {
+                        true => warn!(task_id, stalled_s = renewal.stall_after.as_secs_f64(), "the task made no progress; no longer renewing its lease, which will expire"),
+                        false => info!(task_id, "the task makes progress again; renewing its lease"),
+                    }
+                    was_stalled = stalled;
                 }
-                Err(e) => warn!(task_id, error = %e, "renewing the lease failed"),
-            },
+                if !stalled {
+                    renew_once(api, lease, &renewal, signals).await;
+                }
+            }
+            _ = &mut max_time, if !over => {
+                over = true;
+                warn!(task_id, max_s = lease.max_ms / 1000, "the task ran past its maximum time; stopping it");
+                signals.cancel();
+            }
             _ = stopped_if(shutdown.as_deref_mut()), if !shutting_down => {
                 shutting_down = true;
-                cancel.store(true, Ordering::Relaxed);
+                signals.cancel();
             }
         }
+    }
+}
+
+/// Renews the lease once, waiting no longer than a renewal period (the next renewal may
+/// still save the lease); one that ended cancels the work.
+async fn renew_once(api: &dyn WorkerApi, lease: &Lease, renewal: &Renewal, signals: &TaskSignals) {
+    let task_id = lease.task.id();
+    match tokio::time::timeout(renewal.every, api.renew(&lease.lease_id)).await {
+        Ok(Ok(LeaseState::Held)) => {}
+        Ok(Ok(state)) => {
+            info!(task_id, ?state, "lease ended; stopping the task");
+            signals.cancel();
+        }
+        Ok(Err(e)) => warn!(task_id, error = %e, "renewing the lease failed"),
+        Err(_) => warn!(task_id, waited_ms = renewal.every.as_millis() as u64, "the coordinator did not answer a renewal in time"),
     }
 }
 
@@ -277,15 +350,16 @@ async fn finish_render<W: TaskWork>(
     api: Arc<dyn WorkerApi>,
     work: &W,
     lease: Lease,
+    renewal: Renewal,
     finished: W::Finished,
     mut shutdown: watch::Receiver<bool>,
     metrics: &WorkerMetrics,
 ) -> Option<u64> {
     // Storing is not interrupted by a shutdown: it is short, and the work is done. A lease
     // that ends (the job cancelled) stops it.
-    let ended = AtomicBool::new(false);
-    let store = work.store(&lease, finished, &ended);
-    let (result, _) = with_renewal(api.as_ref(), &lease, &ended, None, store).await;
+    let signals = TaskSignals::default();
+    let store = work.store(&lease, finished, &signals);
+    let (result, _) = with_renewal(api.as_ref(), &lease, renewal, &signals, None, store).await;
     match result {
         Ok(images) => {
             report_complete(api.as_ref(), &lease, &mut shutdown).await;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,21 +24,57 @@ use crate::runner::WorkerConfig;
 use crate::torch::{Loaded, TorchThread};
 use crate::{Error, Result};
 
-/// What the worker loop runs for a leased task. The loop renews the lease meanwhile and
-/// reports the outcome.
+/// What a running task and the worker loop tell each other: the loop asks the task to
+/// stop (its lease ended, a shutdown, its maximum time passed); the task counts its steps
+/// (optimisation steps, map batches, reduce and store items), so the loop renews the lease
+/// only while the work moves (a hung device must not hold its task forever).
+#[derive(Debug, Default)]
+pub struct TaskSignals {
+    cancel: AtomicBool,
+    progress: AtomicU64,
+}
+
+impl TaskSignals {
+    /// Asks the task to stop with [`Error::Cancelled`].
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Counts one step of progress; [`Error::Cancelled`] when the task is to stop.
+    pub fn step(&self) -> Result<()> {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        if self.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// The steps counted so far.
+    pub fn progress(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+}
+
+/// What the worker loop runs for a leased task. The loop renews the lease meanwhile, while
+/// the task makes progress, and reports the outcome.
 #[async_trait]
 pub(crate) trait TaskWork: Send + Sync + 'static {
     /// A rendered task's images, still to be stored.
     type Finished: Send + 'static;
 
-    /// Runs the task's work; it stops with [`Error::Cancelled`] soon after `cancel` turns
-    /// true. `Some`: rendered, to be stored with [`TaskWork::store`] while the next task
-    /// renders; `None`: the task's outputs are all stored.
-    async fn run(&self, lease: &Lease, cancel: &Arc<AtomicBool>) -> Result<Option<Self::Finished>>;
+    /// Runs the task's work, counting its steps on `signals`; it stops with
+    /// [`Error::Cancelled`] soon after they ask it to. `Some`: rendered, to be stored with
+    /// [`TaskWork::store`] while the next task renders; `None`: the task's outputs are all
+    /// stored.
+    async fn run(&self, lease: &Lease, signals: &Arc<TaskSignals>) -> Result<Option<Self::Finished>>;
 
-    /// Stores what [`TaskWork::run`] rendered, stopping with [`Error::Cancelled`] when
-    /// `ended` turns true. Returns the number of images written.
-    async fn store(&self, lease: &Lease, finished: Self::Finished, ended: &AtomicBool) -> Result<u64>;
+    /// Stores what [`TaskWork::run`] rendered, a step per image, stopping with
+    /// [`Error::Cancelled`] when `signals` ask it to. Returns the number of images written.
+    async fn store(&self, lease: &Lease, finished: Self::Finished, signals: &TaskSignals) -> Result<u64>;
 }
 
 /// The real task work: libtorch on the torch thread (none with `--no-render`) and the
@@ -76,7 +112,7 @@ pub(crate) struct Finished {
 impl TaskWork for Tasks {
     type Finished = Finished;
 
-    async fn run(&self, lease: &Lease, cancel: &Arc<AtomicBool>) -> Result<Option<Finished>> {
+    async fn run(&self, lease: &Lease, signals: &Arc<TaskSignals>) -> Result<Option<Finished>> {
         let mut stores = self.stores.lock().await;
         let stores = &mut *stores;
         let atlas = Atlas::new(stores.open(&lease.job.out).await?);
@@ -89,20 +125,20 @@ impl TaskWork for Tasks {
             Work::Render { layer, technique, targets } => {
                 let task = RenderTask { task_id: lease.task.id(), layer: layer.clone(), technique: *technique, settings: lease.job.settings_for(layer) };
                 let subjects = subjects(lease, &task, targets).await?;
-                let (profile, cancel, metrics) = (self.profile, cancel.clone(), self.metrics.clone());
+                let (profile, signals, metrics) = (self.profile, signals.clone(), self.metrics.clone());
                 let settings = task.settings.clone();
-                let rendered = torch.run(lease, model_path, move |loaded| render_subjects(loaded, &task, &subjects, profile, &cancel, &metrics)).await?;
+                let rendered = torch.run(lease, model_path, move |loaded| render_subjects(loaded, &task, &subjects, profile, &signals, &metrics)).await?;
                 let images = rendered.into_iter().map(|r| Ok((ImageId::new(layer, *technique, target(&r).clone())?, r))).collect::<Result<_>>()?;
                 Ok(Some(Finished { atlas, images, settings }))
             }
             Work::Map { shard, source } => {
                 let dataset = dataset_store(stores, lease).await?;
-                examples::run_map(torch, lease, model_path, dataset.as_ref(), &atlas, *shard, source, cancel.clone()).await?;
+                examples::run_map(torch, lease, model_path, dataset.as_ref(), &atlas, *shard, source, signals.clone()).await?;
                 Ok(None)
             }
             Work::Reduce { layer } => {
                 let dataset = dataset_store(stores, lease).await?;
-                examples::run_reduce(torch, lease, model_path, dataset.as_ref(), &atlas, layer).await?;
+                examples::run_reduce(torch, lease, model_path, dataset.as_ref(), &atlas, layer, signals).await?;
                 Ok(None)
             }
         }
@@ -110,12 +146,10 @@ impl TaskWork for Tasks {
 
     /// Each image's PNGs, encoded here rather than on the torch thread, then its record; a
     /// diverged image's failed record. Both count as written.
-    async fn store(&self, lease: &Lease, finished: Finished, ended: &AtomicBool) -> Result<u64> {
+    async fn store(&self, lease: &Lease, finished: Finished, signals: &TaskSignals) -> Result<u64> {
         let Finished { atlas, images, settings } = finished;
         for (id, rendered) in &images {
-            if ended.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
+            signals.step()?;
             let model = &lease.job.model.sha256;
             match rendered {
                 Ok(r) => atlas.write_image(id, &encoded(r, settings.size), model, &settings).await?,
@@ -144,7 +178,7 @@ fn target(outcome: &Outcome) -> &Target {
 }
 
 /// Renders a render task's subjects on the torch thread.
-fn render_subjects(l: &mut Loaded, task: &RenderTask, subjects: &[Subject], profile: bool, cancel: &AtomicBool, metrics: &WorkerMetrics) -> Result<Vec<Outcome>> {
+fn render_subjects(l: &mut Loaded, task: &RenderTask, subjects: &[Subject], profile: bool, signals: &TaskSignals, metrics: &WorkerMetrics) -> Result<Vec<Outcome>> {
     let (layer, technique, settings) = (task.layer.as_str(), task.technique, &task.settings);
     // Unknown layers and units out of range are named here; render checks each direction
     // against the layer.
@@ -152,10 +186,9 @@ fn render_subjects(l: &mut Loaded, task: &RenderTask, subjects: &[Subject], prof
     if let Some(u) = subjects.iter().find_map(|s| match s { Subject::Unit(u) if *u >= info.units() => Some(u), _ => None }) {
         return Err(Error::Model(format!("unit {u} is out of range: layer {layer:?} has {} units", info.units())));
     }
-    l.model.set_precision(settings.precision);
     let req = RenderRequest { layer, technique, subjects, settings };
     let max_batch = l.max_batch.entry(format!("{layer}/{technique}")).or_default();
-    timed(task, subjects.len(), profile, metrics, |times| render(&l.model, &req, cancel, max_batch, times))
+    timed(task, subjects.len(), profile, metrics, |times| render(&l.model, &req, signals, max_batch, times))
 }
 
 /// Runs a render, counting its speed for the metrics and its step split when profiling.
@@ -220,14 +253,16 @@ pub fn profile_totals() -> StepTimes {
 }
 
 /// A local path to the lease's model: the path itself for a local model, or the cached
-/// copy `<cache>/<sha256>.pt` of an object-store model, fetched once and checked.
-async fn local_model(lease: &Lease, cache: &Path) -> Result<PathBuf> {
+/// copy `<cache>/<sha256>.pt` of an object-store model, fetched when it is missing or
+/// damaged, and checked.
+pub async fn local_model(lease: &Lease, cache: &Path) -> Result<PathBuf> {
     let model = &lease.job.model;
     if let Location::Local(path) = Location::parse("model", &model.uri)? {
         return Ok(path);
     }
     let path = cache.join(format!("{}.pt", model.sha256));
-    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+    let io = |e: std::io::Error| Error::LocalDisk(format!("caching model {} in {}: {e}", model.uri, cache.display()));
+    if is_cached(&path, &model.sha256).await.map_err(io)? {
         return Ok(path);
     }
     let bytes = store::fetch(&model.uri).await?.ok_or_else(|| Error::Model(format!("model {} does not exist", model.uri)))?;
@@ -235,14 +270,49 @@ async fn local_model(lease: &Lease, cache: &Path) -> Result<PathBuf> {
     if digest != model.sha256 {
         return Err(Error::Model(format!("model {} has sha256 {digest}, but the job was submitted with {}", model.uri, model.sha256)));
     }
-    // Written under a temporary name and renamed, so a crash never leaves a partial model
-    // under its digest.
-    let io = |e: std::io::Error| Error::LocalDisk(format!("caching model {} in {}: {e}", model.uri, cache.display()));
+    // Written under a name of its own and renamed over whatever is there: a crash never
+    // leaves a partial model under its digest, and workers in one process (one process
+    // id) fetching the same model never write the same file.
     tokio::fs::create_dir_all(cache).await.map_err(io)?;
-    let tmp = cache.join(format!(".{}.{}.tmp", model.sha256, std::process::id()));
-    tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
-    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    let suffix = rand::RngCore::next_u64(&mut rand::rngs::OsRng);
+    let tmp = cache.join(format!(".{}.{suffix:016x}.tmp", model.sha256));
+    let written: std::io::Result<()> = async {
+        tokio::fs::write(&tmp, &bytes).await?;
+        tokio::fs::rename(&tmp, &path).await
+    }
+    .await;
+    if let Err(e) = written {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(io(e));
+    }
+    VERIFIED_MODELS.lock().expect("verified models lock").insert(path.clone());
     Ok(path)
+}
+
+/// The cached models this process has checked against their digest, or written itself.
+static VERIFIED_MODELS: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Whether the cache holds the model with digest `sha256` whole at `path`. A file is
+/// hashed on its first use in this process: a damaged one (a disk that filled up, a crash
+/// on a filesystem without atomic renames, a flipped bit) is then fetched again, instead
+/// of failing every task on this worker.
+async fn is_cached(path: &Path, sha256: &str) -> std::io::Result<bool> {
+    let verified = VERIFIED_MODELS.lock().expect("verified models lock").contains(path);
+    if verified && tokio::fs::try_exists(path).await? {
+        return Ok(true);
+    }
+    let file = path.to_path_buf();
+    let digest = match tokio::task::spawn_blocking(move || loupe_core::sha256_file(&file)).await.expect("hashing panicked") {
+        Ok(digest) => digest,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if digest != sha256 {
+        tracing::warn!(path = %path.display(), digest, "the cached model does not match its digest; fetching it again");
+        return Ok(false);
+    }
+    VERIFIED_MODELS.lock().expect("verified models lock").insert(path.to_path_buf());
+    Ok(true)
 }
 
 /// The artifact stores this worker writes to, by output URI: opening an S3 store loads

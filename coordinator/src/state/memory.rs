@@ -1,5 +1,6 @@
 //! State in process memory, for `loupe render`. A mutex makes each method one atomic
-//! transition; it is a std mutex because no method awaits while holding it.
+//! transition; it is a std mutex because no method awaits while holding it. Lease
+//! deadlines follow the store's own clock (the process's, or one a test sets).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -11,20 +12,35 @@ use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseSecret, LeaseSt
 
 use super::{count_dataset_tasks, Completion, Dependencies, JobCursor, JobId, JobState, JobStatus, JobsPage, LeasePolicy, NewTask, StateError, StateResult, StateStore, StoreCounters};
 
-#[derive(Default)]
+/// Milliseconds by the store's clock.
+pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
+
 pub struct MemoryStateStore {
     inner: Mutex<Inner>,
+    clock: Clock,
+}
+
+impl Default for MemoryStateStore {
+    fn default() -> Self {
+        Self::with_clock(Box::new(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis() as u64))
+    }
 }
 
 impl MemoryStateStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// A store whose lease deadlines follow `clock` (tests move it by hand).
+    pub fn with_clock(clock: Clock) -> Self {
+        MemoryStateStore { inner: Mutex::default(), clock }
+    }
 }
 
 #[derive(Default)]
 struct Inner {
-    next_job: u64,
+    /// Submission number of the last job, its place in the listing (not its id).
+    last_seq: u64,
     jobs: HashMap<JobId, Job>,
     /// Job ids by submission number, for listing.
     order: BTreeMap<u64, JobId>,
@@ -70,6 +86,8 @@ struct Held {
     index: u32,
     attempt: u32,
     deadline_ms: u64,
+    /// The task's maximum time from the grant: no renewal goes past it.
+    ends_ms: u64,
     worker: String,
 }
 
@@ -136,8 +154,7 @@ impl StateStore for MemoryStateStore {
         let deps = Dependencies::of(&tasks)?;
         let (maps_total, reduces_total) = count_dataset_tasks(&tasks);
         let mut inner = self.inner.lock().unwrap();
-        inner.next_job += 1;
-        let id = JobId::numbered(inner.next_job);
+        let id = JobId::generate();
         let tasks: Vec<Task> = tasks
             .into_iter()
             .zip(deps.waits.into_iter().zip(deps.dependents))
@@ -172,13 +189,15 @@ impl StateStore for MemoryStateStore {
                 inner.pending.push_back((id.clone(), i as u32));
             }
         }
-        let seq = inner.next_job;
+        inner.last_seq += 1;
+        let seq = inner.last_seq;
         inner.order.insert(seq, id.clone());
         inner.jobs.insert(id.clone(), Job { status, tasks, seq, ended_ms: None });
         Ok(id)
     }
 
-    async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>> {
+    async fn lease(&self, worker: &str, policy: LeasePolicy) -> StateResult<Option<Lease>> {
+        let now_ms = (self.clock)();
         let mut inner = self.inner.lock().unwrap();
         inner.reclaim_expired(now_ms, policy);
         while let Some((job_id, index)) = inner.pending.pop_front() {
@@ -188,31 +207,39 @@ impl StateStore for MemoryStateStore {
             let job = inner.jobs.get_mut(&job_id).expect("running job exists");
             let task = &mut job.tasks[index as usize];
             task.attempts += 1;
+            let job_context = JobContext::of(&job.status.spec);
             let lease = Lease {
                 lease_id: LeaseId::new(&job_id, index, task.attempts, LeaseSecret::random()),
+                max_ms: policy.task_time.max_ms(&task.spec, &job_context),
                 task: task.spec.clone(),
                 attempt: task.attempts,
-                deadline_ms: now_ms + policy.ttl_ms,
-                job: JobContext::of(&job.status.spec),
+                ttl_ms: policy.ttl_ms,
+                job: job_context,
             };
-            let held = Held { job_id, index, attempt: lease.attempt, deadline_ms: lease.deadline_ms, worker: worker.to_string() };
+            let (deadline_ms, ends_ms) = (now_ms + lease.ttl_ms, now_ms.saturating_add(lease.max_ms));
+            let held = Held { job_id, index, attempt: lease.attempt, deadline_ms, ends_ms, worker: worker.to_string() };
             inner.leases.insert(lease.lease_id.clone(), held);
             return Ok(Some(lease));
         }
         Ok(None)
     }
 
-    async fn renew(&self, lease_id: &LeaseId, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    /// A lease past its task's maximum time is not renewed: it expires now.
+    async fn renew(&self, lease_id: &LeaseId, policy: LeasePolicy) -> StateResult<LeaseState> {
+        let now_ms = (self.clock)();
         let mut inner = self.inner.lock().unwrap();
         inner.reclaim_expired(now_ms, policy);
-        let state = inner.lease_state(lease_id);
         if let Some(h) = inner.leases.get_mut(lease_id) {
-            h.deadline_ms = now_ms + policy.ttl_ms;
+            let over = now_ms >= h.ends_ms;
+            h.deadline_ms = if over { now_ms } else { now_ms + policy.ttl_ms };
+            if over {
+                inner.reclaim_expired(now_ms, policy);
+            }
         }
-        Ok(state)
+        Ok(inner.lease_state(lease_id))
     }
 
-    async fn complete(&self, lease_id: &LeaseId, _now_ms: u64) -> StateResult<Completion> {
+    async fn complete(&self, lease_id: &LeaseId) -> StateResult<Completion> {
         let mut inner = self.inner.lock().unwrap();
         let state = inner.lease_state(lease_id);
         let Some(held) = inner.leases.remove(lease_id) else {
@@ -247,7 +274,8 @@ impl StateStore for MemoryStateStore {
         Ok(Completion { lease: LeaseState::Held, job_done })
     }
 
-    async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, policy: LeasePolicy) -> StateResult<LeaseState> {
+        let now_ms = (self.clock)();
         let mut inner = self.inner.lock().unwrap();
         let state = inner.lease_state(lease_id);
         let Some(held) = inner.leases.remove(lease_id) else {
@@ -282,6 +310,11 @@ impl StateStore for MemoryStateStore {
             job.end(outcome, now_ms);
         }
         Ok(())
+    }
+
+    async fn indexing_jobs(&self) -> StateResult<Vec<JobId>> {
+        let inner = self.inner.lock().unwrap();
+        Ok(inner.jobs.iter().filter(|(_, j)| j.status.state == JobState::Indexing).map(|(id, _)| id.clone()).collect())
     }
 
     async fn cancel(&self, job_id: &JobId, now_ms: u64) -> StateResult<bool> {
@@ -344,6 +377,8 @@ mod tests {
 
     #[tokio::test]
     async fn memory_store_conforms() {
-        super::super::conformance::run_all(|| Box::new(MemoryStateStore::new()) as Box<dyn StateStore>).await;
+        use super::super::conformance::{run_all, Time};
+        let t = Time::Manual(Default::default());
+        run_all(|| Box::new(t.memory_store()) as Box<dyn StateStore>, &t).await;
     }
 }

@@ -10,10 +10,10 @@
 use async_trait::async_trait;
 use loupe_core::spec::JobSpec;
 pub use loupe_core::job::{JobId, JobState, JobStatus};
-use loupe_core::task::{Failure, Lease, LeaseId, LeaseState, Work};
+use loupe_core::task::{Failure, JobContext, Lease, LeaseId, LeaseState, ShardSource, TaskSpec, Work};
 
 mod memory;
-pub use memory::MemoryStateStore;
+pub use memory::{Clock, MemoryStateStore};
 mod redis;
 pub use redis::{redacted_url, RedisStateStore};
 
@@ -40,6 +40,44 @@ pub struct LeasePolicy {
     pub ttl_ms: u64,
     /// Attempts a task may use, counting expired leases and retryable failures.
     pub max_attempts: u32,
+    /// The longest a task may hold its lease, by its size.
+    pub task_time: TaskTime,
+}
+
+/// How long a task may run from its grant, by its size: generous allowances, so that
+/// only a task that hangs (a device that stopped answering while the worker still
+/// renews) reaches it. The store renews no lease past it, and the worker stops the task.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskTime {
+    /// Never less than this, whatever the size (fetching a model, starting a device).
+    pub floor_ms: u64,
+    /// A render's allowance per image, optimisation step and pixel (ns).
+    pub render_ns_per_pixel_step: u64,
+    /// A map's allowance per image of its shard (ms); a tar shard counts as
+    /// [`TaskTime::TAR_SHARD_IMAGES`], since its images are counted only when it is read.
+    pub map_ms_per_image: u64,
+    /// A reduce's (one layer's merge, crops and statistics table).
+    pub reduce_ms: u64,
+}
+
+impl TaskTime {
+    pub const DEFAULT: TaskTime = TaskTime { floor_ms: 600_000, render_ns_per_pixel_step: 20_000, map_ms_per_image: 2_000, reduce_ms: 3_600_000 };
+    pub const TAR_SHARD_IMAGES: u64 = 10_000;
+
+    /// The longest `task` of the job `job` may run (ms).
+    pub fn max_ms(&self, task: &TaskSpec, job: &JobContext) -> u64 {
+        let sized = match &task.work {
+            Work::Render { layer, targets, .. } => {
+                let s = job.settings_for(layer);
+                let pixel_steps = (targets.len() as u64).saturating_mul(u64::from(s.steps)).saturating_mul(u64::from(s.size).pow(2));
+                pixel_steps.saturating_mul(self.render_ns_per_pixel_step) / 1_000_000
+            }
+            Work::Map { source: ShardSource::Images { keys }, .. } => (keys.len() as u64).saturating_mul(self.map_ms_per_image),
+            Work::Map { source: ShardSource::Tar { .. }, .. } => Self::TAR_SHARD_IMAGES.saturating_mul(self.map_ms_per_image),
+            Work::Reduce { .. } => self.reduce_ms,
+        };
+        sized.max(self.floor_ms)
+    }
 }
 
 /// A task as a job is created with: its work, and the tasks it waits on.
@@ -93,8 +131,9 @@ pub(crate) fn count_dataset_tasks(tasks: &[NewTask]) -> (u32, u32) {
     (maps, reduces)
 }
 
-/// A job's place in the listing, newest first: its submission number. A page resumes
-/// after a cursor, so jobs submitted or expired meanwhile neither repeat nor skip one.
+/// A job's place in the listing, newest first: its submission number (counted by the
+/// store, apart from its id). A page resumes after a cursor, so jobs submitted or expired
+/// meanwhile neither repeat nor skip one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JobCursor(pub u64);
 
@@ -137,21 +176,30 @@ pub struct StoreCounters {
 pub trait StateStore: Send + Sync {
     /// Records a new job and its tasks (which may be none, when the atlas already holds
     /// everything), numbered in the order given. Tasks that wait on nothing are runnable
-    /// at once; the others when their last prerequisite completes. Returns the job id.
+    /// at once; the others when their last prerequisite completes. Returns the job id, a
+    /// new [`JobId::generate`] one: never one that an earlier store or coordinator gave.
     async fn create_job(&self, spec: JobSpec, tasks: Vec<NewTask>, images_skipped: u64, now_ms: u64) -> StateResult<JobId>;
     /// Grants the next runnable task: a pending one, or one whose lease expired. A task
     /// that has used all its attempts fails its job instead. A task still waiting on a
     /// prerequisite is never granted.
-    async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>>;
-    async fn renew(&self, lease_id: &LeaseId, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
+    /// Lease deadlines follow the store's one clock (Redis's `TIME`, the memory store's
+    /// process clock), never a coordinator's, so coordinators with skewed clocks never
+    /// reclaim each other's live leases.
+    async fn lease(&self, worker: &str, policy: LeasePolicy) -> StateResult<Option<Lease>>;
+    /// Extends a held lease by the time to live, but never past its task's maximum time:
+    /// a lease past it expires instead (and is answered `Lost`).
+    async fn renew(&self, lease_id: &LeaseId, policy: LeasePolicy) -> StateResult<LeaseState>;
     /// Records the task done, and makes runnable the tasks for which it was the last
     /// prerequisite still to be done.
-    async fn complete(&self, lease_id: &LeaseId, now_ms: u64) -> StateResult<Completion>;
+    async fn complete(&self, lease_id: &LeaseId) -> StateResult<Completion>;
     /// A retryable failure goes back to pending while attempts remain; any other fails the job.
-    async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState>;
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, policy: LeasePolicy) -> StateResult<LeaseState>;
     /// Ends an `Indexing` job as `Succeeded` or `Failed`, with the number of its images
     /// that the atlas records as failed.
     async fn finish(&self, job_id: &JobId, outcome: JobState, images_failed: u64, now_ms: u64) -> StateResult<()>;
+    /// The jobs in the `Indexing` state: every task done, the atlas index not yet written.
+    /// Reads only those jobs, so coordinators can ask often.
+    async fn indexing_jobs(&self) -> StateResult<Vec<JobId>>;
     /// Cancels a running job; returns false if it had already ended.
     async fn cancel(&self, job_id: &JobId, now_ms: u64) -> StateResult<bool>;
     async fn job(&self, job_id: &JobId) -> StateResult<JobStatus>;

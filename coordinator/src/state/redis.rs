@@ -1,15 +1,23 @@
 //! State in Redis, shared by the coordinators of a cluster. Every transition is one Lua
 //! script (EVALSHA, loaded again by itself after a Redis restart), so it is atomic: two
 //! coordinators never grant one task twice, and a coordinator killed mid-request leaves
-//! either the whole transition or none of it. Time and the lease policy come in as
-//! arguments, exactly as in [`super::MemoryStateStore`], whose behaviour this matches;
-//! the Redis clock is never read.
+//! either the whole transition or none of it. The lease policy comes in as arguments,
+//! exactly as in [`super::MemoryStateStore`], whose behaviour this matches. Lease
+//! deadlines follow one clock, Redis's own (`TIME`, allowed in scripts that write since
+//! Redis 7 replicates their effects), so coordinators whose clocks disagree never reclaim
+//! each other's live leases; a job's submission and end times are the coordinator's.
 //!
 //! Keys, under a prefix (`loupe:` by default):
 //!
-//! - `jobseq`: counter behind job ids (`job-<n>`), unique across coordinators.
-//! - `jobindex`: ZSET of job ids scored by their number, for listing newest first a
-//!   page at a time (a LIST `jobs` of an older coordinator is moved here at connect).
+//! - `jobseq`: counter of submitted jobs: each job's submission number. Job ids are
+//!   [`JobId::generate`]d apart from it (older coordinators named jobs `job-<n>` after
+//!   it), so a new Redis or prefix never repeats an id.
+//! - `jobindex`: ZSET of job ids scored by their submission number, for listing newest
+//!   first a page at a time (a LIST `jobs` of an older coordinator is moved here at
+//!   connect).
+//! - `indexing`: SET of the ids of jobs in the `indexing` state, added by the scripts that
+//!   enter it (create, complete) and removed by those that end a job, so coordinators find
+//!   jobs left indexing without reading every job.
 //! - `ended`: ZSET of the ids of jobs that succeeded, failed or were cancelled, scored by
 //!   when (ms); `expire_jobs` drops those older than the retention: their hash and their
 //!   place in both sets.
@@ -34,6 +42,8 @@
 //!   it at the back, in the same script, so no lease can grant it early.
 //! - `stats`: HASH of the monitoring totals (`lease_expiries`, `retries`, `failures`,
 //!   `images_rendered`), counted by the scripts that make those transitions.
+//! - `limits`: HASH lease id -> the task's maximum time (ms, Redis clock), past which it
+//!   is not renewed.
 //! - `leases`: HASH lease id -> worker; `deadlines`: ZSET lease id -> deadline (ms), so
 //!   reclaiming reads only expired entries; `jobleases:<id>`: SET of a job's lease ids,
 //!   dropped when the job fails or is cancelled.
@@ -75,10 +85,12 @@ const PRELUDE: &str = r#"
 local P = ARGV[1]
 local PENDING = P .. 'pending'
 local DEADLINES = P .. 'deadlines'
+local LIMITS = P .. 'limits'
 local LEASES = P .. 'leases'
 local STATS = P .. 'stats'
 local INDEX = P .. 'jobindex'
 local ENDED = P .. 'ended'
+local INDEXING = P .. 'indexing'
 local function job_key(job) return P .. 'job:' .. job end
 local function tasks_key(job) return P .. 'tasks:' .. job end
 local function job_leases_key(job) return P .. 'jobleases:' .. job end
@@ -100,8 +112,15 @@ local function is_terminal(state)
   return state == 'succeeded' or state == 'failed' or state == 'cancelled'
 end
 
+-- The one clock of lease deadlines (ms): Redis's, never a coordinator's.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 local function drop_lease(id, job)
   redis.call('HDEL', LEASES, id)
+  redis.call('HDEL', LIMITS, id)
   redis.call('ZREM', DEADLINES, id)
   redis.call('SREM', job_leases_key(job), id)
 end
@@ -110,6 +129,7 @@ local function drop_job_leases(job)
   local set = job_leases_key(job)
   for _, id in ipairs(redis.call('SMEMBERS', set)) do
     redis.call('HDEL', LEASES, id)
+    redis.call('HDEL', LIMITS, id)
     redis.call('ZREM', DEADLINES, id)
   end
   redis.call('DEL', set)
@@ -118,6 +138,7 @@ end
 -- Records when a job succeeded, failed or was cancelled, for expire_jobs.
 local function job_ended(job, now)
   redis.call('ZADD', ENDED, now, job)
+  redis.call('SREM', INDEXING, job)
 end
 
 local function fail_job(job, message, now)
@@ -147,6 +168,7 @@ local function reclaim_expired(now, max_attempts)
     if #ids == 0 then return end
     for _, id in ipairs(ids) do
       redis.call('ZREM', DEADLINES, id)
+      redis.call('HDEL', LIMITS, id)
       local worker = redis.call('HGET', LEASES, id)
       local job, index, attempt = parse_lease(id)
       if worker and job then
@@ -168,7 +190,7 @@ end
 "#;
 
 /// ARGV: prefix, job id, spec, ctx, state, created_ms, tasks_total, images_total,
-/// images_skipped, maps_total, reduces_total, the job's number, then the runs `<lo>:<hi>`
+/// images_skipped, maps_total, reduces_total, its submission number, then the runs `<lo>:<hi>`
 /// of tasks that are runnable at once (the others wait on prerequisites).
 const CREATE: &str = r#"
 local job = ARGV[2]
@@ -177,6 +199,7 @@ redis.call('HSET', job_key(job), 'id', job, 'spec', ARGV[3], 'ctx', ARGV[4], 'st
   'images_total', ARGV[8], 'images_skipped', ARGV[9], 'images_done', '0',
   'maps_total', ARGV[10], 'maps_done', '0', 'reduces_total', ARGV[11], 'reduces_done', '0')
 redis.call('ZADD', INDEX, ARGV[12], job)
+if ARGV[5] == 'indexing' then redis.call('SADD', INDEXING, job) end
 if tonumber(ARGV[7]) > 0 then
   redis.call('PERSIST', tasks_key(job))
   for i = 13, #ARGV do
@@ -186,11 +209,12 @@ end
 return 1
 "#;
 
-/// ARGV: prefix, worker, now, deadline, max_attempts, the new lease's secret (drawn by the
+/// ARGV: prefix, worker, ttl (ms), max_attempts, the new lease's secret (drawn by the
 /// coordinator: a script's own random numbers are not secret).
 /// Returns nil, or {lease id, task JSON, attempt, job context JSON}.
 const LEASE: &str = r#"
-reclaim_expired(ARGV[3], tonumber(ARGV[5]))
+local now = now_ms()
+reclaim_expired(now, tonumber(ARGV[4]))
 while true do
   local entry = redis.call('LINDEX', PENDING, 0)
   if not entry then return false end
@@ -217,23 +241,40 @@ while true do
   if index then
     local tasks = tasks_key(job)
     local attempt = redis.call('HINCRBY', tasks, 'a' .. index, 1)
-    local id = job .. '/' .. index .. '#' .. attempt .. '.' .. ARGV[6]
+    local id = job .. '/' .. index .. '#' .. attempt .. '.' .. ARGV[5]
     redis.call('HSET', LEASES, id, ARGV[2])
-    redis.call('ZADD', DEADLINES, ARGV[4], id)
+    redis.call('ZADD', DEADLINES, now + tonumber(ARGV[3]), id)
     redis.call('SADD', job_leases_key(job), id)
     return {id, redis.call('HGET', tasks, index), attempt, redis.call('HGET', job_key(job), 'ctx')}
   end
 end
 "#;
 
-/// ARGV: prefix, lease id, now, deadline, max_attempts. Returns the lease state code.
+/// ARGV: prefix, lease id, max (ms from now, Redis clock). Sets a granted lease's maximum
+/// time: a second step of granting, as only the coordinator reads a task's size. Returns 1
+/// if the lease is still held.
+const LIMIT: &str = r#"
+if redis.call('HEXISTS', LEASES, ARGV[2]) == 0 then return 0 end
+redis.call('HSET', LIMITS, ARGV[2], now_ms() + tonumber(ARGV[3]))
+return 1
+"#;
+
+/// ARGV: prefix, lease id, ttl (ms), max_attempts. Returns the lease state code. A lease
+/// past its maximum time expires now instead.
 const RENEW: &str = r#"
-reclaim_expired(ARGV[3], tonumber(ARGV[5]))
-local state = lease_state(ARGV[2])
-if state == 0 then
-  redis.call('ZADD', DEADLINES, 'XX', ARGV[4], ARGV[2])
+local id = ARGV[2]
+local now = now_ms()
+reclaim_expired(now, tonumber(ARGV[4]))
+local state = lease_state(id)
+if state ~= 0 then return state end
+local limit = redis.call('HGET', LIMITS, id)
+if limit and now >= tonumber(limit) then
+  redis.call('ZADD', DEADLINES, 'XX', now, id)
+  reclaim_expired(now, tonumber(ARGV[4]))
+  return lease_state(id)
 end
-return state
+redis.call('ZADD', DEADLINES, 'XX', now + tonumber(ARGV[3]), id)
+return 0
 "#;
 
 /// ARGV: prefix, lease id. Returns {lease state code, 1 if the job is now indexing}.
@@ -267,12 +308,13 @@ if dependents and redis.call('HGET', key, 'state') == 'running' then
 end
 if done == tonumber(redis.call('HGET', key, 'tasks_total')) then
   redis.call('HSET', key, 'state', 'indexing')
+  redis.call('SADD', INDEXING, job)
   return {0, 1}
 end
 return {0, 0}
 "#;
 
-/// ARGV: prefix, lease id, retryable (1/0), message, max_attempts, released (1/0), now.
+/// ARGV: prefix, lease id, retryable (1/0), message, max_attempts, released (1/0).
 /// Returns the lease state code. A released task goes back to the front of the line
 /// without using an attempt.
 const FAIL: &str = r#"
@@ -295,7 +337,7 @@ if retryable and used < tonumber(ARGV[5]) then
 else
   local why = ''
   if retryable then why = ' (after ' .. used .. ' attempts)' end
-  fail_job(job, 'task ' .. job .. '/' .. index .. ' failed' .. why .. ': ' .. ARGV[4], ARGV[7])
+  fail_job(job, 'task ' .. job .. '/' .. index .. ' failed' .. why .. ': ' .. ARGV[4], now_ms())
 end
 return 0
 "#;
@@ -405,6 +447,7 @@ const STATUS_FIELDS: [&str; 15] = [
 struct Scripts {
     create: Script,
     lease: Script,
+    limit: Script,
     renew: Script,
     complete: Script,
     fail: Script,
@@ -421,6 +464,7 @@ impl Scripts {
         Scripts {
             create: s(CREATE),
             lease: s(LEASE),
+            limit: s(LIMIT),
             renew: s(RENEW),
             complete: s(COMPLETE),
             fail: s(FAIL),
@@ -665,8 +709,8 @@ impl StateStore for RedisStateStore {
         let deps = Dependencies::of(&tasks)?;
         let (maps_total, reduces_total) = count_dataset_tasks(&tasks);
         let tasks_total = u32::try_from(tasks.len()).map_err(|_| backend("too many tasks in one job"))?;
-        let n: u64 = self.query(redis::cmd("INCR").arg(self.key("jobseq"))).await?;
-        let id = JobId::numbered(n);
+        let seq: u64 = self.query(redis::cmd("INCR").arg(self.key("jobseq"))).await?;
+        let id = JobId::generate();
         let tasks_key = self.key(&format!("tasks:{id}"));
         let mut conn = self.conn.clone();
         for (r, round) in tasks.chunks(TASKS_PER_ROUND_TRIP).enumerate() {
@@ -713,7 +757,7 @@ impl StateStore for RedisStateStore {
             .arg(images_skipped)
             .arg(maps_total)
             .arg(reduces_total)
-            .arg(n);
+            .arg(seq);
         for (lo, hi) in to_ranges(&runnable) {
             inv.arg(format!("{lo}:{hi}"));
         }
@@ -721,39 +765,40 @@ impl StateStore for RedisStateStore {
         Ok(id)
     }
 
-    async fn lease(&self, worker: &str, now_ms: u64, policy: LeasePolicy) -> StateResult<Option<Lease>> {
-        let deadline_ms = now_ms.saturating_add(policy.ttl_ms);
+    /// Grants a lease, then sets its maximum time, which only this side can size. A
+    /// coordinator that dies between the two leaves a lease bounded by its TTL alone.
+    async fn lease(&self, worker: &str, policy: LeasePolicy) -> StateResult<Option<Lease>> {
         let mut inv = self.invocation(&self.scripts.lease);
-        inv.arg(worker).arg(now_ms).arg(deadline_ms).arg(policy.max_attempts).arg(LeaseSecret::random().as_str());
+        inv.arg(worker).arg(policy.ttl_ms).arg(policy.max_attempts).arg(LeaseSecret::random().as_str());
         let granted: Option<(String, String, u32, String)> = self.invoke(&inv).await?;
         let Some((lease_id, task, attempt, ctx)) = granted else {
             return Ok(None);
         };
-        Ok(Some(Lease {
-            task: serde_json::from_str(&task).map_err(|e| backend(format!("task of {lease_id}: {e}")))?,
-            job: serde_json::from_str(&ctx).map_err(|e| backend(format!("job context of {lease_id}: {e}")))?,
-            lease_id: lease_id.parse().map_err(|e| backend(format!("the script granted {e}")))?,
-            attempt,
-            deadline_ms,
-        }))
+        let task: TaskSpec = serde_json::from_str(&task).map_err(|e| backend(format!("task of {lease_id}: {e}")))?;
+        let job: JobContext = serde_json::from_str(&ctx).map_err(|e| backend(format!("job context of {lease_id}: {e}")))?;
+        let max_ms = policy.task_time.max_ms(&task, &job);
+        let mut limit = self.invocation(&self.scripts.limit);
+        limit.arg(&lease_id).arg(max_ms);
+        let _: i64 = self.invoke(&limit).await?;
+        Ok(Some(Lease { lease_id: lease_id.parse().map_err(|e| backend(format!("the script granted {e}")))?, task, attempt, ttl_ms: policy.ttl_ms, max_ms, job }))
     }
 
-    async fn renew(&self, lease_id: &LeaseId, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn renew(&self, lease_id: &LeaseId, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inv = self.invocation(&self.scripts.renew);
-        inv.arg(lease_id.to_string()).arg(now_ms).arg(now_ms.saturating_add(policy.ttl_ms)).arg(policy.max_attempts);
+        inv.arg(lease_id.to_string()).arg(policy.ttl_ms).arg(policy.max_attempts);
         lease_state(self.invoke(&inv).await?)
     }
 
-    async fn complete(&self, lease_id: &LeaseId, _now_ms: u64) -> StateResult<Completion> {
+    async fn complete(&self, lease_id: &LeaseId) -> StateResult<Completion> {
         let mut inv = self.invocation(&self.scripts.complete);
         inv.arg(lease_id.to_string());
         let (code, job_done): (i64, i64) = self.invoke(&inv).await?;
         Ok(Completion { lease: lease_state(code)?, job_done: job_done == 1 })
     }
 
-    async fn fail(&self, lease_id: &LeaseId, failure: Failure, now_ms: u64, policy: LeasePolicy) -> StateResult<LeaseState> {
+    async fn fail(&self, lease_id: &LeaseId, failure: Failure, policy: LeasePolicy) -> StateResult<LeaseState> {
         let mut inv = self.invocation(&self.scripts.fail);
-        inv.arg(lease_id.to_string()).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts).arg(if failure.released { "1" } else { "0" }).arg(now_ms);
+        inv.arg(lease_id.to_string()).arg(if failure.retryable { "1" } else { "0" }).arg(&failure.message).arg(policy.max_attempts).arg(if failure.released { "1" } else { "0" });
         lease_state(self.invoke(&inv).await?)
     }
 
@@ -765,6 +810,11 @@ impl StateStore for RedisStateStore {
             -1 => Err(StateError::NoSuchJob(job_id.to_string())),
             _ => Ok(()),
         }
+    }
+
+    async fn indexing_jobs(&self) -> StateResult<Vec<JobId>> {
+        let ids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(self.key("indexing"))).await?;
+        ids.into_iter().map(|id| id.parse().map_err(|e| backend(format!("the set of indexing jobs holds {e}")))).collect()
     }
 
     async fn cancel(&self, job_id: &JobId, now_ms: u64) -> StateResult<bool> {
@@ -824,7 +874,7 @@ mod tests {
 
     use super::*;
 
-    const POLICY: LeasePolicy = LeasePolicy { ttl_ms: 60_000, max_attempts: 3 };
+    const POLICY: LeasePolicy = LeasePolicy { ttl_ms: 60_000, max_attempts: 3, task_time: crate::state::TaskTime::DEFAULT };
 
     fn fresh_prefix() -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
@@ -876,7 +926,7 @@ mod tests {
             async move {
                 Box::new(RedisStateStore::connect_with_prefix(&url, &fresh_prefix()).await.unwrap()) as Box<dyn StateStore>
             }
-        })
+        }, &super::super::conformance::Time::Real)
         .await;
     }
 
@@ -894,10 +944,10 @@ mod tests {
                 let worker = format!("w{n}");
                 let mut got = Vec::new();
                 let mut finished_job = 0;
-                while let Some(lease) = store.lease(&worker, 0, POLICY).await.unwrap() {
+                while let Some(lease) = store.lease(&worker, POLICY).await.unwrap() {
                     got.push(lease.task.index);
                     assert_eq!(lease.attempt, 1);
-                    let done = store.complete(&lease.lease_id, 1).await.unwrap();
+                    let done = store.complete(&lease.lease_id).await.unwrap();
                     assert_eq!(done.lease, LeaseState::Held);
                     finished_job += done.job_done as u32;
                 }
@@ -929,15 +979,15 @@ mod tests {
             let s = if i % 2 == 0 { &a } else { &b };
             ids.push(s.create_job(spec(), tasks(1, 1), 0, i).await.unwrap());
         }
-        assert_eq!(ids, (1..=6).map(|n| format!("job-{n}").parse().unwrap()).collect::<Vec<JobId>>());
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 6, "ids repeat: {ids:?}");
         let listed: Vec<JobId> = a.jobs().await.unwrap().into_iter().map(|j| j.id).collect();
         assert_eq!(listed, ids.iter().rev().cloned().collect::<Vec<_>>());
         assert!(matches!(a.job(&"job-99".parse().unwrap()).await, Err(StateError::NoSuchJob(_))));
         assert!(matches!(a.cancel(&"job-99".parse().unwrap(), 0).await, Err(StateError::NoSuchJob(_))));
         assert!(matches!(a.finish(&"job-99".parse().unwrap(), JobState::Succeeded, 0, 0).await, Err(StateError::NoSuchJob(_))));
         let never_granted = |job: &str| LeaseId::new(&job.parse().unwrap(), 0, 7, LeaseSecret::random());
-        assert_eq!(a.renew(&never_granted("nonsense"), 0, POLICY).await.unwrap(), LeaseState::Lost);
-        assert_eq!(a.complete(&never_granted("job-1"), 0).await.unwrap().lease, LeaseState::Lost);
+        assert_eq!(a.renew(&never_granted("nonsense"), POLICY).await.unwrap(), LeaseState::Lost);
+        assert_eq!(a.complete(&never_granted("job-1")).await.unwrap().lease, LeaseState::Lost);
     }
 
     #[tokio::test]
@@ -945,25 +995,46 @@ mod tests {
         let server = RedisServer::start();
         let s = RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap();
         let id = s.create_job(spec(), tasks(3, 2), 5, 42).await.unwrap();
-        let l = s.lease("w", 100, POLICY).await.unwrap().unwrap();
+        let short = LeasePolicy { ttl_ms: 1_000, ..POLICY };
+        let l = s.lease("w", short).await.unwrap().unwrap();
         assert_eq!((l.lease_id.job_id(), l.lease_id.index(), l.lease_id.attempt()), (&id, 0, 1));
         assert!(l.lease_id.to_string().starts_with(&format!("{id}/0#1.")), "{}", l.lease_id);
         assert_eq!(l.task, TaskSpec { job_id: id.clone(), index: 0, work: render(0, 2) });
-        assert_eq!(l.deadline_ms, 100 + POLICY.ttl_ms);
+        assert_eq!((l.ttl_ms, l.max_ms), (1_000, POLICY.task_time.max_ms(&l.task, &l.job)));
         assert_eq!(l.job, JobContext::of(&spec()));
         let st = s.job(&id).await.unwrap();
         assert_eq!((st.spec, st.created_ms, st.tasks_total, st.images_skipped, st.images_total), (spec(), 42, 3, 5, 4));
         // Expired leases go back to the front of the line; retries to the back.
-        let l1 = s.lease("w", 100, POLICY).await.unwrap().unwrap();
+        let l1 = s.lease("w", short).await.unwrap().unwrap();
         assert_eq!(l1.task.index, 1);
-        s.fail(&l1.lease_id, Failure::new(true, "x"), 100, POLICY).await.unwrap();
-        let later = 100 + POLICY.ttl_ms;
-        let again = s.lease("w", later, POLICY).await.unwrap().unwrap();
+        s.fail(&l1.lease_id, Failure::new(true, "x"), short).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(short.ttl_ms + 200)).await;
+        let again = s.lease("w", POLICY).await.unwrap().unwrap();
         assert_eq!((again.task.index, again.attempt), (0, 2), "the expired task comes first");
-        let next = s.lease("w", later, POLICY).await.unwrap().unwrap();
+        let next = s.lease("w", POLICY).await.unwrap().unwrap();
         assert_eq!((next.task.index, next.attempt), (2, 1));
-        let last = s.lease("w", later, POLICY).await.unwrap().unwrap();
+        let last = s.lease("w", POLICY).await.unwrap().unwrap();
         assert_eq!((last.task.index, last.attempt), (1, 2), "the retried task went to the back");
+    }
+
+    /// Two coordinators whose clocks disagree by far more than the time to live: lease
+    /// deadlines follow Redis's clock alone, so neither reclaims the other's live lease
+    /// (when each passed its own time, the one ahead reclaimed every lease at once).
+    #[tokio::test]
+    async fn coordinators_with_skewed_clocks_do_not_reclaim_live_leases() {
+        let server = RedisServer::start();
+        let prefix = fresh_prefix();
+        let short = LeasePolicy { ttl_ms: 2_000, ..POLICY };
+        let behind = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        let ahead = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
+        behind.create_job(spec(), tasks(2, 1), 0, 0).await.unwrap();
+        let held = behind.lease("w1", short).await.unwrap().unwrap();
+        let other = ahead.lease("w2", short).await.unwrap().expect("the other task");
+        assert_ne!(other.task.index, held.task.index);
+        assert!(ahead.lease("w3", short).await.unwrap().is_none(), "the live lease is not reclaimed");
+        assert_eq!(ahead.renew(&held.lease_id, short).await.unwrap(), LeaseState::Held);
+        assert_eq!(behind.renew(&other.lease_id, short).await.unwrap(), LeaseState::Held);
+        assert_eq!(ahead.counters().await.unwrap().lease_expiries, 0);
     }
 
     #[tokio::test]
@@ -972,21 +1043,21 @@ mod tests {
         let prefix = fresh_prefix();
         let first = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
         let id = first.create_job(spec(), tasks(3, 2), 0, 0).await.unwrap();
-        let a = first.lease("w1", 0, POLICY).await.unwrap().unwrap();
-        let b = first.lease("w2", 0, POLICY).await.unwrap().unwrap();
+        let a = first.lease("w1", POLICY).await.unwrap().unwrap();
+        let b = first.lease("w2", POLICY).await.unwrap().unwrap();
         drop(first);
 
         let second = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
         let st = second.job(&id).await.unwrap();
         assert_eq!((st.state, st.tasks_total, st.tasks_done), (JobState::Running, 3, 0));
         assert_eq!(second.jobs().await.unwrap().len(), 1);
-        assert_eq!(second.renew(&a.lease_id, 10, POLICY).await.unwrap(), LeaseState::Held);
-        assert!(!second.complete(&a.lease_id, 11).await.unwrap().job_done);
-        assert!(!second.complete(&b.lease_id, 11).await.unwrap().job_done);
-        let c = second.lease("w3", 12, POLICY).await.unwrap().unwrap();
+        assert_eq!(second.renew(&a.lease_id, POLICY).await.unwrap(), LeaseState::Held);
+        assert!(!second.complete(&a.lease_id).await.unwrap().job_done);
+        assert!(!second.complete(&b.lease_id).await.unwrap().job_done);
+        let c = second.lease("w3", POLICY).await.unwrap().unwrap();
         assert_eq!(c.task.index, 2);
-        assert!(second.lease("w4", 12, POLICY).await.unwrap().is_none());
-        assert!(second.complete(&c.lease_id, 13).await.unwrap().job_done);
+        assert!(second.lease("w4", POLICY).await.unwrap().is_none());
+        assert!(second.complete(&c.lease_id).await.unwrap().job_done);
         let mut exists = redis::cmd("EXISTS");
         exists.arg(second.key(&format!("tasks:{id}")));
         let tasks_exist = || second.query::<bool>(&exists);
@@ -1006,8 +1077,14 @@ mod tests {
         let running = old.create_job(spec(), tasks(1, 2), 0, 5).await.unwrap();
         let ended = old.create_job(spec(), tasks(1, 2), 0, 6).await.unwrap();
         assert!(old.cancel(&ended, 7).await.unwrap());
-        // What an older coordinator left: the ids in a LIST, no index, no end times.
+        // What an older coordinator left: jobs named by their number, their ids in a LIST,
+        // no index, no end times.
         let mut rewind = redis::pipe();
+        let [running, ended] = [(running, "job-1"), (ended, "job-2")].map(|(id, numbered)| {
+            rewind.cmd("RENAME").arg(old.key(&format!("job:{id}"))).arg(old.key(&format!("job:{numbered}"))).ignore();
+            rewind.cmd("HSET").arg(old.key(&format!("job:{numbered}"))).arg("id").arg(numbered).ignore();
+            numbered.parse::<JobId>().unwrap()
+        });
         rewind.cmd("DEL").arg(old.key("jobindex")).arg(old.key("ended")).ignore();
         rewind.cmd("RPUSH").arg(old.key("jobs")).arg(running.as_str()).arg(ended.as_str()).ignore();
         rewind.exec_async(&mut old.conn.clone()).await.unwrap();
@@ -1026,31 +1103,31 @@ mod tests {
         let mut server = RedisServer::start_with(true);
         let s = RedisStateStore::connect_with_prefix(&server.url(), &fresh_prefix()).await.unwrap();
         let id = s.create_job(spec(), tasks(4, 2), 0, 0).await.unwrap();
-        let a = s.lease("w1", 0, POLICY).await.unwrap().unwrap();
-        let b = s.lease("w2", 0, POLICY).await.unwrap().unwrap();
-        assert!(!s.complete(&a.lease_id, 1).await.unwrap().job_done);
+        let a = s.lease("w1", POLICY).await.unwrap().unwrap();
+        let b = s.lease("w2", POLICY).await.unwrap().unwrap();
+        assert!(!s.complete(&a.lease_id).await.unwrap().job_done);
 
         server.kill();
         match s.job(&id).await {
             Err(StateError::Backend(msg)) => eprintln!("with redis down: {msg}"),
             other => panic!("expected a backend error with redis down, got {other:?}"),
         }
-        assert!(matches!(s.lease("w3", 2, POLICY).await, Err(StateError::Backend(_))));
+        assert!(matches!(s.lease("w3", POLICY).await, Err(StateError::Backend(_))));
         server.restart();
 
         let st = eventually("reading the job", || s.job(&id)).await;
         assert_eq!((st.state, st.tasks_done, st.images_done), (JobState::Running, 1, 2));
         // The held lease is still held; the remaining tasks are still queued.
-        assert_eq!(s.renew(&b.lease_id, 3, POLICY).await.unwrap(), LeaseState::Held);
-        assert_eq!(s.complete(&a.lease_id, 3).await.unwrap().lease, LeaseState::Lost, "a done task stays done");
-        let c = s.lease("w3", 3, POLICY).await.unwrap().unwrap();
-        let d = s.lease("w4", 3, POLICY).await.unwrap().unwrap();
+        assert_eq!(s.renew(&b.lease_id, POLICY).await.unwrap(), LeaseState::Held);
+        assert_eq!(s.complete(&a.lease_id).await.unwrap().lease, LeaseState::Lost, "a done task stays done");
+        let c = s.lease("w3", POLICY).await.unwrap().unwrap();
+        let d = s.lease("w4", POLICY).await.unwrap().unwrap();
         assert_eq!((c.task.index, d.task.index, c.attempt, d.attempt), (2, 3, 1, 1));
-        assert!(s.lease("w5", 3, POLICY).await.unwrap().is_none());
+        assert!(s.lease("w5", POLICY).await.unwrap().is_none());
         for l in [&b, &c] {
-            assert!(!s.complete(&l.lease_id, 4).await.unwrap().job_done);
+            assert!(!s.complete(&l.lease_id).await.unwrap().job_done);
         }
-        assert!(s.complete(&d.lease_id, 4).await.unwrap().job_done);
+        assert!(s.complete(&d.lease_id).await.unwrap().job_done);
         assert_eq!(s.job(&id).await.unwrap().images_done, 8);
     }
 
@@ -1064,24 +1141,24 @@ mod tests {
         let id = first.create_job(dataset_spec(), dataset_tasks(1, 3, 1), 0, 0).await.unwrap();
         let leases: Vec<Lease> = lease_n(first.clone(), 4).await;
         assert_eq!(leases.iter().map(|l| l.task.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-        assert!(!first.complete(&leases[1].lease_id, 1).await.unwrap().job_done);
-        assert!(!first.complete(&leases[2].lease_id, 1).await.unwrap().job_done);
+        assert!(!first.complete(&leases[1].lease_id).await.unwrap().job_done);
+        assert!(!first.complete(&leases[2].lease_id).await.unwrap().job_done);
         drop(first);
 
         let second = RedisStateStore::connect_with_prefix(&server.url(), &prefix).await.unwrap();
         let st = second.job(&id).await.unwrap();
         assert_eq!((st.tasks_total, st.tasks_done, st.maps_total, st.maps_done, st.reduces_total), (5, 2, 3, 2, 1));
-        assert!(second.lease("w", 2, POLICY).await.unwrap().is_none(), "the reduce is still blocked after a restart");
-        assert!(!second.complete(&leases[0].lease_id, 3).await.unwrap().job_done);
-        assert!(second.lease("w", 3, POLICY).await.unwrap().is_none(), "a render does not release the reduce");
+        assert!(second.lease("w", POLICY).await.unwrap().is_none(), "the reduce is still blocked after a restart");
+        assert!(!second.complete(&leases[0].lease_id).await.unwrap().job_done);
+        assert!(second.lease("w", POLICY).await.unwrap().is_none(), "a render does not release the reduce");
         let mut waiting = redis::cmd("HGET");
         waiting.arg(second.key(&format!("tasks:{id}"))).arg("w4");
         assert_eq!(second.query::<Option<u32>>(&waiting).await.unwrap(), Some(1), "one map left, in Redis");
-        assert!(!second.complete(&leases[3].lease_id, 4).await.unwrap().job_done);
+        assert!(!second.complete(&leases[3].lease_id).await.unwrap().job_done);
         assert_eq!(second.query::<Option<u32>>(&waiting).await.unwrap(), None);
-        let r = second.lease("w", 5, POLICY).await.unwrap().expect("the last map released the reduce");
+        let r = second.lease("w", POLICY).await.unwrap().expect("the last map released the reduce");
         assert_eq!((r.task.index, r.task.work.clone()), (4, Work::Reduce { layer: "layer0".into() }));
-        assert!(second.complete(&r.lease_id, 6).await.unwrap().job_done);
+        assert!(second.complete(&r.lease_id).await.unwrap().job_done);
         let st = second.job(&id).await.unwrap();
         assert_eq!((st.state, st.maps_done, st.reduces_done, st.images_done), (JobState::Indexing, 3, 1, 2));
     }
@@ -1090,7 +1167,7 @@ mod tests {
     async fn lease_n(s: RedisStateStore, n: usize) -> Vec<Lease> {
         let mut out = Vec::new();
         for _ in 0..n {
-            out.push(s.lease("w", 0, POLICY).await.unwrap().unwrap());
+            out.push(s.lease("w", POLICY).await.unwrap().unwrap());
         }
         out
     }
@@ -1124,7 +1201,7 @@ mod tests {
                 // reduce may stay blocked for a long time behind maps other workers hold.
                 while store.job(&id).await.unwrap().tasks_done < total {
                     assert!(Instant::now() < deadline, "the job was not drained within the deadline");
-                    let Some(lease) = store.lease(&format!("w{n}"), 0, POLICY).await.unwrap() else {
+                    let Some(lease) = store.lease(&format!("w{n}"), POLICY).await.unwrap() else {
                         tokio::task::yield_now().await;
                         continue;
                     };
@@ -1136,7 +1213,7 @@ mod tests {
                         Work::Render { .. } => {}
                     }
                     got.push(lease.task.index);
-                    assert_eq!(store.complete(&lease.lease_id, 1).await.unwrap().lease, LeaseState::Held);
+                    assert_eq!(store.complete(&lease.lease_id).await.unwrap().lease, LeaseState::Held);
                 }
                 got
             }));
@@ -1165,8 +1242,8 @@ mod tests {
             let s = s.clone();
             handles.push(tokio::spawn(async move {
                 let mut got = Vec::new();
-                while let Some(l) = s.lease(&format!("w{w}"), 0, POLICY).await.unwrap() {
-                    assert_eq!(s.complete(&l.lease_id, 0).await.unwrap().lease, LeaseState::Held);
+                while let Some(l) = s.lease(&format!("w{w}"), POLICY).await.unwrap() {
+                    assert_eq!(s.complete(&l.lease_id).await.unwrap().lease, LeaseState::Held);
                     got.push(l.task.index);
                 }
                 got

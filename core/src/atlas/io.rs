@@ -57,48 +57,94 @@ impl Atlas {
         }
     }
 
+    /// `atlas.json`, as the viewer reads it.
     pub async fn manifest(&self) -> Result<Option<AtlasManifest>> {
         self.read_json(ATLAS_KEY).await
     }
 
-    /// Writes `atlas.json` and the viewer beside it.
-    pub async fn write_manifest(&self, manifest: &AtlasManifest) -> Result<()> {
-        self.store.put(ATLAS_KEY, crate::to_json(manifest)).await?;
-        crate::viewer::write(self.store.as_ref()).await
+    /// Refuses a job the atlas cannot take: an atlas holds one model at one set of render
+    /// settings, so a job that differs in either is a [`Error::Conflict`] rather than
+    /// mixed in.
+    pub async fn check_job(&self, spec: &JobSpec) -> Result<()> {
+        match self.merged_manifest().await? {
+            Some(existing) => self.check_same_look(&existing, spec),
+            None => Ok(()),
+        }
     }
 
-    /// The manifest for this job: new (created at `now`, RFC 3339), or the existing one
-    /// with this job's layers and techniques added. An atlas holds one model at one set of
-    /// render settings, so a job that differs in either is a [`Error::Conflict`] rather
-    /// than mixed in.
-    pub async fn manifest_for(&self, spec: &JobSpec, now: String) -> Result<AtlasManifest> {
-        let layers = spec.layers.iter().map(|p| LayerEntry::new(&p.layer)).collect::<Result<Vec<_>>>()?;
-        let Some(mut existing) = self.manifest().await? else {
-            return Ok(AtlasManifest {
-                format_version: FORMAT_VERSION,
-                loupe_version: crate::LOUPE_VERSION.to_string(),
-                model: ModelSummary { name: spec.model.name.clone(), sha256: spec.model.sha256.clone() },
-                settings: spec.settings.clone(),
-                layers,
-                techniques: job_techniques(spec),
-                created: now,
-                dataset: None,
-            });
-        };
-        self.check_same_look(&existing, spec)?;
-        for entry in layers {
-            match existing.layers.iter_mut().find(|l| l.name == entry.name) {
-                Some(l) => *l = entry,
-                None => existing.layers.push(entry),
+    /// Adds the job's layers and techniques to the atlas (see [`Atlas::check_job`]): writes
+    /// its own job manifest, created at `now` (RFC 3339), then `atlas.json` and the viewer.
+    pub async fn add_job(&self, spec: &JobSpec, now: String) -> Result<()> {
+        self.check_job(spec).await?;
+        self.keep_old_manifest().await?;
+        self.put_job_manifest(&job_manifest(spec, now)?).await?;
+        self.publish_manifest().await
+    }
+
+    /// Writes a job manifest once, named by its content (its creation time and loupe
+    /// version aside): different jobs never write one key, so concurrent jobs need no
+    /// conditional write, which not every S3-compatible store has; and a job submitted
+    /// again adds no file and keeps its first creation time.
+    async fn put_job_manifest(&self, manifest: &AtlasManifest) -> Result<()> {
+        let identity = AtlasManifest { created: String::new(), loupe_version: String::new(), ..manifest.clone() };
+        let key = format!("{JOB_MANIFESTS}{}.json", &crate::sha256_bytes(&crate::to_json(&identity))[..32]);
+        if self.store.size(&key).await?.is_some() {
+            return Ok(());
+        }
+        self.store.put(&key, crate::to_json(manifest)).await
+    }
+
+    /// An atlas written before job manifests has only `atlas.json`: it becomes the first
+    /// job manifest, so the merge keeps what it lists.
+    async fn keep_old_manifest(&self) -> Result<()> {
+        if !self.store.list(JOB_MANIFESTS).await?.is_empty() {
+            return Ok(());
+        }
+        match self.manifest().await? {
+            Some(old) => self.store.put(&format!("{JOB_MANIFESTS}from-atlas.json"), crate::to_json(&old)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The job manifests merged, oldest first: the first names the model, settings and
+    /// creation time; each adds its layers and techniques; the newest dataset wins. One of
+    /// another model or look (two such jobs submitted at once) is left out.
+    async fn merged_manifest(&self) -> Result<Option<AtlasManifest>> {
+        let mut parts = Vec::new();
+        for key in self.store.list(JOB_MANIFESTS).await? {
+            if let Some(part) = self.read_json::<AtlasManifest>(&key).await? {
+                parts.push((part.created.clone(), key, part));
             }
         }
-        for t in job_techniques(spec) {
-            if !existing.techniques.contains(&t) {
-                existing.techniques.push(t);
-            }
+        parts.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut parts = parts.into_iter().map(|(_, _, part)| part);
+        let Some(mut merged) = parts.next() else { return Ok(None) };
+        let (model, first_look) = (merged.model.sha256.clone(), look(&merged.settings));
+        for part in parts.filter(|p| p.model.sha256 == model && look(&p.settings) == first_look) {
+            add_layers_and_techniques(&mut merged, part.layers, &part.techniques);
+            merged.loupe_version = part.loupe_version;
+            merged.dataset = part.dataset.or(merged.dataset.take());
         }
-        existing.loupe_version = crate::LOUPE_VERSION.to_string();
-        Ok(existing)
+        Ok(Some(merged))
+    }
+
+    /// Writes the merged job manifests as `atlas.json`, and the viewer beside it. A job
+    /// manifest written meanwhile may be missing from what was written, so it merges
+    /// again until nothing changed: whichever writer writes `atlas.json` last then has
+    /// every job manifest written before it in.
+    async fn publish_manifest(&self) -> Result<()> {
+        const MAX_ROUNDS: usize = 100;
+        let mut merged = self.merged_manifest().await?;
+        for _ in 0..MAX_ROUNDS {
+            let Some(manifest) = &merged else { return Ok(()) };
+            self.store.put(ATLAS_KEY, crate::to_json(manifest)).await?;
+            let again = self.merged_manifest().await?;
+            if again == merged {
+                return crate::viewer::write(self.store.as_ref()).await;
+            }
+            merged = again;
+        }
+        Err(Error::Conflict(format!("{}: atlas.json kept changing while {MAX_ROUNDS} writes of it were made; try again", self.location())))
     }
 
     fn check_same_look(&self, existing: &AtlasManifest, spec: &JobSpec) -> Result<()> {
@@ -226,10 +272,10 @@ impl Atlas {
             self.store.put(&layer_key(&segment), crate::to_json(&index)).await?;
         }
         if let Some(summary) = dataset {
-            if let Some(mut manifest) = self.manifest().await? {
-                manifest.dataset = Some(summary);
-                self.store.put(ATLAS_KEY, crate::to_json(&manifest)).await?;
-            }
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+            self.keep_old_manifest().await?;
+            self.put_job_manifest(&AtlasManifest { dataset: Some(summary), ..job_manifest(spec, now)? }).await?;
+            self.publish_manifest().await?;
         }
         Ok(failed)
     }
@@ -313,7 +359,8 @@ impl Atlas {
         self.store.put(&partial_key(job_id.as_str(), &layer_segment(layer)?, shard), bytes).await
     }
 
-    /// Every map's partial of one layer, in shard order.
+    /// Every map's partial of one layer, in shard order: the job's own maps' only, since
+    /// job ids are never reused and the job's partials are removed when it is indexed.
     pub async fn partials(&self, job_id: &JobId, layer: &str) -> Result<Vec<Vec<u8>>> {
         let mut keys = self.store.list(&partial_prefix(job_id.as_str(), &layer_segment(layer)?)).await?;
         keys.sort();
@@ -323,6 +370,15 @@ impl Atlas {
             out.push(bytes.ok_or_else(|| Error::Remote { key: format!("{}/{key}", self.location()), message: "the partial result vanished".into() })?);
         }
         Ok(out)
+    }
+
+    /// Removes every partial the job's maps left, once its reduces have written the
+    /// statistics: they are scratch space, and the next job never reads them.
+    pub async fn delete_partials(&self, job_id: &JobId) -> Result<()> {
+        for key in self.store.list(&job_partials_prefix(job_id.as_str())).await? {
+            self.store.delete(&key).await?;
+        }
+        Ok(())
     }
 
     /// Writes a layer's dataset results: the example files (paths relative to the layer
@@ -438,6 +494,35 @@ fn job_techniques(spec: &JobSpec) -> Vec<Technique> {
     all
 }
 
+/// A job's own manifest: its model, settings, layers and techniques, created at `now`.
+fn job_manifest(spec: &JobSpec, now: String) -> Result<AtlasManifest> {
+    Ok(AtlasManifest {
+        format_version: FORMAT_VERSION,
+        loupe_version: crate::LOUPE_VERSION.to_string(),
+        model: ModelSummary { name: spec.model.name.clone(), sha256: spec.model.sha256.clone() },
+        settings: spec.settings.clone(),
+        layers: spec.layers.iter().map(|p| LayerEntry::new(&p.layer)).collect::<Result<Vec<_>>>()?,
+        techniques: job_techniques(spec),
+        created: now,
+        dataset: None,
+    })
+}
+
+/// Adds layers (replacing an entry of the same name) and techniques to a manifest.
+fn add_layers_and_techniques(manifest: &mut AtlasManifest, layers: Vec<LayerEntry>, techniques: &[Technique]) {
+    for entry in layers {
+        match manifest.layers.iter_mut().find(|l| l.name == entry.name) {
+            Some(l) => *l = entry,
+            None => manifest.layers.push(entry),
+        }
+    }
+    for t in techniques {
+        if !manifest.techniques.contains(t) {
+            manifest.techniques.push(*t);
+        }
+    }
+}
+
 /// The settings that decide how every image of an atlas looks. A technique's own options
 /// (diversity images, caricature inputs, directions) only decide its images, whose
 /// records carry them, so jobs that add techniques to an atlas may differ in them.
@@ -508,5 +593,77 @@ mod tests {
         assert_eq!(index.items[&Technique::Caricature], vec![ItemListing::Failed { item: "dog".into(), failed: "the image is not finite".into() }]);
         let json: serde_json::Value = serde_json::from_slice(&atlas.store().get("layers/conv/layer.json").await.unwrap().unwrap()).unwrap();
         assert_eq!(json["units"][1]["techniques"]["channel"], serde_json::json!({ "failed": "objective became NaN at step 3" }));
+    }
+
+    /// Jobs of one layer each, `writers` at a time for `rounds` rounds, all into one
+    /// atlas: every layer must be in `atlas.json` at the end.
+    async fn concurrent_jobs_keep_every_layer(atlas: Atlas, writers: usize, rounds: usize) {
+        let mut set = tokio::task::JoinSet::new();
+        for w in 0..writers {
+            let atlas = atlas.clone();
+            set.spawn(async move {
+                for r in 0..rounds {
+                    let mut job = spec("unused");
+                    job.layers[0].layer.name = format!("layer-{w}-{r}");
+                    atlas.add_job(&job, "2026-01-01T00:00:00Z".into()).await.unwrap();
+                }
+            });
+        }
+        let deadline = std::time::Duration::from_secs(120);
+        tokio::time::timeout(deadline, async {
+            while let Some(r) = set.join_next().await {
+                r.unwrap();
+            }
+        })
+        .await
+        .expect("the jobs finished");
+        let manifest = atlas.manifest().await.unwrap().unwrap();
+        let names: HashSet<&str> = manifest.layers.iter().map(|l| l.name.as_str()).collect();
+        let lost: Vec<String> = (0..writers).flat_map(|w| (0..rounds).map(move |r| format!("layer-{w}-{r}"))).filter(|n| !names.contains(n.as_str())).collect();
+        assert!(lost.is_empty(), "{} of {} layers lost: {lost:?}", lost.len(), writers * rounds);
+    }
+
+    /// An atlas.json written before `jobs/` keeps its layers and creation time; a job
+    /// submitted again adds no job manifest; another model is refused.
+    #[tokio::test]
+    async fn old_atlases_and_repeated_jobs_keep_what_they_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let atlas = Atlas::new(Arc::new(LocalStore::new(dir.path())));
+        let mut old = spec("unused");
+        old.layers[0].layer.name = "old".into();
+        let old_manifest = job_manifest(&old, "2025-01-01T00:00:00Z".into()).unwrap();
+        atlas.store().put(ATLAS_KEY, crate::to_json(&old_manifest)).await.unwrap();
+
+        let job = spec("unused");
+        atlas.add_job(&job, "2026-01-01T00:00:00Z".into()).await.unwrap();
+        atlas.add_job(&job, "2026-02-01T00:00:00Z".into()).await.unwrap();
+        let manifest = atlas.manifest().await.unwrap().unwrap();
+        let layers: Vec<&str> = manifest.layers.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!((layers, manifest.created.as_str()), (vec!["old", "conv"], "2025-01-01T00:00:00Z"));
+        assert_eq!(atlas.store().list(JOB_MANIFESTS).await.unwrap().len(), 2, "the old atlas.json and the job");
+
+        let other = JobSpec { model: crate::spec::ModelRef { sha256: "def".into(), ..job.model.clone() }, ..job };
+        let err = atlas.add_job(&other, "2026-03-01T00:00:00Z".into()).await.unwrap_err().to_string();
+        assert!(err.contains("another model"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_jobs_into_a_local_atlas_lose_no_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        concurrent_jobs_keep_every_layer(Atlas::new(Arc::new(LocalStore::new(dir.path()))), 8, 4).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_jobs_into_an_s3_atlas_lose_no_layer() {
+        let server = loupe_testsupport::S3Server::start(&["atlas"]);
+        let config = crate::s3::S3Config {
+            endpoint: Some(server.endpoint()),
+            force_path_style: true,
+            credentials: Some(crate::s3::S3Credentials::new(loupe_testsupport::S3_ACCESS_KEY, loupe_testsupport::S3_SECRET_KEY)),
+            region: Some(loupe_testsupport::S3_REGION.into()),
+            ..Default::default()
+        };
+        let store = crate::s3::S3Store::new("atlas", "a", &config).unwrap();
+        concurrent_jobs_keep_every_layer(Atlas::new(Arc::new(store)), 8, 4).await;
     }
 }

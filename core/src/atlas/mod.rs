@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! atlas.json
+//! jobs/<name>.json                                (each job's manifest; atlas.json merges them)
 //! layers/<layer>/layer.json
 //! layers/<layer>/units/<unit>/<technique>.png
 //! layers/<layer>/units/<unit>/diversity-<i>.png   (diversity: N images)
@@ -30,6 +31,8 @@ use crate::{Error, Result};
 /// Version of the layout and of the JSON documents in it.
 pub const FORMAT_VERSION: u32 = 1;
 pub const ATLAS_KEY: &str = "atlas.json";
+/// Where each job's own manifest goes; `atlas.json` is their merge (docs/atlas-format.md).
+pub const JOB_MANIFESTS: &str = "jobs/";
 const MAX_LAYER_NAME: usize = 200;
 
 /// The path segment that stands for a layer name. Layer names come from a model file that
@@ -159,7 +162,8 @@ impl ImageId {
 
     /// The file name of image `i` (diversity has several; the others one), or with
     /// `step` of its snapshot after that many steps: `channel.png`, `diversity-2.png`,
-    /// `channel.step64.png`; an item's `<item>.png`, `<item>.step64.png`.
+    /// `channel.step64.png`; an item's `<item>.png`, `<item>.step64.png` (an item has one
+    /// image; `spec` refuses item names that end like a snapshot's, which would clash).
     pub fn image_name(&self, i: u32, step: Option<u32>) -> String {
         let base = match &self.target {
             Target::Unit(_) if self.technique == Technique::Diversity => format!("diversity-{i}"),
@@ -473,10 +477,16 @@ pub fn stats_key(segment: &str) -> String {
     format!("layers/{segment}/stats.parquet")
 }
 
-/// Where a map task leaves its partial statistics of one layer for the reduce: scratch
-/// space of the job, not part of the atlas's public format.
+/// The job's scratch space, where its maps leave partial statistics for its reduces; not
+/// part of the atlas's public format, and removed when the job's index is written. Job
+/// ids are unique, so a job never reads another's (an earlier run's) partials.
+pub fn job_partials_prefix(job_id: &str) -> String {
+    format!("partials/{job_id}/")
+}
+
+/// Where a map task leaves its partial statistics of one layer for the reduce.
 pub fn partial_prefix(job_id: &str, segment: &str) -> String {
-    format!("partials/{job_id}/{segment}/")
+    format!("{}{segment}/", job_partials_prefix(job_id))
 }
 
 pub fn partial_key(job_id: &str, segment: &str, shard: u32) -> String {

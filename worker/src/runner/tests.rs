@@ -3,7 +3,7 @@
 //! limit, and every pass condition is an assertion on the recorded calls.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -32,6 +32,8 @@ enum Call {
 enum Answer {
     /// A render task under this lease id whose lease lives this many milliseconds.
     Task(&'static str, u64),
+    /// Also with a maximum time (ms).
+    Bounded(&'static str, u64, u64),
     Nothing,
     Unavailable,
     Refused,
@@ -54,7 +56,8 @@ impl WorkerApi for FakeApi {
     async fn lease(&self, _worker: &str) -> ApiResult<Option<Lease>> {
         self.record(Call::Lease);
         match self.leases.lock().unwrap().pop_front() {
-            Some(Answer::Task(id, ttl_ms)) => Ok(Some(lease(id, self.index.fetch_add(1, Ordering::Relaxed), ttl_ms))),
+            Some(Answer::Task(id, ttl_ms)) => Ok(Some(lease(id, self.index.fetch_add(1, Ordering::Relaxed), ttl_ms, 3_600_000))),
+            Some(Answer::Bounded(id, ttl_ms, max_ms)) => Ok(Some(lease(id, self.index.fetch_add(1, Ordering::Relaxed), ttl_ms, max_ms))),
             Some(Answer::Nothing) => Ok(None),
             Some(Answer::Unavailable) => Err(ApiError::Unavailable("restarting".into())),
             Some(Answer::Refused) => Err(ApiError::Refused("wrong token".into())),
@@ -105,7 +108,7 @@ impl FakeApi {
 }
 
 /// A render task's lease; the fakes know it by `id`, its job's id.
-fn lease(id: &str, index: u32, ttl_ms: u64) -> Lease {
+fn lease(id: &str, index: u32, ttl_ms: u64, max_ms: u64) -> Lease {
     let work = Work::render("mixed4a", Technique::Channel, [0, 1]);
     let model = ModelRef { uri: "model.pt".into(), name: "model".into(), sha256: "0".repeat(64) };
     let job_id = id.parse().unwrap();
@@ -113,7 +116,8 @@ fn lease(id: &str, index: u32, ttl_ms: u64) -> Lease {
         lease_id: LeaseId::new(&job_id, index, 1, LeaseSecret::random()),
         task: TaskSpec { job_id, index, work },
         attempt: 1,
-        deadline_ms: now_ms() + ttl_ms,
+        ttl_ms,
+        max_ms,
         job: JobContext { model, settings: RenderSettings::default(), out: "out".into(), dataset: None, layers: Vec::new() },
     }
 }
@@ -138,6 +142,8 @@ struct Plan {
     store_fails: Option<Error>,
     /// Storing goes on only once this lease's work has started, within 10 s.
     store_awaits_run_of: Option<&'static str>,
+    /// The work makes progress for this long, then hangs (a CUDA hang) until cancelled.
+    hangs_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,8 +155,8 @@ enum Event {
     StoreEnded(String),
 }
 
-/// Task work that takes its time, polls its cancel flag as the real work does, and
-/// records what it did.
+/// Task work that takes its time, counting steps and polling its signals as the real work
+/// does, and records what it did.
 struct FakeWork {
     plans: Mutex<HashMap<String, Plan>>,
     events: watch::Sender<Vec<Event>>,
@@ -161,11 +167,16 @@ impl TaskWork for FakeWork {
     /// The lease id and the images rendered.
     type Finished = (String, u64);
 
-    async fn run(&self, lease: &Lease, cancel: &Arc<AtomicBool>) -> Result<Option<(String, u64)>> {
+    async fn run(&self, lease: &Lease, signals: &Arc<TaskSignals>) -> Result<Option<(String, u64)>> {
         let id = lease.lease_id.job_id().to_string();
-        let (run_for, ends) = self.plans.lock().unwrap().get_mut(&id).map(|p| (p.run_for, std::mem::take(&mut p.ends))).unwrap_or_default();
+        let (run_for, ends, hangs_after) =
+            self.plans.lock().unwrap().get_mut(&id).map(|p| (p.run_for, std::mem::take(&mut p.ends), p.hangs_after)).unwrap_or_default();
         self.record(Event::RunStarted(id.clone()));
-        if !busy(run_for, cancel).await {
+        if let Some(progressing) = hangs_after {
+            busy(progressing, signals).await;
+            hung(signals).await;
+        }
+        if !busy(run_for, signals).await {
             self.record(Event::RunCancelled(id));
             return Err(Error::Cancelled);
         }
@@ -177,7 +188,7 @@ impl TaskWork for FakeWork {
         }
     }
 
-    async fn store(&self, _lease: &Lease, (id, images): (String, u64), ended: &AtomicBool) -> Result<u64> {
+    async fn store(&self, _lease: &Lease, (id, images): (String, u64), signals: &TaskSignals) -> Result<u64> {
         let (store_for, fails, awaits) =
             self.plans.lock().unwrap().get_mut(&id).map(|p| (p.store_for, p.store_fails.take(), p.store_awaits_run_of)).unwrap_or_default();
         self.record(Event::StoreStarted(id.clone()));
@@ -189,7 +200,7 @@ impl TaskWork for FakeWork {
                 .map_err(|_| Error::Torch(format!("{next}'s work did not start while {id} was stored")))?
                 .expect("the events live as long as the work");
         }
-        if !busy(store_for, ended).await {
+        if !busy(store_for, signals).await {
             return Err(Error::Cancelled);
         }
         self.record(Event::StoreEnded(id));
@@ -211,11 +222,12 @@ impl FakeWork {
     }
 }
 
-/// Waits `d` while polling `cancel` every few milliseconds; false when it turned true.
-async fn busy(d: Duration, cancel: &AtomicBool) -> bool {
+/// Waits `d` while making a step every few milliseconds; false when `signals` asked it to
+/// stop.
+async fn busy(d: Duration, signals: &TaskSignals) -> bool {
     let end = Instant::now() + d;
     loop {
-        if cancel.load(Ordering::Relaxed) {
+        if signals.step().is_err() {
             return false;
         }
         let left = end.saturating_duration_since(Instant::now());
@@ -223,6 +235,13 @@ async fn busy(d: Duration, cancel: &AtomicBool) -> bool {
             return true;
         }
         tokio::time::sleep(left.min(Duration::from_millis(5))).await;
+    }
+}
+
+/// Makes no progress, as a hung device does, until `signals` ask it to stop.
+async fn hung(signals: &TaskSignals) {
+    while !signals.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -449,4 +468,61 @@ async fn a_refusal_ends_the_loop_with_its_error() {
     assert_eq!(h.api.calls(), vec![Call::Lease, Call::Lease]);
     assert!(h.work.events().is_empty());
     assert!(h.metrics.ready().await.is_err(), "not registered after the coordinator failed");
+}
+
+#[tokio::test]
+async fn storing_after_a_long_render_renews_every_third_of_the_ttl() {
+    // The render outlasts the 600 ms time to live; storing then takes 1.2 s.
+    let h = Harness::new(vec![Answer::Task("l1", 600)]);
+    h.plan("l1", Plan { run_for: Duration::from_millis(1000), ends: Ends::Rendered(1), store_for: Duration::from_millis(1200), ..Plan::default() });
+    let stats = h.run().await.expect("the loop ends without error");
+
+    assert_eq!(stats, WorkerStats { tasks_done: 1, images_written: 1 });
+    let renewed = h.api.times(&renew("l1"));
+    let (leased, completed) = (h.api.times(&Call::Lease)[0], h.api.times(&complete("l1"))[0]);
+    // Every 200 ms over about 2.2 s: about 11 renewals, not the 50 ms floor's dozens.
+    let most = ((completed - leased).as_millis() / 180 + 1) as usize;
+    assert!(renewed.len() >= 4 && renewed.len() <= most, "renewed {} times in {:?}", renewed.len(), completed - leased);
+    let gaps: Vec<Duration> = renewed.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().all(|g| *g >= Duration::from_millis(150)), "renewal gaps {gaps:?}");
+}
+
+/// Waits, up to [`LIMIT`], until `done` holds of the calls so far.
+async fn wait_for_calls(api: &FakeApi, what: &str, done: impl Fn(&[Instant]) -> bool, call: &Call) {
+    let deadline = Instant::now() + LIMIT;
+    while !done(&api.times(call)) {
+        assert!(Instant::now() < deadline, "{what} did not happen within {LIMIT:?}: {:?}", api.calls());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_task_that_stops_making_progress_stops_being_renewed() {
+    // Steps for 600 ms, then hangs: renewals (every 100 ms) stop once it has made no step
+    // for three times to live, and the lease is left to expire.
+    let h = Harness::new(vec![Answer::Task("l1", 300)]);
+    h.plan("l1", Plan { hangs_after: Some(Duration::from_millis(600)), ..Plan::default() });
+    let worker = h.spawn();
+    let silent = |t: &[Instant]| t.len() >= 3 && t.last().is_some_and(|last| last.elapsed() >= Duration::from_secs(1));
+    wait_for_calls(&h.api, "a second without renewals while the task hangs", silent, &renew("l1")).await;
+    let renewed = h.api.count(&renew("l1"));
+    h.api.shutdown.send_replace(true);
+    h.finish(worker).await.expect("the loop ends without error");
+
+    // 600 ms of steps and the 900 ms stall window, at one renewal per 100 ms.
+    assert!(renewed <= 20, "renewed {renewed} times: {:?}", h.api.calls());
+    assert!(h.work.events().contains(&Event::RunCancelled("l1".into())), "the shutdown stopped it: {:?}", h.work.events());
+    assert_eq!(h.api.count(&complete("l1")), 0);
+}
+
+#[tokio::test]
+async fn a_task_past_its_maximum_time_is_stopped() {
+    let h = Harness::new(vec![Answer::Bounded("l1", 300, 500), Answer::Task("l2", 300)]);
+    h.plan("l1", Plan { run_for: LIMIT * 2, ..Plan::default() });
+    let stats = h.run().await.expect("the loop ends without error");
+
+    assert!(h.work.events().contains(&Event::RunCancelled("l1".into())), "{:?}", h.work.events());
+    assert_eq!(h.api.count(&complete("l1")), 0, "{:?}", h.api.calls());
+    assert_eq!(h.api.count(&complete("l2")), 1, "the loop goes on: {:?}", h.api.calls());
+    assert_eq!(stats, WorkerStats { tasks_done: 1, images_written: 0 });
 }

@@ -15,7 +15,8 @@ pub mod server;
 pub mod shard;
 pub mod state;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -103,6 +104,29 @@ pub struct Coordinator {
     state: Arc<dyn StateStore>,
     policy: LeasePolicy,
     config: CoordinatorConfig,
+    /// The jobs whose index this coordinator is writing now: its sweep leaves such a job
+    /// to the call already at it, rather than writing a large index twice at once.
+    indexing_now: Mutex<HashSet<JobId>>,
+}
+
+/// A job's place in [`Coordinator::indexing_now`], held while its index is written.
+struct IndexingClaim<'a> {
+    jobs: &'a Mutex<HashSet<JobId>>,
+    job_id: JobId,
+}
+
+impl<'a> IndexingClaim<'a> {
+    /// The claim, or `None` when this coordinator is writing the job's index already.
+    fn take(jobs: &'a Mutex<HashSet<JobId>>, job_id: &JobId) -> Option<IndexingClaim<'a>> {
+        let fresh = jobs.lock().expect("indexing lock").insert(job_id.clone());
+        fresh.then(|| IndexingClaim { jobs, job_id: job_id.clone() })
+    }
+}
+
+impl Drop for IndexingClaim<'_> {
+    fn drop(&mut self) {
+        self.jobs.lock().expect("indexing lock").remove(&self.job_id);
+    }
 }
 
 fn now_ms() -> u64 {
@@ -116,7 +140,7 @@ fn rfc3339_now() -> String {
 impl Coordinator {
     pub fn new(state: Arc<dyn StateStore>, config: CoordinatorConfig) -> Self {
         let policy = LeasePolicy { ttl_ms: config.lease_ttl.as_millis() as u64, max_attempts: config.max_attempts.max(1), task_time: state::TaskTime::DEFAULT };
-        Coordinator { state, policy, config }
+        Coordinator { state, policy, config, indexing_now: Mutex::default() }
     }
 
     /// Validates the job, reconciles it with what the atlas already holds, lists its
@@ -195,8 +219,9 @@ impl Coordinator {
     /// Every `interval`, writes the index of each job left indexing: one whose last
     /// completion failed to end it (the state store erred, or the coordinator was killed
     /// mid-index), which no retried completion can end since its lease is gone. Runs on
-    /// every coordinator of a cluster, forever. Two coordinators indexing one job at once
-    /// is harmless: the index files are rewritten with the same bytes, and only the first
+    /// every coordinator of a cluster, forever. A job whose index this coordinator is
+    /// writing already is left to that call; two coordinators indexing one job at once is
+    /// harmless: the index files are rewritten with the same bytes, and only the first
     /// `finish` ends the job (it moves only an indexing job).
     pub async fn sweep_indexing(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
@@ -245,6 +270,9 @@ impl Coordinator {
     /// tasks are all done, and ends the job with the count of its failed images (a unit
     /// whose optimisation diverged fails alone: the job still succeeds).
     async fn index_if_done(&self, job_id: &JobId) -> Result<()> {
+        let Some(_claim) = IndexingClaim::take(&self.indexing_now, job_id) else {
+            return Ok(());
+        };
         let status = self.state.job(job_id).await?;
         if status.state != JobState::Indexing {
             return Ok(());
@@ -439,18 +467,25 @@ mod tests {
         Coordinator::new(Arc::new(MemoryStateStore::new()), CoordinatorConfig::default())
     }
 
-    /// A memory store whose first `finish` fails, as a Redis that drops the connection
-    /// while the last completion ends its job.
+    /// A memory store that counts the jobs it is asked to `finish`, can fail the first
+    /// (as a Redis that drops the connection while the last completion ends its job), and
+    /// can hold every `finish` until `gate` gives a permit.
     #[derive(Default)]
-    struct FinishFailsOnce {
+    struct WatchedFinish {
         inner: MemoryStateStore,
-        failed: std::sync::atomic::AtomicBool,
+        fail_first: bool,
+        gate: Option<tokio::sync::Semaphore>,
+        finishes: std::sync::atomic::AtomicU32,
     }
 
     #[async_trait]
-    impl StateStore for FinishFailsOnce {
+    impl StateStore for WatchedFinish {
         async fn finish(&self, job_id: &JobId, outcome: JobState, images_failed: u64, now_ms: u64) -> state::StateResult<()> {
-            if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let n = self.finishes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("gate open").forget();
+            }
+            if self.fail_first && n == 0 {
                 return Err(StateError::Backend("connection reset (injected)".into()));
             }
             self.inner.finish(job_id, outcome, images_failed, now_ms).await
@@ -496,7 +531,8 @@ mod tests {
     #[tokio::test]
     async fn a_job_whose_last_completion_failed_to_end_it_still_ends_without_a_restart() {
         let f = Fixture::new();
-        let c = Arc::new(Coordinator::new(Arc::new(FinishFailsOnce::default()), CoordinatorConfig::default()));
+        let store = WatchedFinish { fail_first: true, ..Default::default() };
+        let c = Arc::new(Coordinator::new(Arc::new(store), CoordinatorConfig::default()));
         tokio::spawn(c.clone().sweep_indexing(Duration::from_millis(100)));
         let id = c.submit(f.spec("images")).await.unwrap();
         // What the job's maps would leave for its reduces.
@@ -523,6 +559,41 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!f.dir.path().join("atlas/partials").exists(), "the job's partials are removed when its index is written");
+    }
+
+    /// The sweep finds a job the moment its last completion marks it indexing; while that
+    /// completion writes the index, the sweep leaves the job to it.
+    #[tokio::test]
+    async fn a_coordinator_writes_one_jobs_index_once_at_a_time() {
+        let f = Fixture::new();
+        let store = Arc::new(WatchedFinish { gate: Some(tokio::sync::Semaphore::new(0)), ..Default::default() });
+        let c = Arc::new(Coordinator::new(store.clone(), CoordinatorConfig::default()));
+        let id = c.submit(JobSpec { dataset: None, ..f.spec("images") }).await.unwrap();
+        let mut leases = Vec::new();
+        while let Some(lease) = c.lease_for("w").await.unwrap() {
+            leases.push(lease);
+        }
+        let last = leases.pop().expect("the job has tasks");
+        for lease in &leases {
+            assert_eq!(c.complete_lease(&lease.lease_id).await.unwrap(), LeaseState::Held);
+        }
+        let completing = tokio::spawn({
+            let c = c.clone();
+            async move { c.complete_lease(&last.lease_id).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while store.finishes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the last completion never reached finish");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // What one sweep does with the job now: nothing, as its completion is at it (a
+        // second writer would wait at the gate, so the call is bounded).
+        let swept = tokio::time::timeout(Duration::from_secs(30), c.index_if_done(&id)).await;
+        assert!(swept.is_ok(), "the sweep waited on the job's index");
+        assert_eq!(store.finishes.load(std::sync::atomic::Ordering::SeqCst), 1, "the job's index was written twice at once");
+        store.gate.as_ref().unwrap().add_permits(2);
+        assert_eq!(completing.await.unwrap().unwrap(), LeaseState::Held);
+        assert_eq!(c.status(&id).await.unwrap().state, JobState::Succeeded);
     }
 
     #[tokio::test]

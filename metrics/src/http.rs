@@ -146,18 +146,29 @@ where
         }
         // A full queue stops the accept loop: later connections wait in the listen
         // backlog, and a place frees up within ADMISSION_WAIT.
+        // It is registered as it arrives, not once it has a slot: arrivals can outrun the
+        // connections taking their slots (a busy machine), and each arrival's close must
+        // reach a connection older than it, served or waiting. A waiting one asked to
+        // close gives its place in line up, which serves the arrival as a freed slot would.
         let place = self.queue.clone().acquire_owned().await.expect("the queue is never closed");
-        self.registry().close_oldest();
+        let (id, close) = {
+            let mut registry = self.registry();
+            registry.close_oldest();
+            registry.add()
+        };
         let server = self.clone();
         tokio::spawn(async move {
-            let slot = tokio::time::timeout(ADMISSION_WAIT, server.slots.clone().acquire_owned()).await;
+            let slot = tokio::select! {
+                slot = tokio::time::timeout(ADMISSION_WAIT, server.slots.clone().acquire_owned()) => slot,
+                _ = close.notified() => return,
+            };
             drop(place);
             match slot {
-                Ok(Ok(slot)) => {
-                    let registered = server.registry().add();
-                    server.serve_one(stream, slot, registered).await
+                Ok(Ok(slot)) => server.serve_one(stream, slot, (id, close)).await,
+                _ => {
+                    server.registry().open.remove(&id);
+                    refuse(stream).await
                 }
-                _ => refuse(stream).await,
             }
         });
     }

@@ -5,25 +5,28 @@
 #   docker build -f deploy/coordinator.Dockerfile -t REGISTRY/loupe-coordinator:0.1.0 .
 #
 # The build context is the repository root (see deploy/README.md and .dockerignore).
+# tools/build-images.sh builds it without a registry by setting the two image arguments.
 #
-# Base images are pinned by tag here. In production pin them by digest as well
-# (FROM rust:1.95-bookworm@sha256:...), so a rebuild cannot pick up a re-pushed tag. Get
-# the digest with `docker buildx imagetools inspect rust:1.95-bookworm` (the top-level
-# "Digest:", the multi-platform index) or `crane digest rust:1.95-bookworm`, and let
-# Renovate/Dependabot keep it current.
+# Base images are named by tag here. In production pin them by digest as well
+# (--build-arg RUST_IMAGE=rust:1.95-trixie@sha256:...), so a rebuild cannot pick up a
+# re-pushed tag. Get the digest with `docker buildx imagetools inspect rust:1.95-trixie`
+# (the top-level "Digest:", the multi-platform index) or `crane digest rust:1.95-trixie`.
 
-FROM rust:1.95-bookworm AS build
+ARG RUST_IMAGE=rust:1.95-trixie
+ARG DEBIAN_IMAGE=debian:trixie-slim
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
 # protoc comes from the protoc-bin-vendored crate: no apt protoc. --locked: exactly the
-# versions in Cargo.lock. The caches keep the registry and target/ across builds; the
-# binary is copied out of the cache mount.
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
+# versions in Cargo.lock. The caches keep the registry and target/ across builds (the
+# three Dockerfiles share them); the binary is copied out of the cache mount.
+RUN --mount=type=cache,id=loupe-cargo-registry,target=/usr/local/cargo/registry \
+    --mount=type=cache,id=loupe-cargo-target,target=/src/target \
     cargo build --release --locked -p loupe-coordinator --bin loupe-coordinator \
  && install -D -m 0755 target/release/loupe-coordinator /out/loupe-coordinator
 
-FROM debian:bookworm-slim
+FROM ${DEBIAN_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \

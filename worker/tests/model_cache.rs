@@ -82,3 +82,17 @@ async fn workers_in_one_process_fetch_one_model_at_once() {
         assert_eq!(files_in(&dir), vec![dir.join(format!("{}.pt", lease.job.model.sha256))], "round {round}: only the model is left");
     }
 }
+
+#[test]
+fn a_model_cache_that_cannot_be_written_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    loupe_worker::tasks::check_model_cache(&dir.path().join("models")).unwrap();
+    assert!(files_in(&dir.path().join("models")).is_empty(), "the check left a file behind");
+
+    // Under a regular file: no directory can be made there, even by root (the tests may
+    // run as root, which file modes would not stop).
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"").unwrap();
+    let err = loupe_worker::tasks::check_model_cache(&file.join("models")).unwrap_err().to_string();
+    assert!(err.contains("not-a-directory/models") && err.contains("cannot be written"), "{err}");
+}

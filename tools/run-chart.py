@@ -293,7 +293,7 @@ class Runner:
 
     def print_logs(self, cname: str, lines: int = 80) -> None:
         p = podman("logs", "--tail", str(lines), cname, check=False)
-        text = re.sub(r"\x1b\[[0-9;]*m", "", p.stdout + p.stderr).rstrip()  # tracing's colours
+        text = (p.stdout + p.stderr).rstrip()
         with PRINT_LOCK:
             print(f"----- logs of {cname} (last {lines} lines) -----")
             print(text or "(no output)")

@@ -59,12 +59,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 loupe \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin loupe
+      --shell /usr/sbin/nologin loupe \
+ && install -d -o 10001 -g 10001 /cache/models
 COPY --from=build /out/libtorch/lib/ /opt/libtorch/lib/
 COPY --from=build /out/bin/loupe-worker /usr/local/bin/loupe-worker
 # NVIDIA_DRIVER_CAPABILITIES: the container toolkit mounts the compute libraries (and
 # nvidia-smi). NVIDIA_REQUIRE_CUDA: it refuses to start the container on a driver older
 # than CUDA 13.0 needs (580), rather than leave a worker that cannot use its GPU.
+# The model cache is the worker's own directory, so `docker run` works without a volume
+# (the worker refuses to start when it cannot write there); the chart mounts an emptyDir.
 ENV LD_LIBRARY_PATH=/opt/libtorch/lib \
     LOUPE_MODEL_CACHE=/cache/models \
     LOUPE_METRICS_LISTEN=0.0.0.0:9600 \

@@ -75,7 +75,11 @@ print(f"estimated complete channel atlas of InceptionV1 (all mixed layers, {sum(
 EOF
 
 echo "== statistics pass: InceptionV1, every mixed layer, every unit, 5,000 images at 224 px"
-MODEL="$WORK/inceptionv1.pt" LAYERS="$MIXED" INPUT=224 DEVICE="$DEVICE" IMAGES=5000 PY=python3 bench/stats.sh
+MODEL="$WORK/inceptionv1.pt" LAYERS="$MIXED" INPUT=224 DEVICE="$DEVICE" IMAGES=5000 CONNECTIONS=0 PY=python3 bench/stats.sh
+# Connections cost one backward pass per unit of the later layer per batch: measured on
+# two layers and 64 units each, whose figure scales linearly to more units.
+echo "== statistics and connections: mixed4a -> mixed4b, units 0..64, 1,000 images at 224 px"
+MODEL="$WORK/inceptionv1.pt" LAYERS=mixed4a,mixed4b UNITS=0..64 INPUT=224 DEVICE="$DEVICE" IMAGES=1000 PY=python3 bench/stats.sh
 
 if [ -z "${SKIP_LUCENT:-}" ]; then
   echo "== lucent, the same work (mixed4a, $UNITS units in one optimisation, $STEPS steps)"

@@ -2,15 +2,42 @@
 // relative path from where it is served. No build step, no dependencies, no requests
 // outside the atlas. Every view is a URL hash:
 //   #/                                     the atlas
-//   #/layer/<segment>?technique=T&sort=S   a layer's units (sort: unit, mean, std, max,
-//                                          frac_positive; order=asc for lowest first)
+//   #/layer/<segment>?technique=T&sort=S   a layer's units (sort: unit, a statistic: mean,
+//                                          std, max, frac_positive, or a trust indicator:
+//                                          above_dataset, convergence, diversity,
+//                                          dead_on_dataset, dead_on_start; order=asc for
+//                                          lowest first)
 //   #/layer/<segment>/unit/<n>             one unit (keeps the layer's query for "back")
 // <segment> is the layer's path segment from atlas.json (`layers[].path`), as it is.
+// The search box in the page header finds units by number (in the layer on screen, or in
+// every layer on the atlas page) and by their labels (labels.json, every layer).
 'use strict';
 
 (function () {
   const STATS = ['max', 'mean', 'std', 'frac_positive'];
-  const STAT_LABEL = { unit: 'unit', max: 'max', mean: 'mean', std: 'std', frac_positive: 'fraction positive' };
+  // The trust indicators of a unit (layer.json's `trust`), in the order the unit page
+  // shows them, each with how to read it.
+  const TRUST = ['above_dataset', 'convergence', 'diversity', 'dead_on_dataset', 'dead_on_start'];
+  const TRUST_HOW = {
+    above_dataset: 'Dataset standard deviations by which the channel image beats the best real image: above 0, no real input drives the unit as hard.',
+    convergence: 'Change of the objective over the second half of the steps, relative to its end: near 0, the image had settled.',
+    diversity: 'Mean RMS pixel difference between the diversity images (0: identical): near 0, they all show one thing.',
+    dead_on_dataset: 'Never above 0 at any position of any dataset image: if yes, its images show what the dataset never does.',
+    dead_on_start: 'No start image excited the unit: if yes, its optimisation began without a gradient to follow.',
+  };
+  const SORT_LABEL = {
+    unit: 'unit',
+    max: 'max',
+    mean: 'mean',
+    std: 'std',
+    frac_positive: 'fraction positive',
+    above_dataset: 'σ above dataset',
+    convergence: 'convergence',
+    diversity: 'diversity',
+    dead_on_dataset: 'dead on dataset',
+    dead_on_start: 'dead on start',
+  };
+  const SEARCH_RESULTS = 50; // the most results the search box lists
   const FRESH_MS = 15000; // how long a fetched atlas.json / layer.json is reused
   const PREVIEW_UNITS = 16;
   // Per-unit techniques, in the order a unit page shows them (others the atlas names come
@@ -58,6 +85,21 @@
   }
   function fmtStat(stat, v) {
     return stat === 'frac_positive' ? pct(v) : fmt(v);
+  }
+  // A trust indicator as the unit page and the grid show it: the booleans as yes / no.
+  function fmtTrust(name, v) {
+    if (typeof v === 'boolean') return v ? 'yes' : 'no';
+    if (name === 'above_dataset') return v == null ? '—' : `${v > 0 ? '+' : ''}${fmt(v)} σ`;
+    if (name === 'convergence') return pct(v);
+    return fmt(v);
+  }
+  function fmtSort(key, v) {
+    return TRUST.includes(key) ? fmtTrust(key, v) : fmtStat(key, v);
+  }
+  // A connection's score with its sign written out (a minus sign, not only a colour).
+  function fmtScore(v) {
+    if (typeof v !== 'number' || !isFinite(v)) return '—';
+    return (v < 0 ? '\u2212' : '+') + fmt(Math.abs(v));
   }
   function plural(n, one, many) {
     return `${n.toLocaleString()} ${n === 1 ? one : many || one + 's'}`;
@@ -199,7 +241,7 @@
 
   // ---------------------------------------------------------------- data
 
-  const cache = { atlas: null, atlasAt: 0, layers: new Map() };
+  const cache = { atlas: null, atlasAt: 0, layers: new Map(), labels: null, labelsAt: 0 };
 
   async function loadAtlas() {
     if (cache.atlas && Date.now() - cache.atlasAt < FRESH_MS) return cache.atlas;
@@ -242,13 +284,14 @@
     if (hit && Date.now() - hit.at < FRESH_MS) return hit.data;
     const dir = layerDir(seg);
     const json = await getJSON(dir + 'layer.json');
-    const units = new Map(); // unit -> { techniques: {t: {image, objective, ...}}, dataset }
+    const units = new Map(); // unit -> { techniques: {t: {image, objective, ...}}, dataset, trust }
     const items = new Map(); // per-layer technique -> [{ item, image, objective, snapshots }]
     let dataset = null;
     if (json && Array.isArray(json.units)) {
       for (const u of json.units) {
         if (!u || !Number.isInteger(u.unit)) continue;
-        units.set(u.unit, { techniques: u.techniques || {}, dataset: u.dataset || null });
+        const trust = u.trust && typeof u.trust === 'object' ? u.trust : null;
+        units.set(u.unit, { techniques: u.techniques || {}, dataset: u.dataset || null, trust });
       }
       dataset = json.dataset || null;
     }
@@ -274,7 +317,7 @@
         };
         for (const d of ex.units) {
           if (!d || !Number.isInteger(d.unit)) continue;
-          const u = units.get(d.unit) || { techniques: {}, dataset: null };
+          const u = units.get(d.unit) || { techniques: {}, dataset: null, trust: null };
           u.dataset = d;
           units.set(d.unit, u);
         }
@@ -282,9 +325,40 @@
     }
     const data = { info, json, units, items, dataset };
     data.hasStats = [...units.values()].some((u) => u.dataset && STATS.some((s) => typeof u.dataset[s] === 'number'));
+    // The trust indicators some unit of the layer has: the grid can sort by those.
+    data.trust = TRUST.filter((t) => [...units.values()].some((u) => u.trust && trustValue(u.trust[t]) != null));
     data.listed = [...units.values()].filter((u) => Object.keys(u.techniques).length > 0).length;
     cache.layers.set(seg, { data, at: Date.now() });
     return data;
+  }
+
+  // labels.json (researchers' labels, `loupe label`) as layer name -> unit -> text; empty
+  // when there is none (a 404) or it cannot be read: labels never keep a page from showing.
+  async function loadLabels() {
+    if (cache.labels && Date.now() - cache.labelsAt < FRESH_MS) return cache.labels;
+    const labels = new Map();
+    let json = null;
+    try {
+      json = await getJSON('labels.json');
+    } catch (e) {
+      console.warn(`labels not shown: ${e.message}`);
+    }
+    const byLayer = json && json.labels && typeof json.labels === 'object' ? json.labels : {};
+    for (const [layer, units] of Object.entries(byLayer)) {
+      if (!units || typeof units !== 'object') continue;
+      const m = new Map();
+      for (const [unit, text] of Object.entries(units)) {
+        if (/^\d+$/.test(unit) && typeof text === 'string' && text) m.set(parseInt(unit, 10), text);
+      }
+      if (m.size) labels.set(layer, m);
+    }
+    cache.labels = labels;
+    cache.labelsAt = Date.now();
+    return labels;
+  }
+  function labelOf(labels, info, unit) {
+    const m = labels.get(info.name ?? info.path);
+    return (m && m.get(unit)) || null;
   }
 
   function unitCount(info) {
@@ -636,14 +710,27 @@
     return typeof v === 'number' && isFinite(v) ? v : null;
   }
 
+  // A trust indicator's value, or null when it is not a finite number or a boolean.
+  function trustValue(v) {
+    return typeof v === 'boolean' || (typeof v === 'number' && isFinite(v)) ? v : null;
+  }
+  function trustOf(data, unit, name) {
+    const u = data.units.get(unit);
+    return u && u.trust ? trustValue(u.trust[name]) : null;
+  }
+  // The value a grid sorted by `key` orders by and shows: a statistic or a trust indicator.
+  function sortValue(data, unit, key) {
+    return TRUST.includes(key) ? trustOf(data, unit, key) : stat(data, unit, key);
+  }
+
   function sortedUnits(data, n, sort, asc) {
     const units = Array.from({ length: n }, (_, u) => u);
-    if (!STATS.includes(sort)) return asc === false ? units.reverse() : units;
+    if (!STATS.includes(sort) && !TRUST.includes(sort)) return asc === false ? units.reverse() : units;
     return units.sort((a, b) => {
-      const va = stat(data, a, sort);
-      const vb = stat(data, b, sort);
+      const va = sortValue(data, a, sort);
+      const vb = sortValue(data, b, sort);
       if (va == null && vb == null) return a - b;
-      if (va == null) return 1; // units without statistics last either way
+      if (va == null) return 1; // units without the value last either way
       if (vb == null) return -1;
       return (asc ? va - vb : vb - va) || a - b;
     });
@@ -693,8 +780,8 @@
   }
 
   async function renderLayer(route_, token) {
-    const opened = await openLayer(route_, token);
-    if (!opened) return;
+    const [opened, labels] = await Promise.all([openLayer(route_, token), loadLabels()]);
+    if (!opened || token !== renderToken) return;
     const { atlas, info, seg, data } = opened;
 
     const params = route_.params;
@@ -702,7 +789,8 @@
     // An atlas of per-layer techniques only has no unit images to show.
     const noUnitImages = unitTechs.length === 0 && atlas.techniques.length > 0;
     const technique = techniqueOf(atlas, params);
-    const sort = data.hasStats && STATS.includes(params.get('sort')) ? params.get('sort') : 'unit';
+    const sortKeys = [...(data.hasStats ? STATS : []), ...data.trust];
+    const sort = sortKeys.includes(params.get('sort')) ? params.get('sort') : 'unit';
     const asc = params.get('order') === 'asc' ? true : params.get('order') === 'desc' ? false : sort === 'unit';
     const keep = { technique: params.get('technique'), sort: sort === 'unit' ? null : sort, order: params.get('order') };
     const n = unitCount(info);
@@ -719,7 +807,8 @@
       )
     );
     let sorter = null;
-    if (data.hasStats) {
+    if (sortKeys.length) {
+      const option = (s) => h('option', { value: s, selected: s === sort, text: SORT_LABEL[s] });
       const select = h(
         'select',
         {
@@ -729,7 +818,9 @@
             location.hash = layerHref(seg, { ...keep, sort: e.target.value === 'unit' ? null : e.target.value, order: null });
           },
         },
-        ['unit', ...STATS].map((s) => h('option', { value: s, selected: s === sort, text: STAT_LABEL[s] }))
+        option('unit'),
+        data.hasStats ? h('optgroup', { label: 'on the dataset' }, STATS.map(option)) : null,
+        data.trust.length ? h('optgroup', { label: 'trust' }, data.trust.map(option)) : null
       );
       const flip = h('a', {
         class: 'order',
@@ -809,9 +900,12 @@
       }
       const label = h('span', { class: 'label' }, h('span', { class: 'num', text: String(u) }));
       if (failed) label.append(h('span', { class: 'tag failed', title: failedNote(failed), text: 'failed' }));
-      if (sort !== 'unit') label.append(h('span', { class: 'val', text: fmtStat(sort, stat(data, u, sort)) }));
+      if (sort !== 'unit') label.append(h('span', { class: 'val', title: SORT_LABEL[sort], text: fmtSort(sort, sortValue(data, u, sort)) }));
       if (listed && listed.dead === true) label.append(h('span', { class: 'tag dead', title: DEAD_NOTE, text: 'dead' }));
-      card.append(h('a', { href: unitHref(seg, u, keep), title: `unit ${u}`, 'aria-label': `unit ${u}` }, img, label));
+      const text = labelOf(labels, info, u);
+      const labelled = text ? h('span', { class: 'ulabel', title: text, text }) : null;
+      const title = text ? `unit ${u}: ${text}` : `unit ${u}`;
+      card.append(h('a', { href: unitHref(seg, u, keep), title, 'aria-label': title }, img, label, labelled));
       frag.append(card);
     }
     grid.append(frag);
@@ -908,8 +1002,8 @@
   }
 
   async function renderUnit(route_, token) {
-    const opened = await openLayer(route_, token);
-    if (!opened) return;
+    const [opened, labels] = await Promise.all([openLayer(route_, token), loadLabels()]);
+    if (!opened || token !== renderToken) return;
     const { atlas, info, seg, data } = opened;
     const n = unitCount(info);
     const unit = route_.unit;
@@ -922,7 +1016,8 @@
       return show(message(`No unit ${unit}`, `${name} has units 0 to ${n - 1}.`, h('p', {}, h('a', { href: layerHref(seg, keep), text: `Back to ${name}` }))));
     }
 
-    const entry = data.units.get(unit) || { techniques: {}, dataset: null };
+    const entry = data.units.get(unit) || { techniques: {}, dataset: null, trust: null };
+    const label = labelOf(labels, info, unit);
     const prev = unit > 0 ? unitHref(seg, unit - 1, keep) : null;
     const next = unit < n - 1 ? unitHref(seg, unit + 1, keep) : null;
     const nav = h(
@@ -935,7 +1030,7 @@
     const head = h(
       'header',
       { class: 'page-head unit-head' },
-      h('h1', { text: `${name} · unit ${unit}` }),
+      h('div', {}, h('h1', { text: `${name} · unit ${unit}` }), label ? h('p', { class: 'unit-label', title: 'its label (loupe label)', text: label }) : null),
       nav
     );
 
@@ -943,6 +1038,8 @@
     // in the order channel, neuron, negative, diversity.
     const techs = orderTechniques([...atlas.techniques, ...Object.keys(entry.techniques)]);
     const size = atlas.settings.size || 256;
+    // The images, then how far to trust them.
+    const main = h('div', { class: 'main' });
     const figures = techs.map((t) => {
       const listed = entry.techniques[t];
       const fig = h('figure', { class: 'technique', data: { technique: t } });
@@ -1009,6 +1106,14 @@
             const more =
               (Array.isArray(rec.images) && rec.images.length > 1) || (Array.isArray(rec.snapshots) && rec.snapshots.length) || rec.dead === true || typeof rec.failed === 'string';
             if (!listed && more) draw(recordAsEntry(unit, rec));
+            // A layer without layer.json yet: the channel curve comes from the record.
+            if (t === 'channel' && !main.querySelector('#curve')) {
+              const curve = curvePanel(rec);
+              if (curve) {
+                main.querySelector('#trust')?.remove();
+                main.append(trustPanel(entry.trust, curve));
+              }
+            }
           })
           .catch(() => {});
       }
@@ -1025,7 +1130,7 @@
         return h(
           'div',
           {},
-          h('dt', { text: STAT_LABEL[s] }),
+          h('dt', { text: SORT_LABEL[s] }),
           h(
             'dd',
             {},
@@ -1068,8 +1173,270 @@
     } else if (data.dataset || atlas.dataset) {
       statsPanel = h('section', { class: 'panel stats' }, h('p', { class: 'muted', text: 'No dataset statistics for this unit yet.' }));
     }
-    show(head, h('div', { class: 'unit-body' }, images, statsPanel), below);
+    const curve = curvePanel(entry.techniques.channel);
+    const trust = trustPanel(entry.trust, curve);
+    const connections = connectionsSection(atlas, labels, entry.dataset, token);
+    main.append(...[images, trust].filter(Boolean));
+    show(head, h('div', { class: 'unit-body' }, main, statsPanel), connections, below);
   }
+
+  // ---------------------------------------------------------------- unit page: trust, connections
+
+  // The trust indicators the unit has, each with how to read it, and the channel
+  // objective's curve; null when there is neither.
+  function trustPanel(trust, curve) {
+    const known = TRUST.filter((t) => trust && trustValue(trust[t]) != null);
+    if (!known.length && !curve) return null;
+    const rows = known.map((t) => {
+      const v = trust[t];
+      return h(
+        'div',
+        { class: v === true ? 'warn' : null, data: { trust: t } },
+        h('dt', { text: SORT_LABEL[t] }),
+        h('dd', {}, h('span', { class: 'v', text: fmtTrust(t, v) }), h('p', { class: 'how', text: TRUST_HOW[t] }))
+      );
+    });
+    return h(
+      'section',
+      { class: 'panel trust', id: 'trust' },
+      h('h2', { text: 'How far to trust the images' }),
+      h('div', { class: 'trust-body' }, known.length ? h('dl', { class: 'trust-list' }, rows) : null, curve)
+    );
+  }
+
+  // The channel objective after each step the curve has (docs/atlas-format.md): a small
+  // chart (log steps, since they double) and the same numbers as a list.
+  function curvePanel(channel) {
+    const points = (channel && Array.isArray(channel.curve) ? channel.curve : [])
+      .filter((p) => p && Number.isInteger(p.step) && p.step > 0 && typeof p.objective === 'number' && isFinite(p.objective))
+      .sort((a, b) => a.step - b.step);
+    if (!points.length) return null;
+    const W = 240;
+    const H = 64;
+    const pad = 4;
+    const xs = points.map((p) => Math.log2(p.step));
+    const ys = points.map((p) => p.objective);
+    const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
+    const [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+    const px = (x) => pad + (x1 > x0 ? ((x - x0) / (x1 - x0)) * (W - 2 * pad) : (W - 2 * pad) / 2);
+    const py = (y) => H - pad - (y1 > y0 ? ((y - y0) / (y1 - y0)) * (H - 2 * pad) : (H - 2 * pad) / 2);
+    const svgNS = 'http://www.w3.org/2000/svg';
+    const svg = (tag, attrs, ...kids) => {
+      const el = document.createElementNS(svgNS, tag);
+      for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+      el.append(...kids);
+      return el;
+    };
+    const coords = points.map((p, i) => `${px(xs[i]).toFixed(1)},${py(ys[i]).toFixed(1)}`);
+    const chart = svg(
+      'svg',
+      { class: 'curve-chart', viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: 'img', 'aria-label': 'the channel objective by step' },
+      svg('polyline', { points: coords.join(' '), fill: 'none' }),
+      ...points.map((p, i) => svg('circle', { cx: px(xs[i]).toFixed(1), cy: py(ys[i]).toFixed(1), r: 2.5 }, svg('title', {}, `step ${p.step}: ${fmt(p.objective)}`)))
+    );
+    return h(
+      'div',
+      { class: 'curve', id: 'curve' },
+      h('h3', { text: 'Channel objective by step' }),
+      chart,
+      h(
+        'ol',
+        { class: 'curve-points' },
+        points.map((p) => h('li', { data: { step: String(p.step) } }, h('span', { class: 'step', text: `step ${p.step}` }), h('span', { class: 'v', text: fmt(p.objective) })))
+      )
+    );
+  }
+
+  // A unit's image for a link to it: its channel image if its layer rendered channel for
+  // it, else its first technique's (layer.json); for a layer still without layer.json, the
+  // atlas's first per-unit technique, where loupe writes it.
+  function thumbnailOf(atlas, seg, data, unit) {
+    const entry = data && data.units.get(unit);
+    if (entry && Object.keys(entry.techniques).length) {
+      for (const t of orderTechniques(Object.keys(entry.techniques))) {
+        const { images } = imagesOf(seg, entry.techniques[t]);
+        if (images.length) return images[0];
+      }
+      return null;
+    }
+    if (data && data.json) return null; // layer.json lists no image of it
+    const techs = unitTechniques(atlas);
+    return unitImage(seg, unit, techs.includes('channel') ? 'channel' : techs[0] || 'channel');
+  }
+
+  // The unit's strongest inputs (from the previous layer of the job) and outputs (to the
+  // next one), each a link to that unit with its image and signed score.
+  function connectionsSection(atlas, labels, dataset, token) {
+    const lists = { inputs: dataset && dataset.inputs, outputs: dataset && dataset.outputs };
+    const shown = (l) => Array.isArray(l) && l.some((c) => c && typeof c.layer === 'string' && Number.isInteger(c.unit));
+    if (!shown(lists.inputs) && !shown(lists.outputs)) return null;
+    const part = (kind, title, none) => {
+      const list = Array.isArray(lists[kind]) ? lists[kind].filter((c) => c && typeof c.layer === 'string' && Number.isInteger(c.unit)) : [];
+      const most = Math.max(0, ...list.map((c) => (typeof c.score === 'number' && isFinite(c.score) ? Math.abs(c.score) : 0)));
+      return h(
+        'section',
+        { class: `connections ${kind}`, id: kind, data: { kind } },
+        h('h2', { text: title }),
+        list.length
+          ? h('ol', { class: 'conn-row' }, list.map((c) => connectionCard(atlas, labels, c, most, token)))
+          : h('p', { class: 'muted small', text: none })
+      );
+    };
+    return h(
+      'div',
+      { class: 'connection-groups' },
+      part('inputs', 'Inputs', 'None: the job’s first layer, or no unit of the layer before it contributes.'),
+      part('outputs', 'Outputs', 'None: the job’s last layer, or it contributes to no unit of the layer after it.'),
+      h(
+        'p',
+        { class: 'muted explain' },
+        'Score: over the dataset’s images, the mean of activation × gradient summed over positions, from the input unit to the output unit’s spatial mean. ',
+        '+ excites (more of the input, more of the output), − inhibits. Strongest first.'
+      )
+    );
+  }
+
+  function connectionCard(atlas, labels, c, most, token) {
+    const info = atlas.layers.find((l) => l.name === c.layer) || null;
+    const score = typeof c.score === 'number' && isFinite(c.score) ? c.score : null;
+    const sign = score == null ? null : score < 0 ? 'inhibitory' : 'excitatory';
+    const text = info ? labelOf(labels, info, c.unit) : null;
+    const frame = h('span', { class: 'thumb' });
+    const body = [
+      frame,
+      h(
+        'span',
+        { class: 'conn-caption' },
+        h('span', { class: 'who', text: `${c.layer} · ${c.unit}` }),
+        h('span', { class: 'score', title: sign ? `${sign}: ${score}` : null, text: fmtScore(score) }),
+        h('span', { class: 'bar', 'aria-hidden': 'true' }, h('span', { style: `width:${most && score != null ? ((100 * Math.abs(score)) / most).toFixed(1) : 0}%` })),
+        text ? h('span', { class: 'ulabel', title: text, text }) : null
+      ),
+    ];
+    const card = h(
+      'li',
+      { class: `conn ${sign || ''}`.trim(), data: { layer: c.layer, unit: String(c.unit), score: score == null ? '' : String(score) } },
+      info ? h('a', { href: unitHref(info.path, c.unit), title: `${c.layer} unit ${c.unit}${text ? `: ${text}` : ''}` }, body) : h('span', { title: 'a layer this atlas does not list' }, body)
+    );
+    const placeholder = () => frame.replaceChildren(h('span', { class: 'placeholder', text: String(c.unit) }));
+    if (!info) {
+      placeholder();
+      return card;
+    }
+    loadLayer(info)
+      .catch(() => null)
+      .then((data) => {
+        if (token !== renderToken) return;
+        const src = thumbnailOf(atlas, info.path, data, c.unit);
+        if (!src) return placeholder();
+        const img = h('img', { src, alt: `${c.layer} unit ${c.unit}`, width: 96, height: 96 });
+        img.addEventListener('error', placeholder, { once: true });
+        frame.replaceChildren(img);
+      });
+    return card;
+  }
+
+  // ---------------------------------------------------------------- search
+
+  // The search box in the page header: a number is a unit of the layer on screen (on the
+  // atlas page, of every layer that has it); anything else is looked for in the labels of
+  // every layer (case-insensitive). Results are links to the units; Enter opens the first.
+  const searchForm = document.getElementById('search');
+  const searchInput = document.getElementById('q');
+  const searchResults = document.getElementById('search-results');
+
+  async function searchHits(q) {
+    const atlas = await loadAtlas();
+    if (!atlas) return { hits: [], note: 'No atlas here yet.' };
+    const labels = await loadLabels();
+    const hit = (info, unit) => ({ info, unit, label: labelOf(labels, info, unit) });
+    const number = /^#?\s*(\d+)$/.exec(q);
+    if (number) {
+      const unit = parseInt(number[1], 10);
+      const r = parseHash();
+      const here = r.view === 'layer' || r.view === 'unit' ? findLayer(atlas, r.seg) : null;
+      const layers = here ? [here] : atlas.layers;
+      const hits = layers.filter((info) => unit < unitCount(info)).map((info) => hit(info, unit));
+      const where = here ? here.name ?? here.path : 'any layer';
+      return { hits, note: hits.length ? null : here ? `${where} has units 0 to ${unitCount(here) - 1}.` : `No layer has a unit ${unit}.` };
+    }
+    const needle = q.toLocaleLowerCase();
+    const hits = [];
+    for (const info of atlas.layers) {
+      const m = labels.get(info.name ?? info.path);
+      if (!m) continue;
+      for (const [unit, text] of [...m].sort((a, b) => a[0] - b[0])) {
+        if (text.toLocaleLowerCase().includes(needle) && unit < unitCount(info)) hits.push(hit(info, unit));
+      }
+    }
+    return { hits, note: hits.length ? null : labels.size ? `No label contains “${q}”.` : 'This atlas has no labels yet (loupe label).' };
+  }
+
+  let searchToken = 0;
+  async function runSearch() {
+    const q = searchInput.value.trim();
+    const mine = ++searchToken;
+    if (!q) return closeSearch();
+    let found;
+    try {
+      found = await searchHits(q);
+    } catch (e) {
+      found = { hits: [], note: e.message };
+    }
+    if (mine !== searchToken) return;
+    const { hits, note } = found;
+    const items = hits.slice(0, SEARCH_RESULTS).map(({ info, unit, label }) =>
+      h(
+        'li',
+        { class: 'hit', data: { layer: info.path, unit: String(unit) } },
+        h(
+          'a',
+          { href: unitHref(info.path, unit) },
+          h('span', { class: 'who', text: `${info.name ?? info.path} · unit ${unit}` }),
+          label ? h('span', { class: 'ulabel', text: label }) : null
+        )
+      )
+    );
+    if (hits.length > SEARCH_RESULTS) items.push(h('li', { class: 'more muted', text: `and ${hits.length - SEARCH_RESULTS} more` }));
+    if (note) items.push(h('li', { class: 'none muted', text: note }));
+    searchResults.replaceChildren(...items);
+    searchResults.hidden = false;
+    searchForm.classList.add('open');
+  }
+
+  function closeSearch() {
+    searchToken++;
+    searchResults.hidden = true;
+    searchResults.replaceChildren();
+    searchForm.classList.remove('open');
+  }
+
+  searchInput.addEventListener('input', runSearch);
+  searchInput.addEventListener('focus', () => {
+    if (searchInput.value.trim()) runSearch();
+  });
+  searchForm.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    await runSearch();
+    const first = searchResults.querySelector('.hit a');
+    if (first) {
+      location.hash = first.getAttribute('href');
+      closeSearch();
+    }
+  });
+  searchForm.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape') {
+      closeSearch();
+      searchInput.focus();
+    }
+  });
+  // Clicking a result or anywhere outside the box closes it.
+  searchResults.addEventListener('click', (e) => {
+    if (e.target.closest('a')) closeSearch();
+  });
+  document.addEventListener('click', (e) => {
+    if (!searchForm.contains(e.target)) closeSearch();
+  });
 
   // ---------------------------------------------------------------- driver
 
@@ -1083,6 +1450,7 @@
     const hash = rendered || '#/';
     if (force) {
       cache.atlasAt = 0;
+      cache.labelsAt = 0;
       cache.layers.clear();
     }
     if (current) scrollAt.set(current.hash, window.scrollY);
@@ -1115,6 +1483,7 @@
 
   window.addEventListener('hashchange', () => {
     delete document.body.dataset.ready;
+    closeSearch();
     route(false);
   });
 

@@ -86,6 +86,10 @@ pub struct JobArgs {
     /// Images per map task, for a dataset of image files (each .tar is one task) [default: 1000].
     #[arg(long)]
     pub images_per_shard: Option<u32>,
+    /// Skip the connections between units of consecutive layers (with --dataset): the
+    /// dataset pass then only gathers statistics and examples.
+    #[arg(long)]
+    pub no_connections: bool,
 }
 
 /// Images the colour matrix is estimated from.
@@ -264,6 +268,7 @@ fn dataset(args: &JobArgs, file: &JobFile) -> Result<Option<DatasetSpec>> {
         uri: dataset_uri_of(uri)?,
         examples: args.examples.or(table.and_then(|d| d.examples)).unwrap_or(16),
         images_per_shard: args.images_per_shard.or(table.and_then(|d| d.images_per_shard)).unwrap_or(1000),
+        connections: !args.no_connections && table.and_then(|d| d.connections).unwrap_or(true),
     }))
 }
 
@@ -301,6 +306,10 @@ fn layer_plans(args: &JobArgs, file: &JobFile, layers: &[LayerInfo], units: &Uni
             bail!("job file: [[layer]] {:?} is not among the job's layers", table.name);
         }
     }
+    // The model's order, whatever order they were named in: connections join each job
+    // layer to the one before it in the model.
+    let mut chosen = chosen;
+    chosen.sort_by_key(|l| layers.iter().position(|m| m.name == l.name));
     chosen
         .into_iter()
         .map(|layer| {

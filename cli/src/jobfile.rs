@@ -110,6 +110,7 @@ pub struct DatasetFile {
     pub uri: String,
     pub examples: Option<u32>,
     pub images_per_shard: Option<u32>,
+    pub connections: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,12 +1,13 @@
 //! `loupe`: renders a model's atlas on this machine (`render`), shows what a model exposes
 //! (`inspect`), works with a cluster's coordinator (`submit`, `watch`, `status`, `jobs`,
-//! `cancel`) and serves an atlas's viewer from a directory or S3 (`serve`). `render` runs
-//! the same coordinator and worker loop as the cluster, in one process: an in-memory state
-//! store and a local-directory atlas.
+//! `cancel`), serves an atlas's viewer from a directory or S3 (`serve`) and labels its
+//! units (`label`). `render` runs the same coordinator and worker loop as the cluster, in
+//! one process: an in-memory state store and a local-directory atlas.
 
 mod cluster;
 mod job;
 mod jobfile;
+mod label;
 mod render;
 mod serve;
 
@@ -45,6 +46,8 @@ enum Command {
     Cancel(cluster::JobRef),
     /// Serve an atlas and its viewer over HTTP, from a directory or read through from S3.
     Serve(serve::ServeArgs),
+    /// Label a unit of an atlas (a directory or S3) for the viewer; "" removes the label.
+    Label(label::LabelArgs),
 }
 
 #[derive(Args)]
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
         Command::Jobs(args) => block_on(cluster::jobs(args)),
         Command::Cancel(args) => block_on(cluster::cancel(args)),
         Command::Serve(args) => block_on(async { serve::serve(args).await.map(|_| ExitCode::SUCCESS) }),
+        Command::Label(args) => block_on(async { label::label(args).await.map(|_| ExitCode::SUCCESS) }),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

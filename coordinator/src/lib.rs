@@ -458,7 +458,7 @@ mod tests {
                 settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
                 batch: 2,
                 out: self.path("atlas"),
-                dataset: Some(DatasetSpec { uri: self.path(dataset), examples: 4, images_per_shard: 2 }),
+                dataset: Some(DatasetSpec { uri: self.path(dataset), examples: 4, images_per_shard: 2, connections: true }),
             }
         }
     }
@@ -536,7 +536,7 @@ mod tests {
         tokio::spawn(c.clone().sweep_indexing(Duration::from_millis(100)));
         let id = c.submit(f.spec("images")).await.unwrap();
         // What the job's maps would leave for its reduces.
-        let partial = f.dir.path().join(format!("atlas/{}", atlas::partial_key(id.as_str(), "conv", 0)));
+        let partial = f.dir.path().join(format!("atlas/{}", atlas::partial_key(id.as_str(), atlas::PartialKind::Stats, "conv", 0)));
         std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
         std::fs::write(&partial, b"{}").unwrap();
         let mut last = None;
@@ -634,36 +634,42 @@ mod tests {
     async fn a_resumed_job_skips_the_dataset_only_when_every_layer_has_its_statistics() {
         let f = Fixture::new();
         let store = store::open(&f.path("atlas")).await.unwrap();
-        // What a reduce leaves last: examples.json, for these units, dataset and K.
+        // What a reduce leaves last: examples.json, for these units, dataset and K, with
+        // the connections to the job's other layer (conv, then fc).
         let examples = |layer: &str, units: std::ops::Range<u32>, uri: String, k: u32| {
+            let (previous, next) = if layer == "conv" { (None, Some("fc".to_string())) } else { (Some("conv".to_string()), None) };
             let e = LayerExamples {
                 format_version: atlas::FORMAT_VERSION,
                 layer: layer.into(),
                 dataset: atlas::DatasetSummary { uri, images: 5, images_skipped: 0, examples: k },
                 receptive_field: 3,
                 stats: "stats.parquet".into(),
+                connections: Some(atlas::LayerConnections { table: "connections.parquet".into(), previous, next }),
                 units: units
-                    .map(|unit| atlas::UnitExamples { unit, mean: None, std: None, max: None, frac_positive: None, top: vec![], bottom: vec![] })
+                    .map(|unit| atlas::UnitExamples { unit, mean: None, std: None, max: None, frac_positive: None, top: vec![], bottom: vec![], spatial_mean: None, inputs: vec![], outputs: vec![] })
                     .collect(),
             };
-            (atlas::examples_key(&atlas::layer_segment(layer).unwrap()), loupe_core::to_json(&e))
+            (atlas::examples_key(&atlas::layer_segment(layer).unwrap()), e)
         };
+        let stored = |(key, e): (String, LayerExamples)| (key, loupe_core::to_json(&e));
+        let without_connections = |(key, e): (String, LayerExamples)| (key, loupe_core::to_json(&LayerExamples { connections: None, ..e }));
         let c = coordinator();
         let uri = f.path("images");
-        let (key, json) = examples("conv", 0..4, uri.clone(), 4);
+        let (key, json) = stored(examples("conv", 0..4, uri.clone(), 4));
         store.put(&key, json).await.unwrap();
         let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
         assert_eq!((st.maps_total, st.reduces_total), (3, 2), "one layer's statistics missing: all maps and reduces run");
         for (layer_examples, why) in [
-            (examples("fc", 0..2, uri.clone(), 4), "a unit missing"),
-            (examples("fc", 0..3, f.path("elsewhere"), 4), "another dataset"),
-            (examples("fc", 0..3, uri.clone(), 8), "another K"),
+            (stored(examples("fc", 0..2, uri.clone(), 4)), "a unit missing"),
+            (stored(examples("fc", 0..3, f.path("elsewhere"), 4)), "another dataset"),
+            (stored(examples("fc", 0..3, uri.clone(), 8)), "another K"),
+            (without_connections(examples("fc", 0..3, uri.clone(), 4)), "no connections"),
         ] {
             store.put(&layer_examples.0, layer_examples.1).await.unwrap();
             let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
             assert_eq!((st.maps_total, st.reduces_total), (3, 2), "{why}: all maps and reduces run");
         }
-        let (key, json) = examples("fc", 0..3, uri, 4);
+        let (key, json) = stored(examples("fc", 0..3, uri, 4));
         store.put(&key, json).await.unwrap();
         let st = c.status(&c.submit(f.spec("images")).await.unwrap()).await.unwrap();
         assert_eq!((st.tasks_total, st.maps_total, st.reduces_total), (4, 0, 0), "every layer's statistics there: no map, no reduce");

@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn a_dataset_adds_a_map_per_shard_then_a_reduce_per_layer_after_every_map() {
-        let spec = JobSpec { dataset: Some(DatasetSpec { uri: "d".into(), examples: 8, images_per_shard: 2 }), ..spec() };
+        let spec = JobSpec { dataset: Some(DatasetSpec { uri: "d".into(), examples: 8, images_per_shard: 2, connections: true }), ..spec() };
         let shards = vec![
             ShardSource::Images { keys: vec!["0.jpg".into(), "1.jpg".into()] },
             ShardSource::Images { keys: vec!["2.jpg".into()] },
@@ -330,7 +330,7 @@ mod tests {
         // Batch 1: a task per image, 2 x (10 + 2).
         let limits = Limits { max_tasks: 24, ..Limits::default() };
         limits.check(&spec, 0).unwrap();
-        let with_dataset = JobSpec { dataset: Some(DatasetSpec { uri: "d".into(), examples: 8, images_per_shard: 2 }), ..spec.clone() };
+        let with_dataset = JobSpec { dataset: Some(DatasetSpec { uri: "d".into(), examples: 8, images_per_shard: 2, connections: true }), ..spec.clone() };
         let err = limits.check(&with_dataset, 1).unwrap_err().to_string();
         assert!(err.contains("needs 27 tasks") && err.contains("at most 24 tasks per job"), "{err}");
         let err = shard(&spec, &Done::default(), &[], &Limits { max_tasks: 23, ..limits }).unwrap_err().to_string();
@@ -424,7 +424,7 @@ mod tests {
             let layers = (layer(0), prop::option::of(layer(1))).prop_map(|(a, b)| std::iter::once(a).chain(b).collect::<Vec<_>>());
             let limits = (1u64..20_000, 1u64..20_000, 20u32..36).prop_map(|(max_units, max_tasks, log)| Limits { max_units, max_tasks, worker_memory: 1 << log });
             (layers, techniques, settings(), 1u32..=4096, limits, 0usize..4).prop_map(|(layers, techniques, settings, batch, limits, maps)| {
-                let dataset = (maps > 0).then(|| DatasetSpec { uri: "d".into(), examples: 8, images_per_shard: 10 });
+                let dataset = (maps > 0).then(|| DatasetSpec { uri: "d".into(), examples: 8, images_per_shard: 10, connections: true });
                 let model = ModelRef { uri: "m".into(), name: "m".into(), sha256: "0".into() };
                 (JobSpec { model, layers, techniques, settings, batch, out: "o".into(), dataset }, limits, maps)
             })

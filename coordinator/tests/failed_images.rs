@@ -36,7 +36,7 @@ async fn a_job_with_a_diverged_image_succeeds_and_counts_it() {
             if *target == Target::Unit(2) {
                 atlas.write_failed(&image, "objective became NaN at step 3", &lease.job.model.sha256, &settings).await.unwrap();
             } else {
-                let png = RenderedImage { pngs: vec![b"png".to_vec()], objectives: vec![1.0], snapshots: vec![], dead: false };
+                let png = RenderedImage { pngs: vec![b"png".to_vec()], objectives: vec![1.0], snapshots: vec![], curve: vec![], diversity: None, dead: false };
                 atlas.write_image(&image, &png, &lease.job.model.sha256, &settings).await.unwrap();
             }
         }

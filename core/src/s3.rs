@@ -572,7 +572,7 @@ impl ArtifactStore for S3Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::conformance;
     use loupe_testsupport::{S3Server, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY};
@@ -595,7 +595,8 @@ mod tests {
         }
     }
 
-    fn store(server: &S3Server, bucket: &str, prefix: &str) -> S3Store {
+    /// A store on the test server, with short retries.
+    pub(crate) fn store(server: &S3Server, bucket: &str, prefix: &str) -> S3Store {
         S3Store::new(bucket, prefix, &config(server.endpoint())).unwrap()
     }
 

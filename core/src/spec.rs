@@ -527,6 +527,14 @@ pub struct DatasetSpec {
     pub examples: u32,
     /// Images per map task, for a dataset of image files (a tar is one shard).
     pub images_per_shard: u32,
+    /// Whether the pass also computes the connections between units of consecutive job
+    /// layers (docs/atlas-format.md "Connections"); jobs stored before it read as yes.
+    #[serde(default = "yes")]
+    pub connections: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl DatasetSpec {
@@ -573,6 +581,14 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// The job layers before and after `layer`, in the job's order (the model's): the
+    /// layers its connections join it with.
+    pub fn neighbours(&self, layer: &str) -> (Option<String>, Option<String>) {
+        let Some(at) = self.layers.iter().position(|p| p.layer.name == layer) else { return (None, None) };
+        let name = |i: usize| self.layers.get(i).map(|p| p.layer.name.clone());
+        (at.checked_sub(1).and_then(name), name(at + 1))
+    }
+
     pub const MAX_BATCH: u32 = 4096;
 
     pub fn validate(&self) -> Result<()> {
@@ -816,7 +832,7 @@ mod tests {
         let mut json: serde_json::Value = serde_json::to_value(&spec).unwrap();
         json.as_object_mut().unwrap().remove("dataset");
         assert_eq!(serde_json::from_value::<JobSpec>(json).unwrap(), spec);
-        let good = DatasetSpec { uri: "s3://b/imagenet/val".into(), examples: 16, images_per_shard: 1000 };
+        let good = DatasetSpec { uri: "s3://b/imagenet/val".into(), examples: 16, images_per_shard: 1000, connections: true };
         spec.dataset = Some(good.clone());
         spec.validate().unwrap();
         for (bad, word) in [

@@ -26,7 +26,7 @@ fn valid_spec() -> JobSpec {
         settings,
         batch: 4,
         out: "s3://atlas/run".into(),
-        dataset: Some(DatasetSpec { uri: "s3://models/dataset/".into(), examples: 4, images_per_shard: 100 }),
+        dataset: Some(DatasetSpec { uri: "s3://models/dataset/".into(), examples: 4, images_per_shard: 100, connections: true }),
     }
 }
 

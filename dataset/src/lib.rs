@@ -94,6 +94,10 @@ fn is_tar_key(key: &str) -> bool {
 /// `.png` in any case) in key order, `images_per_shard` to an [`ShardSource::Images`]
 /// shard, then one [`ShardSource::Tar`] shard per `.tar` file, in key order. Other files
 /// are ignored. The same listing always gives the same plan.
+///
+/// A dataset that is an atlas (an `atlas.json` at its root) is its rendered unit images
+/// only, so a model with no dataset of its own can get statistics and connections over its
+/// feature visualisations (docs/atlas-format.md "Connections").
 pub async fn plan(uri: &str, images_per_shard: usize) -> Result<Vec<ShardSource>> {
     let fail = |message: String| Error::Dataset {
         uri: uri.to_string(),
@@ -106,6 +110,9 @@ pub async fn plan(uri: &str, images_per_shard: usize) -> Result<Vec<ShardSource>
     let mut keys = store.list("").await?;
     // Sorted by the store already; sorting here keeps the plan deterministic regardless.
     keys.sort();
+    if keys.iter().any(|k| k == "atlas.json") {
+        keys.retain(|k| loupe_core::atlas::is_unit_image_key(k));
+    }
     let (images, tars): (Vec<String>, Vec<String>) = keys
         .into_iter()
         .filter(|k| is_image_key(k) || is_tar_key(k))

@@ -42,6 +42,30 @@ fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn an_atlas_as_a_dataset_is_its_rendered_unit_images() {
+    let dir = tempfile::tempdir().unwrap();
+    for key in [
+        "atlas.json",
+        "layers/conv1/units/0/channel.png",
+        "layers/conv1/units/0/channel.step8.png",
+        "layers/conv1/units/0/examples/top-00.jpg",
+        "layers/conv1/units/1/diversity-0.png",
+        "layers/conv1/deepdream/noise.png",
+        "docs/screenshot.png",
+    ] {
+        write(dir.path(), key, b"x");
+    }
+    let keys = |k: &[&str]| ShardSource::Images { keys: k.iter().map(|k| k.to_string()).collect() };
+    assert_eq!(
+        plan(dir.path().to_str().unwrap(), 10).await.unwrap(),
+        vec![keys(&["layers/conv1/units/0/channel.png", "layers/conv1/units/1/diversity-0.png"])]
+    );
+    // Without atlas.json the same files are an ordinary dataset: every image counts.
+    std::fs::remove_file(dir.path().join("atlas.json")).unwrap();
+    assert!(matches!(&plan(dir.path().to_str().unwrap(), 10).await.unwrap()[0], ShardSource::Images { keys } if keys.len() == 6));
+}
+
+#[tokio::test]
 async fn plans_images_in_key_order_then_tars() {
     let dir = tempfile::tempdir().unwrap();
     for key in [

@@ -16,7 +16,9 @@ use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Wor
 /// may be dataset maps and reduces. 3: lease ids carry a secret
 /// (`<job>/<index>#<attempt>.<secret>`), which a version 2 worker cannot read. 4: a lease
 /// carries durations (`ttl_ms`, `max_ms`) instead of a deadline by the coordinator's clock.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: maps also leave connection partials, and partials live under a directory per kind,
+/// which a version 4 worker's reduce would not find.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest message either end of the loupe.v1 services sends or accepts (tonic's own
 /// default, 4 MiB, is less than a map task of a long shard's image keys). The largest
@@ -161,13 +163,13 @@ impl From<v1::ModelRef> for ModelRef {
 
 impl From<&DatasetSpec> for v1::DatasetSpec {
     fn from(d: &DatasetSpec) -> Self {
-        v1::DatasetSpec { uri: d.uri.clone(), examples: d.examples, images_per_shard: d.images_per_shard }
+        v1::DatasetSpec { uri: d.uri.clone(), examples: d.examples, images_per_shard: d.images_per_shard, skip_connections: !d.connections }
     }
 }
 
 impl From<v1::DatasetSpec> for DatasetSpec {
     fn from(d: v1::DatasetSpec) -> Self {
-        DatasetSpec { uri: d.uri, examples: d.examples, images_per_shard: d.images_per_shard }
+        DatasetSpec { uri: d.uri, examples: d.examples, images_per_shard: d.images_per_shard, connections: !d.skip_connections }
     }
 }
 
@@ -445,7 +447,7 @@ mod tests {
     }
 
     fn dataset() -> DatasetSpec {
-        DatasetSpec { uri: "s3://b/imagenet/val".into(), examples: 16, images_per_shard: 500 }
+        DatasetSpec { uri: "s3://b/imagenet/val".into(), examples: 16, images_per_shard: 500, connections: false }
     }
 
     #[test]

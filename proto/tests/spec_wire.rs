@@ -21,7 +21,7 @@ fn valid_encoding() -> Vec<u8> {
         settings,
         batch: 4,
         out: "s3://atlas/run".into(),
-        dataset: Some(DatasetSpec { uri: "s3://models/dataset/".into(), examples: 4, images_per_shard: 100 }),
+        dataset: Some(DatasetSpec { uri: "s3://models/dataset/".into(), examples: 4, images_per_shard: 100, connections: true }),
     };
     spec.validate().expect("the mutations start from a valid spec");
     v1::JobSpec::from(&spec).encode_to_vec()

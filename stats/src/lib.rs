@@ -9,7 +9,10 @@
 //!   not depend on the order of merges or on how images were split into shards.
 //! - [`UnitStats`]: the finished per-unit statistics; [`write_parquet`] writes them.
 //! - [`ExactSum`]: the order-independent f64 accumulator behind the moments.
+//! - [`ConnectionPartial`]: the attribution sums between the units of two layers, merged
+//!   as exactly; [`write_connections_parquet`] writes a layer's connections.
 
+mod connections;
 mod exact;
 mod parquet_out;
 
@@ -18,6 +21,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+pub use connections::{write_connections_parquet, ConnectionPartial, ConnectionRow};
 pub use exact::ExactSum;
 pub use parquet_out::write_parquet;
 
@@ -124,6 +128,12 @@ struct UnitPartial {
     /// None until an image is counted.
     #[serde(with = "opt_f32_exact")]
     max: Option<f32>,
+    /// Sum and sum of squares over images of each image's spatial mean, and the highest:
+    /// the distribution the channel objective is compared with.
+    mean_sum: ExactSum,
+    mean_sum_sq: ExactSum,
+    #[serde(with = "opt_f64_bits")]
+    mean_max: Option<f64>,
     top: Vec<Example>,
     bottom: Vec<Example>,
 }
@@ -136,6 +146,9 @@ impl UnitPartial {
             sum: ExactSum::new(),
             sum_sq: ExactSum::new(),
             max: None,
+            mean_sum: ExactSum::new(),
+            mean_sum_sq: ExactSum::new(),
+            mean_max: None,
             top: Vec::new(),
             bottom: Vec::new(),
         }
@@ -159,7 +172,15 @@ fn max_of(a: Option<f32>, b: f32) -> f32 {
     }
 }
 
-const FORMAT: u32 = 1;
+fn max_of_f64(a: Option<f64>, b: f64) -> f64 {
+    match a {
+        Some(a) if a.total_cmp(&b) == Ordering::Greater => a,
+        _ => b,
+    }
+}
+
+/// 2: each unit keeps the moments of its per-image spatial means.
+const FORMAT: u32 = 2;
 
 /// One layer's dataset-examples state: what a map task writes for its shard, and what a
 /// reduce task builds by merging every shard's.
@@ -237,6 +258,14 @@ impl LayerPartial {
             u.sum.add(s.sum);
             u.sum_sq.add(s.sum_sq);
             u.max = Some(max_of(u.max, value));
+            // The spatial mean from the image's own sum: the same bits whichever shard
+            // the image is in.
+            // (NaN made the one canonical NaN, as `canonical` does for f32.)
+            let mean = s.sum / s.positions as f64;
+            let mean = if mean.is_nan() { f64::NAN } else { mean };
+            u.mean_sum.add(mean);
+            u.mean_sum_sq.add(mean * mean);
+            u.mean_max = Some(max_of_f64(u.mean_max, mean));
             if k > 0 {
                 let example = Example {
                     id: id.to_string(),
@@ -306,6 +335,11 @@ impl LayerPartial {
             u.sum_sq.merge(&o.sum_sq);
             if let Some(m) = o.max {
                 u.max = Some(max_of(u.max, m));
+            }
+            u.mean_sum.merge(&o.mean_sum);
+            u.mean_sum_sq.merge(&o.mean_sum_sq);
+            if let Some(m) = o.mean_max {
+                u.mean_max = Some(max_of_f64(u.mean_max, m));
             }
             merge_lists(&mut u.top, o.top, k, top_order);
             merge_lists(&mut u.bottom, o.bottom, k, bottom_order);
@@ -380,6 +414,13 @@ impl LayerPartial {
                     let var = (u.sum_sq.value() / n - mean * mean).max(0.0);
                     (mean, var.sqrt(), u.positives as f64 / n)
                 };
+                let (spatial_mean_mean, spatial_mean_std) = if images == 0 {
+                    (f64::NAN, f64::NAN)
+                } else {
+                    let n = images as f64;
+                    let mean = u.mean_sum.value() / n;
+                    (mean, (u.mean_sum_sq.value() / n - mean * mean).max(0.0).sqrt())
+                };
                 UnitStats {
                     mean,
                     std,
@@ -387,6 +428,9 @@ impl LayerPartial {
                     frac_positive,
                     positions: u.positions,
                     images,
+                    spatial_mean_mean,
+                    spatial_mean_std,
+                    spatial_mean_max: u.mean_max.unwrap_or(f64::NAN),
                     top: u.top.clone(),
                     bottom: u.bottom.clone(),
                 }
@@ -411,6 +455,11 @@ pub struct UnitStats {
     pub positions: u64,
     /// How many images were counted.
     pub images: u64,
+    /// Over images, each image's spatial mean of the unit (what the channel objective
+    /// maximises): mean, population standard deviation and maximum.
+    pub spatial_mean_mean: f64,
+    pub spatial_mean_std: f64,
+    pub spatial_mean_max: f64,
     /// Highest maxima first.
     pub top: Vec<Example>,
     /// Lowest maxima first.
@@ -459,6 +508,23 @@ mod f32_exact {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
         from_repr(Repr::deserialize(d)?)
+    }
+}
+
+/// Serde for Option<f64> as its bits: serde_json's default float parser may round the
+/// last bit, and a partial must read back exactly.
+mod opt_f64_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_none(),
+            Some(v) => s.serialize_u64(v.to_bits()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(f64::from_bits))
     }
 }
 

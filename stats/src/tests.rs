@@ -52,7 +52,7 @@ fn keeps_top_and_bottom_k_with_ties_by_id() {
 
 #[test]
 fn finishes_moments() {
-    // Activations of unit 0: image a = [1, 2, 3, -2], image b = [0, 0, 4, 0].
+    // Activations of unit 0: image a = [1, 2, 3, -2], image b = [0, 0, 4, 4].
     let mut p = LayerPartial::new(vec![0], 2);
     p.add_image(
         "a",
@@ -73,21 +73,23 @@ fn finishes_moments() {
             max: 4.0,
             y: 1,
             x: 0,
-            sum: 4.0,
-            sum_sq: 16.0,
-            positives: 1,
+            sum: 8.0,
+            sum_sq: 32.0,
+            positives: 2,
             positions: 4,
         }],
     )
     .unwrap();
     p.add_skipped("broken.jpg").unwrap();
     let s = &p.finish()[0];
-    let all = [1.0f64, 2.0, 3.0, -2.0, 0.0, 0.0, 4.0, 0.0];
+    let all = [1.0f64, 2.0, 3.0, -2.0, 0.0, 0.0, 4.0, 4.0];
     let mean = all.iter().sum::<f64>() / 8.0;
     let std = (all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0).sqrt();
     assert_eq!(s.mean, mean);
     assert!((s.std - std).abs() < 1e-12, "{} vs {std}", s.std);
-    assert_eq!(s.frac_positive, 0.5);
+    assert_eq!(s.frac_positive, 0.625);
+    // The spatial means: 1 for a, 2 for b.
+    assert_eq!((s.spatial_mean_mean, s.spatial_mean_std, s.spatial_mean_max), (1.5, 0.5, 2.0));
     assert_eq!(s.max, 4.0);
     assert_eq!(s.images, 2);
     assert_eq!(p.skipped_count(), 1);
@@ -99,6 +101,8 @@ fn finishes_moments() {
             && empty[1].std.is_nan()
             && empty[1].max.is_nan()
             && empty[1].frac_positive.is_nan()
+            && empty[1].spatial_mean_mean.is_nan()
+            && empty[1].spatial_mean_max.is_nan()
     );
     assert!(empty[1].top.is_empty());
 }
@@ -322,7 +326,7 @@ fn from_bytes_names_bad_input() {
         err.to_string().contains("1 unit states for 2 units"),
         "{err}"
     );
-    let err = LayerPartial::from_bytes(text.replace("\"format\":1", "\"format\":9").as_bytes())
+    let err = LayerPartial::from_bytes(text.replace("\"format\":2", "\"format\":9").as_bytes())
         .unwrap_err();
     assert!(err.to_string().contains("format 9"), "{err}");
 }

@@ -1,14 +1,16 @@
 """The static atlas viewer (viewer/) in headless Chromium, over the DevTools protocol.
 
 The atlas is rendered by `target/release/loupe render` (the demo model, a small dataset,
-few steps) into a temporary directory; the viewer's three files are copied to its root
-unless something (loupe itself) already put them there. A partial copy stands for an
-atlas still being written: conv1 without layer.json and with some images gone, conv2
-with a layer.json that lists fewer units than atlas.json.
+few steps) into a temporary directory, and a few of its units are labelled with `loupe
+label`; the viewer's three files are copied to its root unless something (loupe itself)
+already put them there. The dataset pass gives each unit its connections and the index
+its trust indicators. A partial copy stands for an atlas still being written: conv1
+without layer.json and with some images gone, conv2 with a layer.json that lists fewer
+units than atlas.json.
 
 A second atlas, rendered from a job file, has the newer techniques: diversity (four
 images per unit) and snapshots on conv1 and conv3, and conv3's DeepDream, caricature and
-direction items.
+direction items; it has no labels, so labels.json is asked for and not found.
 
 The server: $LOUPE_VIEWER_SERVE, a command template with `{dir}` and `{port}`, e.g.
     LOUPE_VIEWER_SERVE='target/release/loupe serve {dir} --listen 127.0.0.1:{port}'
@@ -39,6 +41,14 @@ VIEWER = ROOT / "viewer"
 VIEWER_FILES = ("index.html", "viewer.js", "viewer.css")
 LAYERS = ["conv1", "conv2", "conv3", "logits"]
 TECHNIQUES = ["channel", "neuron", "negative"]
+
+# Researchers' labels of the main atlas: (layer, unit) -> text, written with `loupe label`.
+LABELS = {
+    ("conv1", 3): "red edge",
+    ("conv2", 5): "curve detector",
+    ("conv2", 7): "Red blobs",
+    ("conv3", 12): "curved stripes",
+}
 
 # The partial atlas: what is taken away (see make_partial).
 CONV1_GONE = {"channel": {3, 7}, "neuron": {3}, "negative": {3}}
@@ -75,6 +85,13 @@ def render_atlas(out: Path) -> None:
     assert (out / "atlas.json").exists()
 
 
+def label_atlas(atlas: Path) -> None:
+    for (layer, unit), text in LABELS.items():
+        r = subprocess.run([str(LOUPE), "label", str(atlas), layer, str(unit), text], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"loupe label failed:\n{r.stdout}\n{r.stderr}"
+    assert (atlas / "labels.json").exists()
+
+
 def make_partial(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
     conv1 = dst / "layers" / "conv1"
@@ -99,6 +116,7 @@ def make_partial(src: Path, dst: Path) -> None:
 def atlas_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("viewer") / "atlas"
     render_atlas(out)
+    label_atlas(out)
     install_viewer(out)
     return out
 
@@ -423,6 +441,283 @@ def test_conv_examples_mark_the_receptive_field(page, site):
     assert box.endswith("%") and 0 < float(box[:-1]) < 100
 
 
+# ------------------------------------------------------------------ connections, trust, labels, search
+
+
+def unit_entry(atlas: Path, layer: str, unit: int) -> dict:
+    return next(u for u in layer_json(atlas, layer)["units"] if u["unit"] == unit)
+
+
+def score_value(text: str) -> float:
+    """A connection's score as the viewer writes it: a sign (+ or the minus sign), then |score|."""
+    assert text[0] in "+\u2212", text
+    return (-1 if text[0] == "\u2212" else 1) * float(text[1:])
+
+
+# Each connection card of a unit page: layer, unit, link, sign, score, thumbnail, label.
+CONNECTIONS = """kind => [...document.querySelectorAll(`.connections[data-kind=${kind}] .conn`)].map(li => {
+  const img = li.querySelector('.thumb img');
+  return { layer: li.dataset.layer, unit: Number(li.dataset.unit), href: li.querySelector('a').getAttribute('href'),
+           excitatory: li.classList.contains('excitatory'), inhibitory: li.classList.contains('inhibitory'),
+           who: li.querySelector('.who').textContent, score: li.querySelector('.score').textContent,
+           src: img && img.getAttribute('src'), width: img ? img.naturalWidth : 0,
+           label: li.querySelector('.ulabel') && li.querySelector('.ulabel').textContent };
+})"""
+CONNECTION_IMAGES_LOADED = "[...document.querySelectorAll('.conn')].every(li => { const i = li.querySelector('.thumb img'); return i && i.complete && i.naturalWidth > 0; })"
+
+
+def check_connections(page, listed: list[dict], kind: str) -> None:
+    shown = page.eval(f"({CONNECTIONS})({json.dumps(kind)})")
+    assert [(c["layer"], c["unit"]) for c in shown] == [(c["layer"], c["unit"]) for c in listed], kind
+    for s, c in zip(shown, listed):
+        assert s["href"] == f"#/layer/{c['layer']}/unit/{c['unit']}"
+        assert s["who"] == f"{c['layer']} · {c['unit']}"
+        # The sign is written, not only coloured.
+        assert score_value(s["score"]) == pytest.approx(c["score"], rel=1e-2, abs=1e-3), s
+        assert (s["excitatory"], s["inhibitory"]) == (c["score"] > 0, c["score"] < 0), s
+        # The other unit's channel image (the main atlas renders channel for every layer).
+        assert s["src"] == f"layers/{c['layer']}/units/{c['unit']}/channel.png"
+        assert s["width"] == 32
+        assert s["label"] == LABELS.get((c["layer"], c["unit"])), s
+
+
+def test_unit_page_shows_inputs_and_outputs(page, site, atlas_dir):
+    # The conv2 unit whose connections mix excitatory and inhibitory ones the most.
+    units = layer_json(atlas_dir, "conv2")["units"]
+    with_both = [u for u in units if u["dataset"].get("inputs") and u["dataset"].get("outputs")]
+    assert with_both, "no conv2 unit has both inputs and outputs: the dataset pass wrote no connections"
+    mixed = lambda u: min(sum(c["score"] > 0 for c in u["dataset"]["inputs"] + u["dataset"]["outputs"]), sum(c["score"] < 0 for c in u["dataset"]["inputs"] + u["dataset"]["outputs"]))  # noqa: E731
+    entry = max(with_both, key=lambda u: (mixed(u), -u["unit"]))
+    unit, ds = entry["unit"], entry["dataset"]
+    assert {c["layer"] for c in ds["inputs"]} == {"conv1"} and {c["layer"] for c in ds["outputs"]} == {"conv3"}
+    open_view(page, site + f"#/layer/conv2/unit/{unit}", "unit")
+    page.wait_for(CONNECTION_IMAGES_LOADED)
+    check_connections(page, ds["inputs"], "inputs")
+    check_connections(page, ds["outputs"], "outputs")
+    assert page.eval("document.querySelectorAll('.connections h2').length") == 2
+
+    # A link opens that unit's page.
+    first = ds["outputs"][0]
+    page.eval("document.querySelector('.connections[data-kind=outputs] .conn a').click()")
+    page.wait_for(f"location.hash === '#/layer/{first['layer']}/unit/{first['unit']}'")
+    wait_view(page, "unit")
+    assert page.eval("document.querySelector('h1').textContent") == f"{first['layer']} · unit {first['unit']}"
+
+    # The first layer of the job has outputs and no inputs, and says so.
+    conv1 = next(u for u in layer_json(atlas_dir, "conv1")["units"] if u["dataset"].get("outputs"))
+    assert not conv1["dataset"].get("inputs")
+    open_view(page, site + f"#/layer/conv1/unit/{conv1['unit']}", "unit")
+    page.wait_for(CONNECTION_IMAGES_LOADED)
+    assert page.eval("document.querySelectorAll('.connections[data-kind=inputs] .conn').length") == 0
+    assert page.eval("document.querySelector('.connections[data-kind=inputs] p').textContent").startswith("None")
+    check_connections(page, conv1["dataset"]["outputs"], "outputs")
+
+
+@pytest.fixture(scope="session")
+def no_channel_site(atlas_dir, tmp_path_factory):
+    """The atlas with channel gone from conv1's layer.json (a layer rendered without it)."""
+    out = tmp_path_factory.mktemp("viewer") / "no-channel"
+    shutil.copytree(atlas_dir, out)
+    path = out / "layers" / "conv1" / "layer.json"
+    layer = json.loads(path.read_text())
+    for u in layer["units"]:
+        del u["techniques"]["channel"]
+    path.write_text(json.dumps(layer))
+    with cdp.serve(out, cwd=ROOT) as base:
+        yield base
+
+
+def test_connection_thumbnails_without_channel(browser, no_channel_site, atlas_dir):
+    """A layer that did not render channel: its units' first technique's image stands in."""
+    entry = next(u for u in layer_json(atlas_dir, "conv2")["units"] if u["dataset"].get("inputs"))
+    with new_page(browser) as page:
+        open_view(page, no_channel_site + f"#/layer/conv2/unit/{entry['unit']}", "unit")
+        page.wait_for(CONNECTION_IMAGES_LOADED)
+        inputs = page.eval(f"({CONNECTIONS})('inputs')")
+        assert [c["src"] for c in inputs] == [f"layers/conv1/units/{c['unit']}/neuron.png" for c in entry["dataset"]["inputs"]]
+        outputs = page.eval(f"({CONNECTIONS})('outputs')")
+        assert [c["src"] for c in outputs] == [f"layers/conv3/units/{c['unit']}/channel.png" for c in entry["dataset"]["outputs"]]
+        check_page(page, no_channel_site, allow_missing=False)
+
+
+TRUST_ORDER = ["above_dataset", "convergence", "diversity", "dead_on_dataset", "dead_on_start"]
+
+
+def trust_number(name: str, text: str):
+    """A trust indicator as the viewer writes it, back to its value."""
+    if text in ("yes", "no"):
+        return text == "yes"
+    if name == "above_dataset":
+        assert text.endswith(" σ"), text
+        return float(text[:-2])
+    if name == "convergence":
+        assert text.endswith("%"), text
+        return float(text[:-1]) / 100
+    return float(text)
+
+
+def test_unit_page_shows_trust_and_the_curve(page, site, atlas_dir):
+    unit = 5
+    entry = unit_entry(atlas_dir, "conv3", unit)
+    trust = entry.get("trust")
+    assert trust, "layer.json has no trust indicators for conv3 unit 5"
+    assert {"above_dataset", "convergence", "dead_on_dataset"} <= trust.keys(), trust
+    open_view(page, site + f"#/layer/conv3/unit/{unit}", "unit")
+    rows = page.eval("""[...document.querySelectorAll('#trust .trust-list > div')].map(d => ({
+      name: d.dataset.trust, dt: d.querySelector('dt').textContent,
+      value: d.querySelector('.v').textContent, how: d.querySelector('.how').textContent }))""")
+    assert [r["name"] for r in rows] == [k for k in TRUST_ORDER if k in trust]
+    for r in rows:
+        expected = trust[r["name"]]
+        if isinstance(expected, bool):
+            assert trust_number(r["name"], r["value"]) is expected, r
+        else:
+            assert trust_number(r["name"], r["value"]) == pytest.approx(expected, rel=1e-2, abs=1e-3), r
+        # Each with a line saying how to read it.
+        assert len(r["how"]) > 20, r
+
+    # The channel objective by step: a chart and the same numbers as a list.
+    curve = entry["techniques"]["channel"]["curve"]
+    assert curve[-1]["objective"] == pytest.approx(entry["techniques"]["channel"]["objective"])
+    points = page.eval("[...document.querySelectorAll('#curve .curve-points li')].map(li => [Number(li.dataset.step), li.querySelector('.v').textContent])")
+    assert [p[0] for p in points] == [p["step"] for p in curve]
+    for (_, shown), p in zip(points, curve):
+        assert float(shown) == pytest.approx(p["objective"], rel=1e-2, abs=1e-3)
+    assert page.eval("document.querySelectorAll('#curve svg circle').length") == len(curve)
+
+
+@pytest.fixture(scope="session")
+def edited_trust_dir(atlas_dir, tmp_path_factory) -> Path:
+    """The atlas with conv3's unit 2 dead on the dataset and unit 3 without trust or curve."""
+    out = tmp_path_factory.mktemp("viewer") / "edited-trust"
+    shutil.copytree(atlas_dir, out)
+    path = out / "layers" / "conv3" / "layer.json"
+    layer = json.loads(path.read_text())
+    for u in layer["units"]:
+        if u["unit"] == 2:
+            u.setdefault("trust", {})["dead_on_dataset"] = True
+        if u["unit"] == 3:
+            u.pop("trust", None)
+            u["techniques"]["channel"].pop("curve", None)
+    path.write_text(json.dumps(layer))
+    return out
+
+
+@pytest.fixture(scope="session")
+def edited_trust_site(edited_trust_dir):
+    with cdp.serve(edited_trust_dir, cwd=ROOT) as base:
+        yield base
+
+
+def test_trust_explains_a_dead_unit(browser, edited_trust_site):
+    with new_page(browser) as page:
+        open_view(page, edited_trust_site + "#/layer/conv3/unit/2", "unit")
+        row = page.eval("(d => d && [d.className, d.querySelector('.v').textContent])(document.querySelector('#trust [data-trust=dead_on_dataset]'))")
+        assert row == ["warn", "yes"]
+        # A unit without trust indicators or curve has no trust panel.
+        open_view(page, edited_trust_site + "#/layer/conv3/unit/3", "unit")
+        assert page.eval("document.getElementById('trust')") is None
+        check_page(page, edited_trust_site, allow_missing=False)
+
+
+def test_layer_page_sorts_by_trust(browser, edited_trust_site, edited_trust_dir):
+    units = layer_json(edited_trust_dir, "conv3")["units"]
+    with new_page(browser) as page:
+        for name in ("above_dataset", "convergence"):
+            values = {u["unit"]: u.get("trust", {}).get(name) for u in units}
+            have = sorted((u for u in values if values[u] is not None), key=lambda u: (-values[u], u))
+            without = sorted(u for u in values if values[u] is None)
+            assert have and 3 in without, name
+            open_view(page, edited_trust_site + f"#/layer/conv3?sort={name}", "layer")
+            # Highest first, units without the value last.
+            assert [c["unit"] for c in grid(page)] == have + without
+            assert page.eval("document.getElementById('sort').value") == name
+            shown = page.eval("[...document.querySelectorAll('#grid .unit .val')].map(v => v.textContent)")
+            for u, text in zip(have, shown):
+                assert trust_number(name, text) == pytest.approx(values[u], rel=1e-2, abs=1e-3)
+            assert shown[len(have):] == ["—"] * len(without)
+            # Lowest first: still without the value last.
+            page.eval("document.querySelector('.order').click()")
+            page.wait_for(f"location.hash === '#/layer/conv3?sort={name}&order=asc'")
+            wait_view(page, "layer")
+            have = sorted(have, key=lambda u: (values[u], u))
+            assert [c["unit"] for c in grid(page)] == have + without
+        # The select offers the trust indicators the layer has, apart from the statistics.
+        offered = page.eval("[...document.querySelectorAll('#sort optgroup[label=trust] option')].map(o => o.value)")
+        assert offered == [k for k in TRUST_ORDER if any(k in u.get("trust", {}) for u in units)]
+        page.eval("const s = document.getElementById('sort'); s.value = 'dead_on_dataset'; s.dispatchEvent(new Event('change'))")
+        page.wait_for("location.hash === '#/layer/conv3?sort=dead_on_dataset'")
+        wait_view(page, "layer")
+        # Dead units first (unit 2, made so), then the others, then those that do not say.
+        dead = {u["unit"]: u.get("trust", {}).get("dead_on_dataset") for u in units}
+        rank = lambda u: (0 if dead[u] is True else 1 if dead[u] is False else 2, u)  # noqa: E731
+        order = [c["unit"] for c in grid(page)]
+        assert order == sorted(dead, key=rank)
+        assert order[0] == 2 and order[-1] == 3
+        check_page(page, edited_trust_site, allow_missing=False)
+
+
+def test_labels_on_the_unit_page_and_the_grid(page, site):
+    open_view(page, site + "#/layer/conv2/unit/5", "unit")
+    assert page.eval("document.querySelector('.unit-label').textContent") == "curve detector"
+    open_view(page, site + "#/layer/conv2/unit/6", "unit")
+    assert page.eval("document.querySelector('.unit-label')") is None
+    open_view(page, site + "#/layer/conv2", "layer")
+    shown = page.eval("[...document.querySelectorAll('#grid .unit')].filter(li => li.querySelector('.ulabel')).map(li => [Number(li.dataset.unit), li.querySelector('.ulabel').textContent])")
+    assert shown == [[u, t] for (layer, u), t in sorted(LABELS.items()) if layer == "conv2"]
+    assert page.eval("document.querySelector('#grid .unit[data-unit=\"7\"] a').title") == "unit 7: Red blobs"
+
+
+SEARCH_HITS = "[...document.querySelectorAll('#search-results .hit a')].map(a => a.getAttribute('href'))"
+
+
+def search(page, text: str) -> None:
+    page.eval(f"(q => {{ q.value = {json.dumps(text)}; q.dispatchEvent(new Event('input')); }})(document.getElementById('q'))")
+    page.wait_for("!document.getElementById('search-results').hidden && document.querySelectorAll('#search-results li').length > 0")
+
+
+def test_search_by_number_and_label(page, site):
+    # On the atlas page a number is that unit of every layer that has it.
+    open_view(page, site, "atlas")
+    search(page, "12")
+    assert page.eval(SEARCH_HITS) == ["#/layer/conv1/unit/12", "#/layer/conv2/unit/12", "#/layer/conv3/unit/12"]
+    assert page.eval("document.querySelector('#search-results .hit[data-layer=conv3] .ulabel').textContent") == "curved stripes"
+    # Text: the labels of every layer, whatever the case.
+    search(page, "CURVE")
+    assert page.eval(SEARCH_HITS) == ["#/layer/conv2/unit/5", "#/layer/conv3/unit/12"]
+    search(page, "red")
+    assert page.eval(SEARCH_HITS) == ["#/layer/conv1/unit/3", "#/layer/conv2/unit/7"]
+    search(page, "no such label")
+    assert page.eval(SEARCH_HITS) == []
+    assert "No label contains" in page.eval("document.getElementById('search-results').textContent")
+    # A result is a link to the unit.
+    search(page, "blobs")
+    page.eval("document.querySelector('#search-results .hit a').click()")
+    page.wait_for("location.hash === '#/layer/conv2/unit/7'")
+    wait_view(page, "unit")
+    assert page.eval("document.getElementById('search-results').hidden")
+
+    # On a unit page a number is a unit of its layer; Enter opens the first result.
+    search(page, "9")
+    assert page.eval(SEARCH_HITS) == ["#/layer/conv2/unit/9"]
+    page.eval("document.getElementById('search').requestSubmit()")
+    page.wait_for("location.hash === '#/layer/conv2/unit/9'")
+    wait_view(page, "unit")
+    # Out of the layer's range: no result, and the range.
+    search(page, "40")
+    assert page.eval(SEARCH_HITS) == []
+    assert "conv2 has units 0 to 31" in page.eval("document.getElementById('search-results').textContent")
+    # Labels are searched from a layer page too, across layers; Escape closes the list.
+    open_view(page, site + "#/layer/logits", "layer")
+    search(page, "edge")
+    assert page.eval(SEARCH_HITS) == ["#/layer/conv1/unit/3"]
+    search(page, "10")
+    assert page.eval(SEARCH_HITS) == []  # logits has units 0 to 9
+    page.eval("document.getElementById('q').focus()")
+    page.press("Escape")
+    page.wait_for("document.getElementById('search-results').hidden")
+
+
 # ------------------------------------------------------------------ the partial atlas
 
 
@@ -464,6 +759,27 @@ def test_partial_atlas_marks_missing_units(partial_page, partial_site):
     page.wait_for("document.querySelector('.technique[data-technique=neuron] img').naturalWidth > 0")
     page.wait_for("document.querySelector('.technique[data-technique=neuron] .objective').textContent.startsWith('objective ')")
     assert page.eval("document.querySelector('h1').textContent") == "conv1 · unit 7"
+
+
+def test_partial_atlas_curve_and_connections(partial_page, partial_site, partial_dir):
+    page = partial_page
+    # conv1 has no layer.json: the channel curve comes from the unit record.
+    record = json.loads((partial_dir / "layers" / "conv1" / "units" / "5" / "channel.json").read_text())
+    open_view(page, partial_site + "#/layer/conv1/unit/5", "unit")
+    page.wait_for("document.querySelectorAll('#curve .curve-points li').length > 0")
+    steps = page.eval("[...document.querySelectorAll('#curve .curve-points li')].map(li => Number(li.dataset.step))")
+    assert steps == [p["step"] for p in record["curve"]]
+    # Inputs from conv1 are its channel images where loupe writes them; the gone ones are
+    # placeholders with the unit's number.
+    gone = CONV1_GONE["channel"]
+    entry = next(u for u in layer_json(partial_dir, "conv2")["units"] if {c["unit"] for c in u["dataset"].get("inputs", [])} & gone)
+    open_view(page, partial_site + f"#/layer/conv2/unit/{entry['unit']}", "unit")
+    page.wait_for("[...document.querySelectorAll('.connections[data-kind=inputs] .conn .thumb')].every(t => t.querySelector('.placeholder') || (t.querySelector('img') && t.querySelector('img').complete && t.querySelector('img').naturalWidth > 0))")
+    shown = page.eval("""[...document.querySelectorAll('.connections[data-kind=inputs] .conn')].map(li => [Number(li.dataset.unit),
+        li.querySelector('.thumb img') ? li.querySelector('.thumb img').getAttribute('src') : li.querySelector('.thumb .placeholder').textContent])""")
+    assert shown == [
+        [c["unit"], str(c["unit"]) if c["unit"] in gone else f"layers/conv1/units/{c['unit']}/channel.png"] for c in entry["dataset"]["inputs"]
+    ]
 
 
 # ------------------------------------------------------------------ escaped layer names
@@ -630,9 +946,10 @@ def techniques_site(techniques_dir):
 def tech_page(browser, techniques_site):
     with new_page(browser) as p:
         yield p
-        # No dataset here: examples.json is asked for and not found, and nothing else.
+        # No dataset and no labels here: examples.json and labels.json are asked for and
+        # not found, and nothing else.
         check_page(p, techniques_site, allow_missing=True)
-        assert all(u.endswith("/examples.json") for u, _ in p.failed), p.failed
+        assert all(u.endswith(("/examples.json", "/labels.json")) for u, _ in p.failed), p.failed
 
 
 # A unit page's figures: technique, the final images, the snapshots with their steps.
@@ -777,9 +1094,10 @@ def test_dead_units_and_unit_records(browser, edited_site):
         assert diversity["final"] == [{"src": f"layers/conv1/units/1/diversity-{i}.png", "width": 32} for i in range(DIVERSITY)]
         assert [s["label"] for s in diversity["snapshots"]] == [f"step {t}" for t in THRESHOLDS]
         page.wait_for("document.querySelector('.technique[data-technique=diversity] .objective').textContent.startsWith('objective ')")
-        # Only the missing layer.json (and examples.json: no dataset) were asked for in vain.
+        # Only the missing layer.json (and examples.json and labels.json: no dataset, no
+        # labels) were asked for in vain.
         check_page(page, edited_site, allow_missing=True)
-        assert all(u.endswith(("/layer.json", "/examples.json")) for u, _ in page.failed), page.failed
+        assert all(u.endswith(("/layer.json", "/examples.json", "/labels.json")) for u, _ in page.failed), page.failed
 
 
 FAILED_REASON = "objective became NaN at step 5"

@@ -34,6 +34,10 @@ EXPECTED = {
     ),
 }
 LIST_COLUMNS = [f"{side}_{what}" for side in ("top", "bottom") for what in ("ids", "values", "y", "x")]
+# Each image's spatial mean (its sum over 4 positions / 4): unit 3 0.5, -0.25, 0.75; unit 7
+# 0.125, 1.5, 0. Columns: their mean, population std and max over the three images.
+SPATIAL_MEANS = {3: [0.5, -0.25, 0.75], 7: [0.125, 1.5, 0.0]}
+SPATIAL_COLUMNS = ["spatial_mean_mean", "spatial_mean_std", "spatial_mean_max"]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +59,16 @@ def check_row(unit, row):
     assert row["images"] == 3
     for col in LIST_COLUMNS:
         assert [x for x in row[col]] == want[col], col
+    means = SPATIAL_MEANS[unit]
+    mean = sum(means) / len(means)
+    assert row["spatial_mean_mean"] == pytest.approx(mean, rel=1e-15)
+    assert row["spatial_mean_std"] == pytest.approx(math.sqrt(sum((m - mean) ** 2 for m in means) / len(means)), rel=1e-12)
+    assert row["spatial_mean_max"] == max(means)
 
 
 def test_pandas(parquet_path):
     df = pd.read_parquet(parquet_path)
-    assert list(df.columns) == ["unit", "mean", "std", "max", "frac_positive", "positions", "images", *LIST_COLUMNS]
+    assert list(df.columns) == ["unit", "mean", "std", "max", "frac_positive", "positions", "images", *SPATIAL_COLUMNS, *LIST_COLUMNS]
     assert list(df["unit"]) == [3, 7]
     assert str(df["unit"].dtype) == "uint32"
     assert str(df["max"].dtype) == "float32"
@@ -94,10 +103,10 @@ def test_polars(parquet_path):
 def test_duckdb(parquet_path):
     con = duckdb.connect()
     rows = con.execute(
-        f"SELECT unit, mean, std, max, frac_positive, positions, images, {', '.join(LIST_COLUMNS)} "
+        f"SELECT unit, mean, std, max, frac_positive, positions, images, {', '.join(SPATIAL_COLUMNS + LIST_COLUMNS)} "
         f"FROM read_parquet('{parquet_path}') ORDER BY unit"
     ).fetchall()
-    names = ["unit", "mean", "std", "max", "frac_positive", "positions", "images", *LIST_COLUMNS]
+    names = ["unit", "mean", "std", "max", "frac_positive", "positions", "images", *SPATIAL_COLUMNS, *LIST_COLUMNS]
     assert [r[0] for r in rows] == [3, 7]
     for r in rows:
         check_row(r[0], dict(zip(names, r)))

@@ -1,8 +1,9 @@
-//! Dataset examples and activation statistics: the libtorch half of a job's map and
-//! reduce tasks (docs/atlas-format.md "Dataset statistics"). A map runs the model over a
-//! shard's images without gradients and keeps, per layer and unit, each image's summary
-//! (maximum over space and where, sum, sum of squares, positives) in a
-//! [`LayerPartial`]; the reduce merges the partials (loupe-stats) and crops each
+//! Dataset examples, activation statistics and connections: the libtorch half of a job's
+//! map and reduce tasks (docs/atlas-format.md "Dataset statistics", "Connections"). A map
+//! runs the model over a shard's images and keeps, per layer and unit, each image's
+//! summary (maximum over space and where, sum, sum of squares, positives) in a
+//! [`LayerPartial`], and, per pair of consecutive job layers, each image's attributions in
+//! a [`ConnectionPartial`]; the reduce merges the partials (loupe-stats) and crops each
 //! example around its maximum, a receptive field wide.
 
 use std::collections::{BTreeSet, HashMap};
@@ -11,12 +12,12 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use loupe_core::atlas::{self, Atlas, DatasetSummary, ExampleEntry, LayerExamples};
+use loupe_core::atlas::{self, Atlas, Connection, DatasetSummary, ExampleEntry, LayerExamples, PartialKind, SpatialMean, CONNECTIONS_LISTED};
 use loupe_core::spec::LayerPlan;
 use loupe_core::store::ArtifactStore;
 use loupe_core::task::{Lease, ShardSource};
 use loupe_dataset::Preprocessed;
-use loupe_stats::{LayerPartial, UnitSummary};
+use loupe_stats::{ConnectionPartial, ConnectionRow, LayerPartial, UnitSummary};
 
 use crate::model::Model;
 use crate::tasks::TaskSignals;
@@ -30,9 +31,12 @@ use crate::{Error, Result};
 pub const MAP_BATCH: usize = 16;
 
 /// Runs the model over `images` (preprocessed at the model's input size) and adds every
-/// image to each layer's partial, in order. `partials[i]` belongs to `layers[i]`.
-pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Preprocessed)], partials: &mut [LayerPartial], signals: &TaskSignals) -> Result<()> {
-    let _no_grad = tch::no_grad_guard();
+/// image to each layer's partial, in order. `partials[i]` belongs to `layers[i]`;
+/// `connections`, when not empty, has one partial per pair of consecutive layers,
+/// `connections[i]` from `layers[i]` to `layers[i + 1]`, and the passes then keep
+/// gradients for them.
+pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Preprocessed)], partials: &mut [LayerPartial], connections: &mut [ConnectionPartial], signals: &TaskSignals) -> Result<()> {
+    let _no_grad = connections.is_empty().then(tch::no_grad_guard);
     let device = model.device();
     let unit_index: Vec<Tensor> = layers
         .iter()
@@ -47,20 +51,49 @@ pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Prepro
         }
         pixels.resize(MAP_BATCH * 3 * (size * size) as usize, 0.5);
         let x = Tensor::from_slice(&pixels).reshape([MAP_BATCH as i64, 3, size, size]).to_device(device);
-        let activations = model.activations(&x)?;
-        for ((plan, units), partial) in layers.iter().zip(&unit_index).zip(partials.iter_mut()) {
-            let act = activations
-                .iter()
-                .find(|(name, _)| *name == plan.layer.name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| Error::UnknownLayer(plan.layer.name.clone()))?;
-            let summaries = summarise(act, units, batch.len())?;
+        let activations = if connections.is_empty() {
+            model.activations(&x)?
+        } else {
+            // With a graph from the input, every layer's activation can be differentiated.
+            model.activations_between_layers(&x.set_requires_grad(true))?
+        };
+        let layer_activations = layers
+            .iter()
+            .map(|plan| {
+                activations.iter().find(|(name, _)| *name == plan.layer.name).map(|(_, t)| t).ok_or_else(|| Error::UnknownLayer(plan.layer.name.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for ((act, units), partial) in layer_activations.iter().zip(&unit_index).zip(partials.iter_mut()) {
+            let summaries = summarise(&act.detach(), units, batch.len())?;
             for ((id, _), per_unit) in batch.iter().zip(summaries) {
-                partial.add_image(id, &per_unit).map_err(|e| Error::Model(e.to_string()))?;
+                partial.add_image(id, &per_unit).map_err(stats_error)?;
+            }
+        }
+        for (i, partial) in connections.iter_mut().enumerate() {
+            signals.step()?;
+            let (from, to) = (layer_activations[i], layer_activations[i + 1]);
+            let scores = crate::connections::attributions(from, to, partial.from_units(), partial.to_units(), partial.to_layer(), batch.len())?;
+            let per_image = partial.from_units().len() * partial.to_units().len();
+            for ((id, _), scores) in batch.iter().zip(scores.chunks(per_image)) {
+                partial.add_image(id, scores).map_err(stats_error)?;
             }
         }
     }
     Ok(())
+}
+
+/// The connection partials a map keeps: one per pair of consecutive job layers when the
+/// job asks for connections, else none.
+pub fn connection_partials(layers: &[LayerPlan], wanted: bool) -> Vec<ConnectionPartial> {
+    if !wanted {
+        return Vec::new();
+    }
+    layers.windows(2).map(|w| connection_partial(&w[0], &w[1])).collect()
+}
+
+/// An empty partial of the connections from `from`'s units to `to`'s.
+fn connection_partial(from: &LayerPlan, to: &LayerPlan) -> ConnectionPartial {
+    ConnectionPartial::new(&from.layer.name, from.units.iter().collect(), &to.layer.name, to.units.iter().collect())
 }
 
 /// Per image (the first `n` of the batch) and per selected unit: the summary the
@@ -233,6 +266,9 @@ pub fn example_files(
             frac_positive: finite(s.frac_positive),
             top,
             bottom,
+            spatial_mean: (s.images > 0).then_some(SpatialMean { mean: s.spatial_mean_mean, std: s.spatial_mean_std, max: s.spatial_mean_max }),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
         });
     }
     (entries, files)
@@ -271,8 +307,8 @@ pub(crate) async fn run_map(
             Err(e) => return Err(dataset_error(e)),
         }
     }
-    let (layers, k) = (lease.job.layers.clone(), spec.examples as usize);
-    let partials = torch
+    let (layers, k, wanted) = (lease.job.layers.clone(), spec.examples as usize, spec.connections);
+    let (partials, connections) = torch
         .run(lease, model_path, move |loaded| {
             for plan in &layers {
                 loaded.layer(&plan.layer.name)?;
@@ -283,12 +319,19 @@ pub(crate) async fn run_map(
                     partial.add_skipped(id).map_err(stats_error)?;
                 }
             }
-            map_images(&loaded.model, &layers, &images, &mut partials, &signals)?;
-            Ok(partials)
+            let mut connections = connection_partials(&layers, wanted);
+            map_images(&loaded.model, &layers, &images, &mut partials, &mut connections, &signals)?;
+            Ok((partials, connections))
         })
         .await?;
+    let job = &lease.task.job_id;
     for (plan, partial) in lease.job.layers.iter().zip(partials) {
-        out.write_partial(&lease.task.job_id, &plan.layer.name, shard, partial.to_bytes()).await?;
+        out.write_partial(job, PartialKind::Stats, &plan.layer.name, shard, partial.to_bytes()).await?;
+    }
+    // Under the later layer of the pair: its reduce reads them as its inputs, the earlier
+    // layer's as its outputs.
+    for partial in connections {
+        out.write_partial(job, PartialKind::Connections, partial.to_layer(), shard, partial.to_bytes()).await?;
     }
     Ok(())
 }
@@ -306,7 +349,7 @@ pub(crate) async fn run_reduce(
 ) -> Result<()> {
     let spec = dataset_spec(lease)?;
     let plan = lease.job.layers.iter().find(|p| p.layer.name == layer).ok_or_else(|| Error::UnknownLayer(format!("{layer:?} is not a layer of this job")))?;
-    let partials = out.partials(&lease.task.job_id, layer).await?;
+    let partials = out.partials(&lease.task.job_id, PartialKind::Stats, layer).await?;
     if partials.is_empty() {
         return Err(Error::Model(format!("layer {layer:?}: no map left a partial result in {}", out.location())));
     }
@@ -317,6 +360,7 @@ pub(crate) async fn run_reduce(
     }
     let stats = merged.finish();
     let parquet = loupe_stats::write_parquet(layer, &stats, &plan.units.iter().collect::<Vec<_>>()).map_err(stats_error)?;
+    let connections = if spec.connections && lease.job.layers.len() > 1 { Some(layer_connections(lease, out, layer, signals).await?) } else { None };
 
     let ids: BTreeSet<String> = stats.iter().flat_map(|s| s.top.iter().chain(&s.bottom).map(|e| e.id.clone())).collect();
     let raw = fetch_examples(dataset, &ids).await?;
@@ -330,7 +374,7 @@ pub(crate) async fn run_reduce(
         })
         .await?;
     let (units, shape): (Vec<u32>, _) = (plan.units.iter().collect(), plan.layer.shape.clone());
-    let (entries, files) = tokio::task::spawn_blocking(move || {
+    let (mut entries, files) = tokio::task::spawn_blocking(move || {
         let images: HashMap<String, Preprocessed> = raw
             .into_iter()
             .filter_map(|(id, bytes)| loupe_dataset::preprocess(&bytes, input_size).ok().map(|img| (id, img)))
@@ -339,6 +383,16 @@ pub(crate) async fn run_reduce(
     })
     .await
     .expect("encoding examples panicked");
+    let connections_parquet = match &connections {
+        Some(c) => {
+            for entry in &mut entries {
+                entry.inputs = strongest(c.inputs_of(entry.unit));
+                entry.outputs = strongest(c.outputs_of(entry.unit));
+            }
+            Some(loupe_stats::write_connections_parquet(layer, &c.rows()).map_err(stats_error)?)
+        }
+        None => None,
+    };
 
     let skipped: Vec<&str> = merged.skipped().collect();
     let examples = LayerExamples {
@@ -347,10 +401,89 @@ pub(crate) async fn run_reduce(
         dataset: DatasetSummary { uri: spec.uri.clone(), images: merged.images_seen(), images_skipped: merged.skipped_count(), examples: spec.examples },
         receptive_field,
         stats: "stats.parquet".into(),
+        connections: connections.as_ref().map(|c| atlas::LayerConnections {
+            table: "connections.parquet".into(),
+            previous: c.inputs.as_ref().map(|(p, _)| p.from_layer().to_string()),
+            next: c.outputs.as_ref().map(|(p, _)| p.to_layer().to_string()),
+        }),
         units: entries,
     };
-    out.write_layer_examples(&examples, files, parquet, &skipped).await?;
+    out.write_layer_examples(&examples, files, parquet, connections_parquet, &skipped).await?;
     Ok(())
+}
+
+/// A layer's connections: the mean scores from the previous job layer into it, and from
+/// it into the next, each a merged partial with its scores computed once.
+struct MergedConnections {
+    inputs: Option<(ConnectionPartial, Vec<f64>)>,
+    outputs: Option<(ConnectionPartial, Vec<f64>)>,
+}
+
+impl MergedConnections {
+    /// Unit `unit`'s scores from each unit of the previous layer.
+    fn inputs_of(&self, unit: u32) -> Vec<Connection> {
+        let Some((p, scores)) = &self.inputs else { return Vec::new() };
+        let Some(j) = p.to_units().iter().position(|&u| u == unit) else { return Vec::new() };
+        let width = p.from_units().len();
+        p.from_units().iter().zip(&scores[j * width..(j + 1) * width]).map(|(&u, &score)| Connection { layer: p.from_layer().to_string(), unit: u, score }).collect()
+    }
+
+    /// Unit `unit`'s scores into each unit of the next layer.
+    fn outputs_of(&self, unit: u32) -> Vec<Connection> {
+        let Some((p, scores)) = &self.outputs else { return Vec::new() };
+        let Some(i) = p.from_units().iter().position(|&u| u == unit) else { return Vec::new() };
+        let width = p.from_units().len();
+        p.to_units().iter().enumerate().map(|(j, &u)| Connection { layer: p.to_layer().to_string(), unit: u, score: scores[j * width + i] }).collect()
+    }
+
+    /// Every connection of the layer's units, as `connections.parquet` lists them: per
+    /// unit, its inputs then its outputs.
+    fn rows(&self) -> Vec<ConnectionRow> {
+        let units = match (&self.inputs, &self.outputs) {
+            (Some((p, _)), _) => p.to_units().to_vec(),
+            (None, Some((p, _))) => p.from_units().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        units
+            .iter()
+            .flat_map(|&unit| {
+                self.inputs_of(unit).into_iter().chain(self.outputs_of(unit)).map(move |c| ConnectionRow { unit, other_layer: c.layer, other_unit: c.unit, score: c.score })
+            })
+            .collect()
+    }
+}
+
+/// The strongest connections: largest |score| first (ties by unit), non-zero ones only,
+/// at most [`CONNECTIONS_LISTED`].
+fn strongest(mut all: Vec<Connection>) -> Vec<Connection> {
+    all.retain(|c| c.score != 0.0 && !c.score.is_nan());
+    all.sort_by(|a, b| b.score.abs().total_cmp(&a.score.abs()).then(a.unit.cmp(&b.unit)));
+    all.truncate(CONNECTIONS_LISTED);
+    all
+}
+
+/// Merges the connection partials into `layer` (from the previous job layer) and out of it
+/// (into the next), as the maps left them.
+async fn layer_connections(lease: &Lease, out: &Atlas, layer: &str, signals: &TaskSignals) -> Result<MergedConnections> {
+    let layers = &lease.job.layers;
+    let at = layers.iter().position(|p| p.layer.name == layer).ok_or_else(|| Error::UnknownLayer(layer.to_string()))?;
+    // The pair of job layers `to - 1` and `to`.
+    let merged = |to: usize| async move {
+        let mut merged = connection_partial(&layers[to - 1], &layers[to]);
+        let partials = out.partials(&lease.task.job_id, PartialKind::Connections, merged.to_layer()).await?;
+        if partials.is_empty() {
+            return Err(Error::Model(format!("connections into layer {:?}: no map left a partial result in {}", merged.to_layer(), out.location())));
+        }
+        for bytes in &partials {
+            signals.step()?;
+            merged.merge(ConnectionPartial::from_bytes(bytes).map_err(stats_error)?).map_err(stats_error)?;
+        }
+        let scores = merged.scores();
+        Ok::<_, Error>((merged, scores))
+    };
+    let inputs = if at > 0 { Some(merged(at).await?) } else { None };
+    let outputs = if at + 1 < layers.len() { Some(merged(at + 1).await?) } else { None };
+    Ok(MergedConnections { inputs, outputs })
 }
 
 pub(crate) fn dataset_spec(lease: &Lease) -> Result<&loupe_core::spec::DatasetSpec> {

@@ -14,6 +14,7 @@
 //! - [`client`]: the coordinator over gRPC (bearer token, TLS).
 
 pub mod client;
+pub mod connections;
 pub mod device;
 pub mod examples;
 pub mod metrics;

@@ -142,6 +142,20 @@ impl Model {
             .collect()
     }
 
+    /// [`Model::activations`], each differentiable with respect to the earlier layers' (for
+    /// the connections between layers). From its second pass on, TorchScript's optimising
+    /// executor runs a scripted graph as one differentiable subgraph: a single autograd
+    /// node whose outputs are all the layers, through which no gradient reaches an earlier
+    /// layer's activation (only the input's). Its unoptimised plan keeps each operation's
+    /// own node. The switch is per thread and put back at once, so renders keep the
+    /// optimised plan.
+    pub fn activations_between_layers(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        tch::jit::set_graph_executor_optimize(false);
+        let out = self.activations(x);
+        tch::jit::set_graph_executor_optimize(true);
+        out
+    }
+
     /// The activation of one layer for a batch of inputs, `[N, C, H, W]` or `[N, C]`.
     pub fn activation(&self, x: &Tensor, layer: &str) -> Result<Tensor> {
         if self.has_tap {

@@ -92,6 +92,11 @@ pub struct Rendered {
     pub objectives: Vec<f64>,
     /// One per threshold, each with as many images as `images`.
     pub snapshots: Vec<Snapshot>,
+    /// Per step of [`curve_steps`], each image's objective after it, measured as
+    /// `objectives` are (the last step's values are `objectives`).
+    pub curve: Vec<(u32, Vec<f64>)>,
+    /// For several images (diversity), how different they are ([`pixel_distance`]).
+    pub diversity: Option<f64>,
     /// Under `DeadUnits::Reseed`: no initial image (however bright) gave the unit's
     /// objective a gradient, so it was rendered as `Keep` renders it. Always false for an
     /// item: only a unit's record has the mark.
@@ -326,7 +331,15 @@ pub fn initial_images(req: &RenderRequest, device: Device) -> Vec<Rendered> {
     req.subjects
         .iter()
         .zip(images.chunks(n))
-        .map(|(subject, images)| Rendered { target: subject.target(), images: images.to_vec(), objectives: vec![f64::NAN; n], snapshots: Vec::new(), dead: false })
+        .map(|(subject, images)| Rendered {
+            target: subject.target(),
+            images: images.to_vec(),
+            objectives: vec![f64::NAN; n],
+            snapshots: Vec::new(),
+            curve: Vec::new(),
+            diversity: None,
+            dead: false,
+        })
         .collect()
 }
 
@@ -338,7 +351,7 @@ pub struct StepTimes {
     pub steps: u64,
     /// The image from its spectrum, and the random affine resampling to the input size.
     pub transforms: Duration,
-    /// The model up to the layer, and the objective.
+    /// The model up to the layer, and the objective; with the curve's passes.
     pub forward: Duration,
     pub backward: Duration,
     /// Adam's update of the spectrum, with zeroing its gradient.
@@ -546,6 +559,8 @@ struct Optimised {
     objectives: Vec<f64>,
     /// After each threshold's steps, the images.
     snapshots: Vec<(u32, Tensor)>,
+    /// After each of [`curve_steps`], every image's objective.
+    curve: Vec<(u32, Vec<f64>)>,
     dead: Vec<bool>,
     /// Per image, why its optimisation diverged, if it did.
     diverged: Vec<Option<String>>,
@@ -570,6 +585,8 @@ impl Optimised {
                     images: pixels[range.clone()].to_vec(),
                     objectives: self.objectives[range.clone()].to_vec(),
                     snapshots: snapshots.iter().map(|(step, p)| Snapshot { step: *step, images: p[range.clone()].to_vec() }).collect(),
+                    curve: self.curve.iter().map(|(step, values)| (*step, values[range.clone()].to_vec())).collect(),
+                    diversity: pixel_distance(&pixels[range.clone()]),
                     dead: matches!(subject, Subject::Unit(_)) && self.dead[range].iter().all(|&d| d),
                 })
             })
@@ -669,12 +686,16 @@ fn optimise(o: &Optimisation, mut specs: Vec<ImageSpec>, times: Option<&mut Step
     let thetas = Tensor::from_slice(&transform::thetas(s.steps, s.size, &s.transforms, &mut rngs))
         .reshape([s.steps as i64, batch as i64, 2, 3])
         .to_device(device);
-    let Ascent { image, snapshots, divergence } = ascend(o, &init, batch, &thetas, times)?;
+    let Ascent { image, snapshots, divergence, mut curve } = ascend(o, &init, batch, &thetas, times)?;
 
     let _no_grad = tch::no_grad_guard();
     let images = image.image();
     let value = o.goal.values(&o.model.activation(&resized(&images, s.input_size as i64), layer)?, layer)?;
     let objectives: Vec<f64> = Vec::<f32>::try_from(&value.to_device(Device::Cpu)).map_err(torch)?.into_iter().map(f64::from).collect();
+    if s.steps > 0 {
+        curve.push((s.steps, value));
+    }
+    let curve = curve_values(curve, batch)?;
     let finite = Vec::<bool>::try_from(images.isfinite().flatten(1, -1).all_dim(1, false).to_device(Device::Cpu)).map_err(torch)?;
     let mut diverged = divergence.reasons()?;
     for (b, reason) in diverged.iter_mut().enumerate() {
@@ -684,11 +705,53 @@ fn optimise(o: &Optimisation, mut specs: Vec<ImageSpec>, times: Option<&mut Step
         if reason.is_none() && !finite[b] {
             *reason = Some("the image is not finite".to_string());
         }
+        // An objective that was not finite on the way: the record could not hold it (JSON
+        // has no NaN), and the image went through a state the model cannot score.
+        let unmeasurable = curve.iter().map(|(step, values)| (step, values[b])).find(|(_, v)| !v.is_finite());
+        if let (None, Some((step, v))) = (&reason, unmeasurable) {
+            *reason = Some(format!("objective on the untransformed image became {v} at step {step}"));
+        }
         if let Some(why) = reason {
             tracing::warn!(image = %specs[b].label, layer, "the optimisation diverged: {why}");
         }
     }
-    Ok(Optimised { images: images.to_device(Device::Cpu), objectives, snapshots, dead, diverged })
+    Ok(Optimised { images: images.to_device(Device::Cpu), objectives, snapshots, curve, dead, diverged })
+}
+
+/// The steps after which the curve measures the objective: 1, 2, 4, ... below the steps,
+/// each threshold, and the last step; ascending, none twice (none without steps).
+pub fn curve_steps(s: &RenderSettings) -> Vec<u32> {
+    let powers = std::iter::successors(Some(1u32), |p| p.checked_mul(2)).take_while(|&p| p < s.steps);
+    let mut steps: Vec<u32> = powers.chain(s.thresholds.iter().copied()).chain((s.steps > 0).then_some(s.steps)).collect();
+    steps.sort_unstable();
+    steps.dedup();
+    steps
+}
+
+/// The curve's `[B]` objectives by step, moved to the host at once: per step, each image's.
+fn curve_values(curve: Vec<(u32, Tensor)>, batch: usize) -> Result<Vec<(u32, Vec<f64>)>> {
+    if curve.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (steps, values): (Vec<u32>, Vec<Tensor>) = curve.into_iter().unzip();
+    let values = Vec::<f32>::try_from(Tensor::stack(&values, 0).to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1)).map_err(torch)?;
+    Ok(steps.into_iter().zip(values.chunks(batch.max(1))).map(|(step, v)| (step, v.iter().map(|&x| f64::from(x)).collect())).collect())
+}
+
+/// How different images of one subject are: the mean over pairs of the root mean square
+/// difference of their pixels as values in [0, 1] (0: identical); `None` for fewer than
+/// two images.
+pub fn pixel_distance(images: &[Pixels]) -> Option<f64> {
+    let mut sum = 0.0;
+    let mut pairs = 0usize;
+    for (i, a) in images.iter().enumerate() {
+        for b in &images[i + 1..] {
+            let squares: f64 = a.bytes.iter().zip(&b.bytes).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
+            sum += (squares / a.bytes.len().max(1) as f64).sqrt() / 255.0;
+            pairs += 1;
+        }
+    }
+    (pairs > 0).then(|| sum / pairs as f64)
 }
 
 /// Per image, the first step at which its objective was not finite and its value then,
@@ -729,10 +792,15 @@ struct Ascent {
     snapshots: Vec<(u32, Tensor)>,
     /// Where each image's objective stopped being finite.
     divergence: Divergence,
+    /// After each of [`curve_steps`] but the last, the objectives, `[B]`, still on the
+    /// device.
+    curve: Vec<(u32, Tensor)>,
 }
 
 /// Adam's steps from the `batch` images' initial values `init`, each step through its
-/// transforms `thetas[step]`.
+/// transforms `thetas[step]`. After each of [`curve_steps`] but the last (which the final
+/// objectives measure), the objectives on the untransformed images, without a gradient and
+/// without waiting on the host.
 fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: Option<&mut StepTimes>) -> Result<Ascent> {
     let (s, device, layer) = (o.settings, o.model.device(), o.layer);
     let size = s.size as usize;
@@ -743,6 +811,8 @@ fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: 
 
     let mut snapshots = Vec::with_capacity(s.thresholds.len());
     let mut divergence = Divergence::new(batch, device);
+    let measured = curve_steps(s);
+    let mut curve = Vec::with_capacity(measured.len());
     let mut watch = Stopwatch { times, device, mark: Instant::now() };
     for step in 0..s.steps as i64 {
         o.signals.step()?;
@@ -757,6 +827,11 @@ fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: 
         adam.step();
         watch.lap(|t| &mut t.optimiser);
         let done = step as u32 + 1;
+        if done < s.steps && measured.contains(&done) {
+            let _no_grad = tch::no_grad_guard();
+            curve.push((done, o.goal.values(&o.model.activation(&resized(&image.image(), s.input_size as i64), layer)?, layer)?));
+            watch.lap(|t| &mut t.forward);
+        }
         if s.thresholds.contains(&done) {
             let _no_grad = tch::no_grad_guard();
             snapshots.push((done, image.image().to_device(Device::Cpu)));
@@ -766,7 +841,7 @@ fn ascend(o: &Optimisation, init: &[f32], batch: usize, thetas: &Tensor, times: 
     if let Some(t) = watch.times.as_deref_mut() {
         t.steps += s.steps as u64;
     }
-    Ok(Ascent { image, snapshots, divergence })
+    Ok(Ascent { image, snapshots, divergence, curve })
 }
 
 /// `[B, C, S, S]` in [0, 1] -> per-image bytes, rounded to nearest: RGB from the first
@@ -1159,6 +1234,71 @@ mod tests {
         let out = run_layer(&demo, "conv2", Technique::DeepDream, &items, &s).remove(0);
         assert_eq!(out.snapshots.len(), 3);
         assert_ne!(out.snapshots[1].images[0], out.images[0]);
+    }
+
+    #[test]
+    fn the_curve_is_measured_at_powers_of_two_thresholds_and_the_last_step() {
+        let with = |steps: u32, thresholds: &[u32]| curve_steps(&RenderSettings { thresholds: thresholds.to_vec(), ..settings(steps, 16) });
+        assert_eq!(with(16, &[]), vec![1, 2, 4, 8, 16]);
+        assert_eq!(with(16, &[3]), vec![1, 2, 3, 4, 8, 16]);
+        assert_eq!(with(16, &[4, 12, 16]), vec![1, 2, 4, 8, 12, 16]);
+        assert_eq!(with(17, &[]), vec![1, 2, 4, 8, 16, 17]);
+        assert_eq!(with(1, &[1]), vec![1]);
+        assert!(with(0, &[]).is_empty());
+    }
+
+    /// Each image's curve has a point at each of [`curve_steps`]: the last is its
+    /// objective exactly, the others the objective of the image after that many steps
+    /// (a snapshot's, up to its rounding to bytes), for one image a subject and for
+    /// diversity's several; and it rises.
+    #[test]
+    fn the_curve_measures_the_objective_as_the_optimisation_goes() {
+        let demo = model("models/demo/demo.pt");
+        let mut s = settings(24, 32);
+        s.thresholds = vec![3, 12];
+        s.options.diversity_images = 2;
+        for technique in [Technique::Channel, Technique::Diversity] {
+            for u in run(&demo, "conv3", technique, &[0, 1], &s) {
+                let steps: Vec<u32> = u.curve.iter().map(|(step, _)| *step).collect();
+                assert_eq!(steps, vec![1, 2, 3, 4, 8, 12, 16, 24], "{technique} {}", u.target);
+                assert!(u.curve.iter().all(|(_, values)| values.len() == u.images.len()));
+                assert_eq!(u.curve.last().unwrap().1, u.objectives, "{technique} {}: the last point is the objective", u.target);
+                for snapshot in &u.snapshots {
+                    let (_, values) = u.curve.iter().find(|(step, _)| *step == snapshot.step).unwrap();
+                    for (image, &value) in snapshot.images.iter().zip(values) {
+                        let scored = score(&demo, "conv3", Technique::Channel, unit(&u), image, &s);
+                        assert!((scored - value).abs() < 0.05 * value.abs().max(0.1), "{technique} {} step {}: curve {value}, image {scored}", u.target, snapshot.step);
+                    }
+                }
+                for (b, &last) in u.objectives.iter().enumerate() {
+                    assert!(last > 1.2 * u.curve[0].1[b].max(0.05), "{technique} {}: from {} to {last}", u.target, u.curve[0].1[b]);
+                }
+            }
+        }
+        let items = [LayerItem { name: "noise".into(), kind: LayerItemKind::DeepDream { start: None } }];
+        let out = run_layer(&demo, "conv2", Technique::DeepDream, &items, &s).remove(0);
+        assert_eq!((out.curve.len(), &out.curve[7].1), (8, &out.objectives));
+        assert!(run(&demo, "conv3", Technique::Channel, &[0], &settings(0, 32))[0].curve.is_empty(), "no steps, no curve");
+    }
+
+    #[test]
+    fn pixel_distance_is_the_mean_rms_difference_over_pairs() {
+        let image = |bytes: &[u8]| Pixels { channels: 1, bytes: bytes.to_vec() };
+        let (black, white, corner) = (image(&[0; 4]), image(&[255; 4]), image(&[255, 0, 0, 0]));
+        assert_eq!(pixel_distance(&[black.clone(), black.clone(), black.clone()]), Some(0.0));
+        assert_eq!(pixel_distance(&[black.clone(), white.clone()]), Some(1.0));
+        assert_eq!(pixel_distance(&[black.clone(), corner.clone()]), Some(0.5), "sqrt(1/4)");
+        let three = pixel_distance(&[black.clone(), black.clone(), white]).unwrap();
+        assert!((three - 2.0 / 3.0).abs() < 1e-12, "pairs 0, 1, 1: {three}");
+        assert_eq!(pixel_distance(&[corner]), None);
+        // A diversity unit's images have theirs; one image has none.
+        let demo = model("models/demo/demo.pt");
+        let mut s = settings(16, 32);
+        s.options.diversity_images = 3;
+        let u = run(&demo, "conv3", Technique::Diversity, &[1], &s).remove(0);
+        assert_eq!(u.diversity, pixel_distance(&u.images));
+        assert!(u.diversity.unwrap() > 0.01, "{:?}", u.diversity);
+        assert_eq!(run(&demo, "conv3", Technique::Channel, &[1], &s)[0].diversity, None);
     }
 
     /// Both parameterisations raise the objective well above the initial image's; the

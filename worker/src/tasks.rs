@@ -362,6 +362,8 @@ fn encoded(r: &Rendered, size: u32) -> RenderedImage {
         pngs: r.images.iter().map(png).collect(),
         objectives: r.objectives.clone(),
         snapshots: r.snapshots.iter().map(|s| (s.step, s.images.iter().map(png).collect())).collect(),
+        curve: r.curve.clone(),
+        diversity: r.diversity,
         dead: r.dead,
     }
 }

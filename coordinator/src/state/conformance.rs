@@ -58,7 +58,7 @@ fn tasks(n: u32) -> Vec<NewTask> {
 
 /// [`spec`] with a dataset.
 pub(crate) fn dataset_spec() -> JobSpec {
-    JobSpec { dataset: Some(DatasetSpec { uri: "images/".into(), examples: 4, images_per_shard: 2 }), ..spec() }
+    JobSpec { dataset: Some(DatasetSpec { uri: "images/".into(), examples: 4, images_per_shard: 2, connections: true }), ..spec() }
 }
 
 pub(crate) fn map(shard: u32) -> Work {

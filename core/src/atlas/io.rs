@@ -20,12 +20,16 @@ pub struct Atlas {
 }
 
 /// What a worker rendered for one [`ImageId`], encoded: the PNGs (diversity's N, the
-/// others one), their objectives, and the snapshots' PNGs by step.
+/// others one), their objectives, the snapshots' PNGs by step, and the curve: each
+/// image's objective by step ([`CurvePoint`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RenderedImage {
     pub pngs: Vec<Vec<u8>>,
     pub objectives: Vec<f64>,
     pub snapshots: Vec<(u32, Vec<Vec<u8>>)>,
+    pub curve: Vec<(u32, Vec<f64>)>,
+    /// Diversity: how different its images are (the record's `diversity`).
+    pub diversity: Option<f64>,
     pub dead: bool,
 }
 
@@ -215,6 +219,7 @@ impl Atlas {
                 image: names.swap_remove(0),
                 objective: image.objectives[0],
                 snapshots,
+                curve: mean_curve(&image.curve),
                 model_sha256: model_sha256.to_string(),
                 settings: settings.clone(),
             }),
@@ -261,6 +266,10 @@ impl Atlas {
                 dataset.get_or_insert(examples.dataset.clone());
                 add_examples(&mut units, examples)
             });
+            // After the examples: some indicators read the unit's dataset entry.
+            for unit in units.values_mut() {
+                unit.trust = Trust::of(unit);
+            }
             let index = LayerIndex {
                 format_version: FORMAT_VERSION,
                 name: plan.layer.name.clone(),
@@ -294,6 +303,8 @@ impl Atlas {
                     images: record.images.iter().map(path).collect(),
                     snapshots: relative_snapshots(&record.snapshots, path),
                     dead: record.dead,
+                    curve: record.curve,
+                    diversity: record.diversity,
                 }),
                 Stored::Failed(record) => TechniqueEntry::Failed { failed: record.failed },
             };
@@ -318,6 +329,7 @@ impl Atlas {
                         image: path(&r.image),
                         objective: r.objective,
                         snapshots: relative_snapshots(&r.snapshots, path),
+                        curve: r.curve,
                     }),
                     Stored::Failed(r) => match r.target {
                         RecordTarget::Item(item) => ItemListing::Failed { item, failed: r.failed },
@@ -343,7 +355,15 @@ impl Atlas {
             let covered = match self.read_json::<LayerExamples>(&key).await {
                 Ok(Some(e)) => {
                     let units: HashSet<u32> = e.units.iter().map(|u| u.unit).collect();
-                    e.dataset.uri == dataset.uri && e.dataset.examples == dataset.examples && plan.units.iter().all(|u| units.contains(&u))
+                    let connections = dataset.connections.then(|| spec.neighbours(&plan.layer.name));
+                    let made = e.connections.as_ref().map(|c| (c.previous.clone(), c.next.clone()));
+                    // A job without connections is content with any; one with them needs
+                    // those to the same neighbouring layers (a lone layer has none to make).
+                    let connected = match connections {
+                        None | Some((None, None)) => true,
+                        wanted => made == wanted,
+                    };
+                    e.dataset.uri == dataset.uri && e.dataset.examples == dataset.examples && plan.units.iter().all(|u| units.contains(&u)) && connected
                 }
                 _ => false,
             };
@@ -354,15 +374,16 @@ impl Atlas {
         Ok(true)
     }
 
-    /// Leaves a map's partial statistics of one layer for the reduce.
-    pub async fn write_partial(&self, job_id: &JobId, layer: &str, shard: u32, bytes: Vec<u8>) -> Result<()> {
-        self.store.put(&partial_key(job_id.as_str(), &layer_segment(layer)?, shard), bytes).await
+    /// Leaves a map's partial result of one kind and layer for the reduces.
+    pub async fn write_partial(&self, job_id: &JobId, kind: PartialKind, layer: &str, shard: u32, bytes: Vec<u8>) -> Result<()> {
+        self.store.put(&partial_key(job_id.as_str(), kind, &layer_segment(layer)?, shard), bytes).await
     }
 
-    /// Every map's partial of one layer, in shard order: the job's own maps' only, since
-    /// job ids are never reused and the job's partials are removed when it is indexed.
-    pub async fn partials(&self, job_id: &JobId, layer: &str) -> Result<Vec<Vec<u8>>> {
-        let mut keys = self.store.list(&partial_prefix(job_id.as_str(), &layer_segment(layer)?)).await?;
+    /// Every map's partial of one kind and layer, in shard order: the job's own maps'
+    /// only, since job ids are never reused and the job's partials are removed when it is
+    /// indexed.
+    pub async fn partials(&self, job_id: &JobId, kind: PartialKind, layer: &str) -> Result<Vec<Vec<u8>>> {
+        let mut keys = self.store.list(&partial_prefix(job_id.as_str(), kind, &layer_segment(layer)?)).await?;
         keys.sort();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -384,7 +405,7 @@ impl Atlas {
     /// Writes a layer's dataset results: the example files (paths relative to the layer
     /// directory), `stats.parquet`, `skipped.json` and, last, `examples.json`, whose
     /// presence means the others are whole.
-    pub async fn write_layer_examples(&self, examples: &LayerExamples, files: Vec<(String, Vec<u8>)>, parquet: Vec<u8>, skipped: &[&str]) -> Result<()> {
+    pub async fn write_layer_examples(&self, examples: &LayerExamples, files: Vec<(String, Vec<u8>)>, parquet: Vec<u8>, connections: Option<Vec<u8>>, skipped: &[&str]) -> Result<()> {
         let segment = layer_segment(&examples.layer)?;
         let layer_dir = format!("layers/{segment}/");
         // Sixteen puts in flight: S3 latency, not bandwidth, bounds many small files.
@@ -397,6 +418,9 @@ impl Atlas {
             futures_util::future::try_join_all(puts).await?;
         }
         self.store.put(&stats_key(&segment), parquet).await?;
+        if let Some(connections) = connections {
+            self.store.put(&connections_key(&segment), connections).await?;
+        }
         self.store.put(&format!("{layer_dir}skipped.json"), crate::to_json(&skipped)).await?;
         self.store.put(&examples_key(&segment), crate::to_json(examples)).await
     }
@@ -453,13 +477,20 @@ fn unit_record(id: &ImageId, unit: u32, image: &RenderedImage, names: Vec<String
         objectives: if several { image.objectives.clone() } else { Vec::new() },
         snapshots,
         dead: image.dead,
+        curve: mean_curve(&image.curve),
+        diversity: image.diversity,
         model_sha256: model_sha256.to_string(),
         settings: settings.clone(),
     }
 }
 
 fn unit_entry(units: &mut BTreeMap<u32, UnitEntry>, unit: u32) -> &mut UnitEntry {
-    units.entry(unit).or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None })
+    units.entry(unit).or_insert_with(|| UnitEntry { unit, techniques: BTreeMap::new(), dataset: None, trust: None })
+}
+
+/// A record's curve from each image's objective by step: their mean at each step.
+fn mean_curve(curve: &[(u32, Vec<f64>)]) -> Vec<CurvePoint> {
+    curve.iter().map(|(step, objectives)| CurvePoint { step: *step, objective: objectives.iter().sum::<f64>() / objectives.len().max(1) as f64 }).collect()
 }
 
 fn relative_snapshots(snapshots: &[SnapshotEntry], path: impl Fn(&String) -> String) -> Vec<SnapshotEntry> {
@@ -478,6 +509,7 @@ fn add_examples(units: &mut BTreeMap<u32, UnitEntry>, examples: LayerExamples) -
         receptive_field: examples.receptive_field,
         images: examples.dataset.images,
         images_skipped: examples.dataset.images_skipped,
+        connections: examples.connections.map(|c| c.table),
     }
 }
 
@@ -556,7 +588,7 @@ mod tests {
     }
 
     fn image(objective: f64) -> RenderedImage {
-        RenderedImage { pngs: vec![b"png".to_vec()], objectives: vec![objective], snapshots: Vec::new(), dead: false }
+        RenderedImage { pngs: vec![b"png".to_vec()], objectives: vec![objective], snapshots: Vec::new(), curve: Vec::new(), diversity: None, dead: false }
     }
 
     /// A failed record has the reason and no image, counts as complete for the same model
@@ -593,6 +625,130 @@ mod tests {
         assert_eq!(index.items[&Technique::Caricature], vec![ItemListing::Failed { item: "dog".into(), failed: "the image is not finite".into() }]);
         let json: serde_json::Value = serde_json::from_slice(&atlas.store().get("layers/conv/layer.json").await.unwrap().unwrap()).unwrap();
         assert_eq!(json["units"][1]["techniques"]["channel"], serde_json::json!({ "failed": "objective became NaN at step 3" }));
+    }
+
+    /// A unit's dataset entry as `examples.json` has it: its maximum over every position,
+    /// and its spatial mean's (mean, std, max) when given.
+    fn dataset_entry(unit: u32, max: Option<f64>, spatial_mean: Option<(f64, f64, f64)>) -> serde_json::Value {
+        let mut entry = serde_json::json!({ "unit": unit, "mean": 0.1, "std": 0.2, "max": max, "frac_positive": 0.5, "top": [], "bottom": [] });
+        if let Some((mean, std, max)) = spatial_mean {
+            entry["spatial_mean"] = serde_json::json!({ "mean": mean, "std": std, "max": max });
+        }
+        entry
+    }
+
+    fn curve(points: &[(u32, f64)]) -> Vec<CurvePoint> {
+        points.iter().map(|&(step, objective)| CurvePoint { step, objective }).collect()
+    }
+
+    fn rendered(objective: f64, points: &[(u32, f64)], dead: bool, diversity: Option<f64>) -> TechniqueEntry {
+        TechniqueEntry::Rendered(ImageEntry { image: "i.png".into(), objective, images: Vec::new(), snapshots: Vec::new(), dead, curve: curve(points), diversity })
+    }
+
+    fn unit(techniques: Vec<(Technique, TechniqueEntry)>, dataset: Option<serde_json::Value>) -> UnitEntry {
+        UnitEntry { unit: 0, techniques: techniques.into_iter().collect(), dataset: dataset.map(|d| serde_json::from_value(d).unwrap()), trust: None }
+    }
+
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-12)
+    }
+
+    /// Each indicator from what it reads: above_dataset from the channel objective and the
+    /// spatial mean's max and std, convergence from the channel curve's last point and its
+    /// point at or just below half the steps, diversity from the diversity entry, the dead
+    /// marks from the dataset's max and the channel record.
+    #[test]
+    fn trust_reads_the_channel_render_the_diversity_render_and_the_dataset() {
+        let channel = rendered(3.0, &[(1, 0.5), (2, 1.0), (4, 2.0), (8, 2.4), (16, 3.0)], false, None);
+        let diversity = rendered(2.0, &[(16, 2.0)], false, Some(0.25));
+        let full = unit(vec![(Technique::Channel, channel.clone()), (Technique::Diversity, diversity)], Some(dataset_entry(0, Some(0.8), Some((0.2, 0.1, 0.6)))));
+        let t = Trust::of(&full).unwrap();
+        assert!(close(t.above_dataset, (3.0 - 0.6) / 0.1), "{t:?}");
+        assert!(close(t.convergence, (3.0 - 2.4) / 3.0), "{t:?}");
+        assert_eq!((t.diversity, t.dead_on_dataset, t.dead_on_start), (Some(0.25), Some(false), Some(false)));
+
+        // Half of 24 steps is 12: a threshold there is the middle point; without it, 8.
+        let points = [(1, 0.1), (2, 0.2), (4, 0.4), (8, 0.8), (12, 1.2), (16, 1.6), (24, -2.0)];
+        let c = |p: &[(u32, f64)]| Trust::of(&unit(vec![(Technique::Channel, rendered(-2.0, p, false, None))], None)).unwrap().convergence;
+        assert!(close(c(&points), (-2.0 - 1.2) / 2.0));
+        let without: Vec<_> = points.iter().copied().filter(|p| p.0 != 12).collect();
+        assert!(close(c(&without), (-2.0 - 0.8) / 2.0));
+        assert!(close(c(&[(1, 1.0), (2, 2.0), (4, 3.0), (5, 4.0)]), (4.0 - 2.0) / 4.0), "half of 5 steps: step 2");
+        assert_eq!(c(&[(1, 1.0)]), None, "one step has no middle");
+        assert_eq!(c(&[]), None);
+        assert_eq!(Trust::of(&unit(vec![(Technique::Channel, rendered(0.0, &[(1, 0.5), (2, 0.0)], false, None))], None)).unwrap().convergence, None, "the last objective is 0");
+
+        // Without a dataset, only the renders' indicators.
+        let t = Trust::of(&unit(vec![(Technique::Channel, channel.clone())], None)).unwrap();
+        assert_eq!((t.above_dataset, t.diversity, t.dead_on_dataset, t.dead_on_start), (None, None, None, Some(false)));
+        assert!(t.convergence.is_some());
+        // A spatial mean with std 0 gives no above_dataset; a max of 0 or below is dead.
+        for (max, dead) in [(0.0, true), (-0.5, true), (1e-9, false)] {
+            let t = Trust::of(&unit(vec![(Technique::Channel, channel.clone())], Some(dataset_entry(0, Some(max), Some((0.0, 0.0, 0.0)))))).unwrap();
+            assert_eq!((t.above_dataset, t.dead_on_dataset), (None, Some(dead)), "max {max}");
+        }
+        // Without a channel render (or with a failed one), only the dataset's and diversity's.
+        let failed = TechniqueEntry::Failed { failed: "objective became NaN at step 3".into() };
+        let t = Trust::of(&unit(vec![(Technique::Channel, failed), (Technique::Diversity, rendered(1.0, &[], false, Some(0.5)))], Some(dataset_entry(0, Some(0.8), Some((0.2, 0.1, 0.6)))))).unwrap();
+        assert_eq!(t, Trust { diversity: Some(0.5), dead_on_dataset: Some(false), ..Default::default() });
+        // A dead channel render; the statistics absent (no image counted).
+        let t = Trust::of(&unit(vec![(Technique::Channel, rendered(0.0, &[(1, 0.0)], true, None))], Some(dataset_entry(0, None, None)))).unwrap();
+        assert_eq!(t, Trust { dead_on_start: Some(true), ..Default::default() });
+        // Nothing known: no trust at all.
+        assert_eq!(Trust::of(&unit(vec![(Technique::Negative, rendered(1.0, &[(1, 1.0)], false, None))], Some(dataset_entry(0, None, None)))), None);
+    }
+
+    /// The curves and the diversity go from what the worker rendered to the records and
+    /// layer.json (a diversity record's curve is the mean of its images'), and
+    /// layer.json's units get their trust from their entries and examples.json.
+    #[tokio::test]
+    async fn curves_diversity_and_trust_reach_layer_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(&dir.path().to_string_lossy());
+        spec.techniques.push(Technique::Diversity);
+        let atlas = Atlas::new(Arc::new(LocalStore::new(dir.path())));
+        let s = spec.settings_for(&spec.layers[0]);
+        let id = |t, target: Target| ImageId::new("conv", t, target).unwrap();
+        let channel = |objective: f64| RenderedImage { curve: vec![(1, vec![0.5]), (2, vec![1.0]), (4, vec![objective])], ..image(objective) };
+        atlas.write_image(&id(Technique::Channel, 0.into()), &channel(2.0), "abc", &s).await.unwrap();
+        atlas.write_image(&id(Technique::Channel, 1.into()), &channel(0.5), "abc", &s).await.unwrap();
+        let diversity = RenderedImage {
+            pngs: vec![b"png".to_vec(); 2],
+            objectives: vec![1.0, 2.0],
+            curve: vec![(1, vec![0.25, 0.75]), (4, vec![1.0, 2.0])],
+            diversity: Some(0.3),
+            ..image(0.0)
+        };
+        atlas.write_image(&id(Technique::Diversity, 0.into()), &diversity, "abc", &s).await.unwrap();
+        let item = RenderedImage { curve: vec![(1, vec![0.1]), (4, vec![0.7])], ..image(0.7) };
+        atlas.write_image(&id(Technique::Caricature, "dog".into()), &item, "abc", &s).await.unwrap();
+
+        let record: UnitRecord = serde_json::from_slice(&atlas.store().get("layers/conv/units/0/diversity.json").await.unwrap().unwrap()).unwrap();
+        assert_eq!((record.curve, record.diversity, record.objective), (curve(&[(1, 0.5), (4, 1.5)]), Some(0.3), 1.5));
+        let record: serde_json::Value = serde_json::from_slice(&atlas.store().get("layers/conv/units/1/channel.json").await.unwrap().unwrap()).unwrap();
+        assert_eq!(record["curve"], serde_json::json!([{ "step": 1, "objective": 0.5 }, { "step": 2, "objective": 1.0 }, { "step": 4, "objective": 0.5 }]));
+        assert!(record.get("diversity").is_none());
+
+        let examples = serde_json::json!({
+            "format_version": FORMAT_VERSION,
+            "layer": "conv",
+            "dataset": { "uri": "data/", "images": 10, "images_skipped": 0, "examples": 2 },
+            "receptive_field": 5,
+            "stats": "stats.parquet",
+            "units": [dataset_entry(0, Some(0.9), Some((0.2, 0.5, 1.0))), dataset_entry(1, Some(0.0), Some((0.0, 0.0, 0.0))), dataset_entry(2, Some(0.3), None)],
+        });
+        atlas.store().put("layers/conv/examples.json", serde_json::to_vec(&examples).unwrap()).await.unwrap();
+        atlas.write_layer_indices(&spec).await.unwrap();
+
+        let index: serde_json::Value = serde_json::from_slice(&atlas.store().get("layers/conv/layer.json").await.unwrap().unwrap()).unwrap();
+        let units = &index["units"];
+        assert_eq!(units[0]["techniques"]["diversity"]["curve"], serde_json::json!([{ "step": 1, "objective": 0.5 }, { "step": 4, "objective": 1.5 }]));
+        assert_eq!(units[0]["techniques"]["diversity"]["diversity"], 0.3);
+        assert_eq!(units[0]["techniques"]["channel"]["curve"][2], serde_json::json!({ "step": 4, "objective": 2.0 }));
+        assert_eq!(units[0]["trust"], serde_json::json!({ "above_dataset": 2.0, "convergence": 0.5, "diversity": 0.3, "dead_on_dataset": false, "dead_on_start": false }));
+        assert_eq!(units[1]["trust"], serde_json::json!({ "convergence": -1.0, "dead_on_dataset": true, "dead_on_start": false }), "std 0: no above_dataset");
+        assert_eq!(units[2]["trust"], serde_json::json!({ "dead_on_dataset": false }), "a dataset entry alone");
+        assert_eq!(index["items"]["caricature"][0]["curve"], serde_json::json!([{ "step": 1, "objective": 0.1 }, { "step": 4, "objective": 0.7 }]));
     }
 
     /// Jobs of one layer each, `writers` at a time for `rounds` rounds, all into one
@@ -656,14 +812,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_jobs_into_an_s3_atlas_lose_no_layer() {
         let server = loupe_testsupport::S3Server::start(&["atlas"]);
-        let config = crate::s3::S3Config {
-            endpoint: Some(server.endpoint()),
-            force_path_style: true,
-            credentials: Some(crate::s3::S3Credentials::new(loupe_testsupport::S3_ACCESS_KEY, loupe_testsupport::S3_SECRET_KEY)),
-            region: Some(loupe_testsupport::S3_REGION.into()),
-            ..Default::default()
-        };
-        let store = crate::s3::S3Store::new("atlas", "a", &config).unwrap();
+        let store = crate::s3::tests::store(&server, "atlas", "a");
         concurrent_jobs_keep_every_layer(Atlas::new(Arc::new(store)), 8, 4).await;
     }
 }

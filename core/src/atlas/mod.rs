@@ -10,6 +10,9 @@
 //! layers/<layer>/units/<unit>/<technique>.json   (the unit record; written last)
 //! layers/<layer>/<technique>/<item>.png          (deepdream, caricature, direction)
 //! layers/<layer>/<technique>/<item>.json         (the item record; written last)
+//! layers/<layer>/stats.parquet, connections.parquet, examples.json (the dataset pass)
+//! labels.json                                     (researchers' labels; labels.rs)
+//! labels/<layer>/<unit>.json                      (each label; labels.json merges them)
 //! ```
 //!
 //! Keys are relative, `/`-separated, and identical on a local disk and in S3. This module
@@ -17,8 +20,10 @@
 //! and, in [`Atlas`], how they are read and written (images first, the record last).
 
 mod io;
+mod labels;
 
 pub use io::{Atlas, RenderedImage};
+pub use labels::{label_key, Label, Labels, LABELS_KEY, LABEL_FILES, MAX_LABEL_CHARS};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -75,6 +80,17 @@ pub fn parse_record_key(key: &str) -> Option<(&str, u32, Technique)> {
     }
     let technique = file.strip_suffix(".json")?.parse().ok()?;
     Some((segment, unit.parse().ok()?, technique))
+}
+
+/// Whether `key` is one of an atlas's final unit images, `layers/<segment>/units/<unit>/
+/// <technique>.png` or `diversity-<i>.png`: not a snapshot (`.step<n>.png`), not a dataset
+/// example (`examples/`). What a job whose dataset is an atlas runs over.
+pub fn is_unit_image_key(key: &str) -> bool {
+    let parts: Vec<&str> = key.split('/').collect();
+    match parts.as_slice() {
+        ["layers", _, "units", unit, file] => unit.parse::<u32>().is_ok() && file.strip_suffix(".png").is_some_and(|stem| !stem.contains('.')),
+        _ => false,
+    }
 }
 
 /// What one image of a technique shows: a unit of the layer (the per-unit techniques:
@@ -277,8 +293,26 @@ pub struct UnitRecord {
     /// No initial image excited the unit, re-seeded or not: its image is the grey start.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dead: bool,
+    /// The objective, measured as `objective` is, as the optimisation went ([`CurvePoint`]);
+    /// for diversity the mean of its images' at each step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<CurvePoint>,
+    /// Diversity only: how different its images are: the mean over pairs of images of the
+    /// root mean square difference of their pixels in [0, 1] (0: identical).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diversity: Option<f64>,
     pub model_sha256: String,
     pub settings: RenderSettings,
+}
+
+/// The objective after `step` optimisation steps, on the image untransformed at the input
+/// size (as the final `objective`). A curve has one after steps 1, 2, 4, ... below the
+/// job's steps, each snapshot threshold and the last step, ascending; the last one's
+/// objective is the record's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub step: u32,
+    pub objective: f64,
 }
 
 /// The images kept after `step` optimisation steps.
@@ -345,6 +379,11 @@ pub struct ImageEntry {
     pub snapshots: Vec<SnapshotEntry>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dead: bool,
+    /// The record's curve and diversity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<CurvePoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diversity: Option<f64>,
 }
 
 /// An item record, `layers/<layer>/<technique>/<item>.json`: one image of a per-layer
@@ -360,6 +399,9 @@ pub struct ItemRecord {
     pub objective: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotEntry>,
+    /// The objective as the optimisation went, as a unit record's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<CurvePoint>,
     pub model_sha256: String,
     pub settings: RenderSettings,
 }
@@ -389,6 +431,8 @@ pub struct ItemEntry {
     pub objective: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<CurvePoint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -398,6 +442,60 @@ pub struct UnitEntry {
     /// The unit's dataset statistics and examples, when a job with a dataset covered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<UnitExamples>,
+    /// How far to believe the unit's images ([`Trust::of`]); absent when nothing is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<Trust>,
+}
+
+/// A unit's trust indicators, from its technique entries and its dataset entry. Each is
+/// absent when what it is computed from is (docs/atlas-format.md "Trust").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trust {
+    /// How many of the dataset's standard deviations of the unit's spatial mean the
+    /// channel image's objective lies above the best dataset image's spatial mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above_dataset: Option<f64>,
+    /// The channel objective's relative rise over the second half of the steps: from the
+    /// curve's point at or just below half the steps to the last step. Near 0: converged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<f64>,
+    /// The diversity technique's [`ImageEntry::diversity`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diversity: Option<f64>,
+    /// No position of any dataset image activates the unit above zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_on_dataset: Option<bool>,
+    /// The channel record's `dead`: no initial image excited the unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_on_start: Option<bool>,
+}
+
+impl Trust {
+    /// The unit's indicators, or `None` when none is known.
+    pub fn of(unit: &UnitEntry) -> Option<Trust> {
+        let rendered = |t: Technique| match unit.techniques.get(&t) {
+            Some(TechniqueEntry::Rendered(e)) => Some(e),
+            _ => None,
+        };
+        let channel = rendered(Technique::Channel);
+        let spatial_mean = unit.dataset.as_ref().and_then(|d| d.spatial_mean);
+        let trust = Trust {
+            above_dataset: channel.zip(spatial_mean).filter(|(_, m)| m.std > 0.0).map(|(c, m)| (c.objective - m.max) / m.std),
+            convergence: channel.and_then(|c| Trust::convergence(&c.curve)),
+            diversity: rendered(Technique::Diversity).and_then(|d| d.diversity),
+            dead_on_dataset: unit.dataset.as_ref().and_then(|d| d.max).map(|max| max <= 0.0),
+            dead_on_start: channel.map(|c| c.dead),
+        };
+        (trust != Trust::default()).then_some(trust)
+    }
+
+    /// (last - middle) / |last|, where middle is the curve's point at or just below half
+    /// the last step; `None` without such a point or with a last objective of 0.
+    fn convergence(curve: &[CurvePoint]) -> Option<f64> {
+        let last = curve.last()?;
+        let middle = curve.iter().rev().find(|p| u64::from(p.step) * 2 <= u64::from(last.step))?;
+        (last.objective != 0.0).then(|| (last.objective - middle.objective) / last.objective.abs())
+    }
 }
 
 /// `layers/<layer>/examples.json`: a layer's dataset statistics and examples, written by
@@ -412,6 +510,9 @@ pub struct LayerExamples {
     pub receptive_field: u32,
     /// The statistics table beside this file (one row per unit).
     pub stats: String,
+    /// The connections the pass computed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<LayerConnections>,
     pub units: Vec<UnitExamples>,
 }
 
@@ -444,7 +545,50 @@ pub struct UnitExamples {
     pub top: Vec<ExampleEntry>,
     /// Lowest maxima over space first.
     pub bottom: Vec<ExampleEntry>,
+    /// The unit's spatial mean per image (what the channel objective maximises) over the
+    /// dataset's images; absent when no image was counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spatial_mean: Option<SpatialMean>,
+    /// The strongest inputs among the job's units of the previous job layer, strongest
+    /// |score| first ([`Connection`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<Connection>,
+    /// The strongest outputs among the job's units of the next job layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<Connection>,
 }
+
+/// In `examples.json`: the layer's connections table and the job layers it connects the
+/// layer with (none before the first job layer, none after the last).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerConnections {
+    pub table: String,
+    pub previous: Option<String>,
+    pub next: Option<String>,
+}
+
+/// Statistics over images of one unit's per-image spatial mean.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SpatialMean {
+    pub mean: f64,
+    /// Population standard deviation over images.
+    pub std: f64,
+    pub max: f64,
+}
+
+/// A unit's connection to a unit of the previous or next layer: the attribution of the
+/// later unit's spatial mean to the earlier unit, averaged over the dataset (positive
+/// excites, negative inhibits). docs/atlas-format.md "Connections".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Connection {
+    pub layer: String,
+    pub unit: u32,
+    pub score: f64,
+}
+
+/// Connections kept per unit and direction in `examples.json`; `connections.parquet`
+/// has them all.
+pub const CONNECTIONS_LISTED: usize = 8;
 
 /// One dataset example of a unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -484,13 +628,36 @@ pub fn job_partials_prefix(job_id: &str) -> String {
     format!("partials/{job_id}/")
 }
 
-/// Where a map task leaves its partial statistics of one layer for the reduce.
-pub fn partial_prefix(job_id: &str, segment: &str) -> String {
-    format!("{}{segment}/", job_partials_prefix(job_id))
+/// What a map task leaves for the reduces: a layer's statistics, or the connections into
+/// a layer from the previous job layer. Each kind has its own directory, so no layer name
+/// can make one kind's keys another's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartialKind {
+    Stats,
+    Connections,
 }
 
-pub fn partial_key(job_id: &str, segment: &str, shard: u32) -> String {
-    format!("{}{shard:06}.json", partial_prefix(job_id, segment))
+impl PartialKind {
+    fn dir(self) -> &'static str {
+        match self {
+            PartialKind::Stats => "stats",
+            PartialKind::Connections => "connections",
+        }
+    }
+}
+
+/// Where a map task leaves its partial results of one kind for one layer.
+pub fn partial_prefix(job_id: &str, kind: PartialKind, segment: &str) -> String {
+    format!("{}{}/{segment}/", job_partials_prefix(job_id), kind.dir())
+}
+
+pub fn partial_key(job_id: &str, kind: PartialKind, segment: &str, shard: u32) -> String {
+    format!("{}{shard:06}.json", partial_prefix(job_id, kind, segment))
+}
+
+/// `layers/<layer>/connections.parquet`.
+pub fn connections_key(segment: &str) -> String {
+    format!("layers/{segment}/connections.parquet")
 }
 
 /// `layers/<layer>/layer.json`.
@@ -516,6 +683,9 @@ pub struct LayerDataset {
     pub receptive_field: u32,
     pub images: u64,
     pub images_skipped: u64,
+    /// The connections table beside `layer.json`, when the dataset pass computed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<String>,
 }
 
 #[cfg(test)]
@@ -557,6 +727,17 @@ mod tests {
             let seg = layer_segment(name).unwrap();
             assert!(!seg.contains('/') && seg != ".." && seg != ".", "{name} -> {seg}");
         }
+    }
+
+    #[test]
+    fn unit_images_are_told_from_snapshots_and_examples() {
+        assert!(is_unit_image_key("layers/conv1/units/3/channel.png"));
+        assert!(is_unit_image_key("layers/a%2Fb/units/0/diversity-2.png"));
+        assert!(!is_unit_image_key("layers/conv1/units/3/channel.step64.png"));
+        assert!(!is_unit_image_key("layers/conv1/units/3/examples/top-00.jpg"));
+        assert!(!is_unit_image_key("layers/conv1/units/3/channel.json"));
+        assert!(!is_unit_image_key("layers/conv1/deepdream/noise.png"));
+        assert!(!is_unit_image_key("datasets/x/units/3/channel.png"));
     }
 
     #[test]

@@ -133,22 +133,6 @@ fn every_technique_renders_on_the_cluster_as_it_does_locally() {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn a_worker_killed_mid_task_loses_and_duplicates_nothing() {
     let _one = serial();
@@ -342,7 +326,8 @@ fn a_worker_killed_during_a_map_task_still_gives_exact_statistics() {
     let o = std::process::Command::new(binary("loupe")).args(&args).output().unwrap();
     assert_ok(&o);
     for layer in ["logits", "conv3"] {
-        for file in ["stats.parquet", "skipped.json"] {
+        // connections.parquet: conv3 -> logits, both directions.
+        for file in ["stats.parquet", "connections.parquet", "skipped.json"] {
             let key = format!("layers/{layer}/{file}");
             assert!(c.get(&rt, "atlas", &format!("ds/{key}")) == std::fs::read(out.join(&key)).unwrap(), "{key} differs after the kill");
         }

@@ -146,7 +146,7 @@ fn bad_specs(model: &str) -> Vec<(Refusal, v1::JobSpec)> {
         (refusal("a model on the coordinator's disk", &["/dev/zero", "local"]), with(&|s| s.model.as_mut().unwrap().uri = "/dev/zero".into())),
         (
             refusal("a dataset of the coordinator's whole filesystem", &["dataset", "local"]),
-            with(&|s| s.dataset = Some(v1::DatasetSpec { uri: "/".into(), examples: 4, images_per_shard: 10 })),
+            with(&|s| s.dataset = Some(v1::DatasetSpec { uri: "/".into(), examples: 4, images_per_shard: 10, skip_connections: false })),
         ),
         (
             refusal("a caricature input outside the input prefixes", &["s3://other/secret.jpg"]),

@@ -293,7 +293,7 @@ async fn dataset_color_matrix(dataset: Option<&DatasetSpec>, channels: u32) -> R
 /// The job's layers of the model, each with its units and its `[[layer]]` table's
 /// techniques and steps.
 fn layer_plans(args: &JobArgs, file: &JobFile, layers: &[LayerInfo], units: &UnitSelection) -> Result<Vec<LayerPlan>> {
-    let chosen: Vec<LayerInfo> = match layer_names(args, file)? {
+    let mut chosen: Vec<LayerInfo> = match layer_names(args, file)? {
         None => layers.to_vec(),
         Some(names) => {
             let mut seen = HashSet::new();
@@ -308,7 +308,6 @@ fn layer_plans(args: &JobArgs, file: &JobFile, layers: &[LayerInfo], units: &Uni
     }
     // The model's order, whatever order they were named in: connections join each job
     // layer to the one before it in the model.
-    let mut chosen = chosen;
     chosen.sort_by_key(|l| layers.iter().position(|m| m.name == l.name));
     chosen
         .into_iter()

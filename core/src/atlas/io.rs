@@ -52,7 +52,7 @@ impl Atlas {
         self.store.location()
     }
 
-    async fn read_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+    pub(super) async fn read_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.store.get(key).await? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -137,18 +137,34 @@ impl Atlas {
     /// again until nothing changed: whichever writer writes `atlas.json` last then has
     /// every job manifest written before it in.
     async fn publish_manifest(&self) -> Result<()> {
+        if self.publish_merged(ATLAS_KEY, || self.merged_manifest()).await? {
+            crate::viewer::write(self.store.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes at `key` the document `merge` builds from its parts (job manifests, label
+    /// files), then merges again and writes again until nothing changed, so whichever
+    /// writer writes last has in it every part written before. Says whether it wrote:
+    /// with no parts there is nothing to write.
+    pub(super) async fn publish_merged<T, F, Fut>(&self, key: &str, merge: F) -> Result<bool>
+    where
+        T: Serialize + PartialEq,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
         const MAX_ROUNDS: usize = 100;
-        let mut merged = self.merged_manifest().await?;
+        let mut merged = merge().await?;
         for _ in 0..MAX_ROUNDS {
-            let Some(manifest) = &merged else { return Ok(()) };
-            self.store.put(ATLAS_KEY, crate::to_json(manifest)).await?;
-            let again = self.merged_manifest().await?;
+            let Some(document) = &merged else { return Ok(false) };
+            self.store.put(key, crate::to_json(document)).await?;
+            let again = merge().await?;
             if again == merged {
-                return crate::viewer::write(self.store.as_ref()).await;
+                return Ok(true);
             }
             merged = again;
         }
-        Err(Error::Conflict(format!("{}: atlas.json kept changing while {MAX_ROUNDS} writes of it were made; try again", self.location())))
+        Err(Error::Conflict(format!("{}: {key} kept changing while {MAX_ROUNDS} writes of it were made; try again", self.location())))
     }
 
     fn check_same_look(&self, existing: &AtlasManifest, spec: &JobSpec) -> Result<()> {

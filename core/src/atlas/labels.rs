@@ -86,10 +86,7 @@ impl Atlas {
 
     /// `labels.json` as the viewer reads it; `None` before the first label.
     pub async fn labels(&self) -> Result<Option<Labels>> {
-        match self.store().get(LABELS_KEY).await? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| Error::Json { key: format!("{}/{LABELS_KEY}", self.location()), source }),
-        }
+        self.read_json(LABELS_KEY).await
     }
 
     /// Every label file merged. A file removed between the listing and its reading is a
@@ -97,8 +94,7 @@ impl Atlas {
     async fn merged_labels(&self) -> Result<Labels> {
         let mut labels: BTreeMap<String, BTreeMap<u32, String>> = BTreeMap::new();
         for key in self.store().list(LABEL_FILES).await? {
-            let Some(bytes) = self.store().get(&key).await? else { continue };
-            let label: Label = serde_json::from_slice(&bytes).map_err(|source| Error::Json { key: format!("{}/{key}", self.location()), source })?;
+            let Some(label) = self.read_json::<Label>(&key).await? else { continue };
             labels.entry(label.layer).or_default().insert(label.unit, label.text);
         }
         Ok(Labels { format_version: FORMAT_VERSION, labels })
@@ -108,17 +104,8 @@ impl Atlas {
     /// changed, as `atlas.json` is published: whichever writer writes `labels.json` last
     /// then has every label file written before it in.
     async fn publish_labels(&self) -> Result<()> {
-        const MAX_ROUNDS: usize = 100;
-        let mut merged = self.merged_labels().await?;
-        for _ in 0..MAX_ROUNDS {
-            self.store().put(LABELS_KEY, crate::to_json(&merged)).await?;
-            let again = self.merged_labels().await?;
-            if again == merged {
-                return Ok(());
-            }
-            merged = again;
-        }
-        Err(Error::Conflict(format!("{}: labels.json kept changing while {MAX_ROUNDS} writes of it were made; try again", self.location())))
+        self.publish_merged(LABELS_KEY, || async { self.merged_labels().await.map(Some) }).await?;
+        Ok(())
     }
 }
 

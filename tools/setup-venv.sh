@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates the project-local Python venv that provides libtorch (for the tch build and at
 # run time). `make demo` needs nothing more. With --test it also installs what the tests
-# and tools/export.py use: torchvision, numpy, pytest, the dataframe libraries that
+# and tools/export.py use: torchvision, timm, open_clip, numpy, pytest, the dataframe libraries that
 # tests/python/test_stats_parquet.py reads stats.parquet with, and the DevTools client of
 # the viewer's browser tests. Idempotent: a venv that already has the pinned torch is
 # kept, and only missing pinned packages are installed.
@@ -11,7 +11,7 @@ TORCH_VERSION=2.11.0
 PY=${PYTHON:-python3}
 PACKAGES=("torch==$TORCH_VERSION")
 if [ "${1:-}" = --test ]; then
-  PACKAGES+=(torchvision==0.26.0 numpy==2.4.6 pytest==9.2.0 pandas==3.1.1 pyarrow==26.0.1 polars==2.1.0 duckdb==2.0.1 websocket-client==1.8.0)
+  PACKAGES+=(torchvision==0.26.0 timm==1.0.31 open_clip_torch==3.3.0 numpy==2.4.6 pytest==9.2.0 pandas==3.1.1 pyarrow==26.0.1 polars==2.1.0 duckdb==2.0.1 websocket-client==1.8.0)
 fi
 packages_missing() {
   .venv/bin/python - "${PACKAGES[@]}" <<'PYEOF'

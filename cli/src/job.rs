@@ -15,7 +15,8 @@ use loupe_core::spec::{
     UnitSelection,
 };
 use loupe_core::store;
-use loupe_worker::model::{Model, Sidecar};
+use loupe_worker::model::{Sidecar, TorchScript};
+use loupe_worker::render::decode_input;
 
 use crate::jobfile::{JobFile, LayerFile, Layers, ParamFile};
 
@@ -70,12 +71,17 @@ pub struct JobArgs {
     /// Units no initial image excites: `keep` (they stay grey) or `reseed` [default: keep].
     #[arg(long)]
     pub dead_units: Option<String>,
-    /// Image parameterisation: fft or pixel [default: fft].
+    /// Image parameterisation: fft, pixel, or maco (an FFT whose magnitude is fixed and
+    /// only its phase optimised) [default: fft].
     #[arg(long)]
     pub param: Option<String>,
     /// Compute the decorrelating colour matrix from the job's dataset (with --dataset).
     #[arg(long)]
     pub color_from_dataset: bool,
+    /// Compute MACO's fixed magnitude from the job's dataset (with --param maco and
+    /// --dataset).
+    #[arg(long)]
+    pub magnitude_from_dataset: bool,
     /// Dataset for per-unit statistics and top/bottom examples: a directory or an
     /// s3:// prefix of JPEG/PNG images, or of WebDataset .tar shards.
     #[arg(long)]
@@ -94,6 +100,12 @@ pub struct JobArgs {
 
 /// Images the colour matrix is estimated from.
 const COLOR_IMAGES: usize = 256;
+
+/// Images MACO's magnitude is estimated from, the side they are resized and cropped to,
+/// and the values of its radial profile per channel (docs/techniques.md "MACO").
+const MAGNITUDE_IMAGES: usize = 256;
+const MAGNITUDE_SIDE: u32 = 128;
+const MAGNITUDE_BINS: usize = 64;
 
 /// The techniques when neither the flag nor the job file names them.
 const DEFAULT_TECHNIQUES: [Technique; 3] = [Technique::Channel, Technique::Neuron, Technique::Negative];
@@ -118,7 +130,7 @@ pub async fn job_spec(args: &JobArgs, out: Option<&str>, device: tch::Device, de
         None => file.techniques.clone().unwrap_or_else(|| DEFAULT_TECHNIQUES.to_vec()),
     };
     let units: UnitSelection = args.units.clone().or(file.units.clone()).unwrap_or_else(|| "all".into()).parse()?;
-    let layers = Model::load(&path, device)?.layers(settings.input_size, settings.param.channels)?;
+    let layers = TorchScript::load(&path, device)?.layers(settings.input_size, settings.param.channels)?;
     let layers = layer_plans(args, &file, &layers, &units)?;
     let name = sidecar.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
     // The coordinator reads the model from its URI at submit and records its digest.
@@ -182,6 +194,10 @@ async fn render_settings(args: &JobArgs, file: &JobFile, sidecar_input_size: Opt
     if args.color_from_dataset || file.param.as_ref().and_then(|p| p.color_from_dataset).unwrap_or(false) {
         settings.param.color_matrix = Some(dataset_color_matrix(dataset, settings.param.channels).await?);
     }
+    // After the colour matrix: the magnitude is taken in the colour space it decorrelates.
+    if args.magnitude_from_dataset || file.param.as_ref().and_then(|p| p.magnitude_from_dataset).unwrap_or(false) {
+        settings.param.magnitude = Some(dataset_magnitude(dataset, &settings.param).await?);
+    }
     settings.validate()?;
     Ok(settings)
 }
@@ -209,11 +225,13 @@ fn image_param(flag: Option<&str>, table: Option<&ParamFile>) -> Result<ParamSet
     if let Some(kind) = table.and_then(|p| p.kind) {
         param.kind = kind;
     }
+    param.maco = table.and_then(|p| p.maco).unwrap_or(false);
     if let Some(kind) = flag {
-        param.kind = match kind {
-            "fft" => ParamKind::Fft,
-            "pixel" => ParamKind::Pixel,
-            other => bail!("--param {other:?}: use fft or pixel"),
+        (param.kind, param.maco) = match kind {
+            "fft" => (ParamKind::Fft, false),
+            "pixel" => (ParamKind::Pixel, false),
+            "maco" => (ParamKind::Fft, true),
+            other => bail!("--param {other:?}: use fft, pixel or maco"),
         };
     }
     param.decay = table.and_then(|p| p.decay).unwrap_or(param.decay);
@@ -221,6 +239,7 @@ fn image_param(flag: Option<&str>, table: Option<&ParamFile>) -> Result<ParamSet
     // Decorrelation is for RGB; other channel counts default to none.
     param.decorrelate = table.and_then(|p| p.decorrelate).unwrap_or(param.channels == 3);
     param.color_matrix = table.and_then(|p| p.color_matrix);
+    param.magnitude = table.and_then(|p| p.magnitude.clone());
     Ok(param)
 }
 
@@ -229,6 +248,10 @@ fn technique_options(args: &JobArgs, file: &JobFile) -> Result<TechniqueOptions>
     let mut options = TechniqueOptions::default();
     if let Some(d) = &file.diversity {
         options.diversity_images = d.images.unwrap_or(options.diversity_images);
+        if let Some(penalty) = d.penalty {
+            options.diversity_penalty = penalty;
+            options.diversity_weight = penalty.default_weight();
+        }
         options.diversity_weight = d.weight.unwrap_or(options.diversity_weight);
     }
     options.diversity_images = args.diversity_images.unwrap_or(options.diversity_images);
@@ -288,6 +311,35 @@ async fn dataset_color_matrix(dataset: Option<&DatasetSpec>, channels: u32) -> R
         bail!("the colour matrix from the dataset is for 3 channels, not {channels}");
     }
     loupe_dataset::color::color_correlation_sqrt(&d.uri, COLOR_IMAGES).await.with_context(|| format!("the colour matrix of the dataset {}", d.uri))
+}
+
+/// MACO's magnitude from the job's dataset: the first [`MAGNITUDE_IMAGES`] images that
+/// decode, at [`MAGNITUDE_SIDE`] px with the model's channels as a start image has them
+/// (`decode_input`), through [`loupe_worker::param::dataset_magnitude`].
+async fn dataset_magnitude(dataset: Option<&DatasetSpec>, param: &ParamSettings) -> Result<Vec<Vec<f32>>> {
+    let Some(d) = dataset else { bail!("the MACO magnitude from the dataset needs a dataset (--dataset or [dataset])") };
+    if !param.maco {
+        bail!("the magnitude from the dataset is MACO's (--param maco or [param] maco = true)");
+    }
+    let what = || format!("the MACO magnitude of the dataset {}", d.uri);
+    let store = loupe_core::store::open(&d.uri).await.with_context(what)?;
+    let mut images = Vec::new();
+    'shards: for shard in loupe_dataset::plan(&d.uri, 64).await.with_context(what)? {
+        for raw in loupe_dataset::read_shard(store.as_ref(), &shard).await.with_context(what)? {
+            // An image that does not decode is skipped, as the colour matrix skips it.
+            if let Ok(img) = decode_input(&raw.bytes, param.channels, MAGNITUDE_SIDE, &raw.id) {
+                let side = i64::from(MAGNITUDE_SIDE);
+                images.push(tch::Tensor::from_slice(&img.data).reshape([1, i64::from(img.channels), side, side]));
+                if images.len() == MAGNITUDE_IMAGES {
+                    break 'shards;
+                }
+            }
+        }
+    }
+    if images.is_empty() {
+        bail!("{}: none of its images decodes as JPEG or PNG", what());
+    }
+    Ok(loupe_worker::param::dataset_magnitude(&tch::Tensor::cat(&images, 0), param, MAGNITUDE_BINS))
 }
 
 /// The job's layers of the model, each with its units and its `[[layer]]` table's

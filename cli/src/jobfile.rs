@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer};
 
 use loupe_core::location::Location;
-use loupe_core::spec::{DeadUnits, Direction, NamedImage, ParamKind, Precision, Technique, TransformSettings};
+use loupe_core::spec::{DeadUnits, Direction, DiversityPenalty, NamedImage, ParamKind, Precision, Technique, TransformSettings};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,12 +64,20 @@ pub struct ParamFile {
     pub color_matrix: Option<[[f32; 3]; 3]>,
     /// Compute the colour matrix from the job's dataset.
     pub color_from_dataset: Option<bool>,
+    /// MACO: fix the FFT's magnitude and optimise only its phase.
+    pub maco: Option<bool>,
+    /// MACO's fixed magnitude, a radial profile per channel.
+    pub magnitude: Option<Vec<Vec<f32>>>,
+    /// Compute MACO's magnitude from the job's dataset.
+    pub magnitude_from_dataset: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiversityFile {
     pub images: Option<u32>,
+    /// `relative` (the default) or `lucid`; each has its own default weight.
+    pub penalty: Option<DiversityPenalty>,
     pub weight: Option<f64>,
 }
 

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 
 use job::JobArgs;
 use loupe_worker::device::parse_device;
-use loupe_worker::model::{Model, Sidecar};
+use loupe_worker::model::{Sidecar, TorchScript};
 
 #[derive(Parser)]
 #[command(name = "loupe", version, about = "Feature-visualisation atlases of neural networks")]
@@ -88,7 +88,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let sidecar = Sidecar::read(&args.model)?;
     let input_size = args.input_size.or(sidecar.input_size).unwrap_or(224);
-    let mut model = Model::load(&args.model, device)?;
+    let mut model = TorchScript::load(&args.model, device)?;
     let layers = model.layers(input_size, args.channels)?;
     println!("{} (input {input_size}x{input_size})", args.model.display());
     println!("{:<40} {:>8}  shape", "layer", "units");

@@ -38,6 +38,14 @@ fn a_bad_spec_file_names_the_key_or_value() {
         ("techniques = [\"caricature\"]\nsteps = 4\n", "caricature input"),
         ("steps = 4\n[[directions]]\nname = \"d\"\nlayer = \"conv3\"\nvector = [1.0, 2.0]\n", "direction \"d\" has 2 values"),
         ("[[layer]]\nname = \"nope\"\n", "unknown layer \"nope\""),
+        ("[param]\nkind = \"pixel\"\nmaco = true\n", "param.maco"),
+        ("[param]\nmagnitude = [[1.0, 0.5], [1.0, 0.5], [1.0, 0.5]]\n", "param.magnitude"),
+        ("[param]\nmaco = true\nmagnitude = [[1.0, 0.5]]\n", "param.magnitude"),
+        ("[param]\nmaco = true\nmagnitude_from_dataset = true\n", "needs a dataset"),
+        ("[transforms]\ncrop = { start = 0.5, end = 1.5 }\n", "transforms.crop"),
+        ("[transforms]\ncrop = { start = 0.5 }\n", "end"),
+        ("[transforms]\nnoise = -0.1\n", "transforms.noise"),
+        ("[diversity]\npenalty = \"strong\"\n", "strong"),
     ];
     for (i, (body, expect)) in cases.iter().enumerate() {
         let spec = write(dir.path(), &format!("bad{i}.toml"), &format!("{}{body}", header(&demo_model())));
@@ -113,6 +121,17 @@ fn diversity_writes_its_images_and_lists_them() {
     assert!(images[0] != images[1] && images[1] != images[2]);
     let layer = json(&dir.path().join("atlas/layers/conv3/layer.json"));
     assert_eq!(layer["units"][0]["techniques"]["diversity"]["images"][2], "units/4/diversity-2.png");
+    let options = &json(&dir.path().join("atlas/atlas.json"))["settings"]["options"];
+    assert_eq!((&options["diversity_penalty"], &options["diversity_weight"]), (&serde_json::json!("relative"), &serde_json::json!(1.0)));
+    // lucid's penalty brings lucid's weight, unless the file gives one.
+    for (table, weight) in [("penalty = \"lucid\"\n", 100.0), ("penalty = \"lucid\"\nweight = 10\n", 10.0)] {
+        let out = dir.path().join("lucid");
+        let spec = write(dir.path(), "lucid.toml", &format!("{}layers = [\"conv3\"]\nunits = \"4\"\ntechniques = [\"diversity\"]\nsteps = 2\n[diversity]\n{table}", header(&demo_model())));
+        assert_ok(&render_spec(&spec, &["--out", out.to_str().unwrap()]));
+        let options = &json(&out.join("atlas.json"))["settings"]["options"];
+        assert_eq!((&options["diversity_penalty"], &options["diversity_weight"]), (&serde_json::json!("lucid"), &serde_json::json!(weight)));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }
 
 /// The documented example runs as written (with a flag making it quick): every technique
@@ -162,4 +181,39 @@ fn the_colour_matrix_comes_from_the_dataset() {
     let m: Vec<Vec<f64>> = serde_json::from_value(m.clone()).unwrap();
     // The fixture images' matrix (dataset/src/color.rs), not lucid's ImageNet one.
     assert!((m[0][0] - 0.1476).abs() < 1e-3 && (m[1][2] + 0.1774).abs() < 1e-3, "{m:?}");
+}
+
+/// MACO with its magnitude from the dataset, a crop schedule and noise, from the job
+/// file: recorded in the settings, and a flag `--param maco` does the same as the table.
+#[test]
+fn a_spec_file_selects_maco_crops_and_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = repo().join("tests/fixtures/dataset/images");
+    let spec = write(
+        dir.path(),
+        "job.toml",
+        &format!(
+            "{}layers = [\"conv1\"]\nunits = \"0\"\ntechniques = [\"channel\"]\nsteps = 4\nlearning_rate = 1.0\n\
+             [param]\nmaco = true\nmagnitude_from_dataset = true\n\
+             [transforms]\ncrop = {{ start = 0.9, end = 0.5 }}\nnoise = 0.05\n\
+             [dataset]\nuri = {:?}\nexamples = 2\nconnections = false\n",
+            header(&demo_model()),
+            dataset.to_string_lossy()
+        ),
+    );
+    assert_ok(&render_spec(&spec, &[]));
+    let settings = &json(&dir.path().join("atlas/atlas.json"))["settings"];
+    assert_eq!(settings["param"]["maco"], true);
+    let magnitude: Vec<Vec<f64>> = serde_json::from_value(settings["param"]["magnitude"].clone()).unwrap();
+    assert_eq!((magnitude.len(), magnitude[0].len()), (3, 64));
+    assert!(magnitude.iter().all(|row| row[1] > row[32] && row[32] > 0.0), "natural images' amplitude falls with frequency: {magnitude:?}");
+    assert_eq!(settings["transforms"]["crop"], serde_json::json!({ "start": 0.9, "end": 0.5 }));
+    assert!((settings["transforms"]["noise"].as_f64().unwrap() - 0.05).abs() < 1e-6);
+    assert!(dir.path().join("atlas/layers/conv1/units/0/channel.png").exists());
+
+    let out = dir.path().join("flag");
+    assert_ok(&render(&demo_model(), &out, &["--layers", "conv1", "--units", "0", "--techniques", "channel", "--steps", "2", "--size", "16", "--device", "cpu", "--param", "maco"]));
+    let param = &json(&out.join("atlas.json"))["settings"]["param"];
+    assert_eq!((&param["kind"], &param["maco"]), (&serde_json::json!("fft"), &serde_json::json!(true)));
+    assert!(param.get("magnitude").is_none(), "without a dataset, the 1/f magnitude: nothing recorded");
 }

@@ -104,7 +104,8 @@ impl FromStr for Technique {
 pub struct ParamSettings {
     /// `fft` (lucid's default: a spectrum scaled by 1/frequency^decay) or `pixel`.
     pub kind: ParamKind,
-    /// The spectrum's 1/frequency exponent (lucid: 1).
+    /// The spectrum's 1/frequency exponent (lucid: 1); under `maco` without `magnitude`,
+    /// the exponent of its fixed magnitude.
     pub decay: f64,
     /// Decorrelated colour: pixels are `colour_matrix @ t`. Only for 3 channels.
     pub decorrelate: bool,
@@ -113,6 +114,19 @@ pub struct ParamSettings {
     pub color_matrix: Option<[[f32; 3]; 3]>,
     /// Channels of the model's input: 3 for RGB, 1 for grayscale, or another count.
     pub channels: u32,
+    /// MACO (Fel et al. 2023, "Unlocking feature visualization for deeper networks with
+    /// magnitude constrained optimization"; serre-lab/Horama `maco_fv.py`): the FFT
+    /// spectrum's magnitude is fixed and only its phase is optimised (docs/techniques.md
+    /// "MACO"). Only with `kind = fft`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub maco: bool,
+    /// MACO only: the fixed magnitude as a radial profile per channel, `magnitude[c][k]`
+    /// the mean amplitude at radial frequency `k / (len - 1)` of the highest (the corner
+    /// of the spectrum, sqrt(2)/2 cycles a pixel), resampled to the render's spectrum
+    /// (docs/techniques.md "MACO"). A job with a dataset computes it from the dataset
+    /// when asked; `None` is 1/frequency^decay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub magnitude: Option<Vec<Vec<f32>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,9 +138,13 @@ pub enum ParamKind {
 
 impl Default for ParamSettings {
     fn default() -> Self {
-        ParamSettings { kind: ParamKind::Fft, decay: 1.0, decorrelate: true, color_matrix: None, channels: 3 }
+        ParamSettings { kind: ParamKind::Fft, decay: 1.0, decorrelate: true, color_matrix: None, channels: 3, maco: false, magnitude: None }
     }
 }
+
+/// The most values of a MACO magnitude profile, per channel: the profile travels in
+/// every task's settings and in atlas.json.
+pub const MAX_MAGNITUDE_BINS: usize = 256;
 
 /// The random transforms applied at every step, in this order (docs/techniques.md
 /// "The peers' recipe"); the defaults are lucid's and lucent's standard set.
@@ -143,6 +161,26 @@ pub struct TransformSettings {
     pub angles: Vec<f32>,
     /// Second jitter, up to this many pixels.
     pub jitter_after: u32,
+    /// A random square crop at every step, before the transforms above; `None`: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crop: Option<CropSchedule>,
+    /// The standard deviation of the noise added to the model's input at every step
+    /// (docs/techniques.md "Crops and noise"); 0: none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub noise: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
+}
+
+/// The side of the random crop, as a fraction of the image's side, goes linearly from
+/// `start` at the first step to `end` at the last (Horama's `box_size`, scheduled).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CropSchedule {
+    pub start: f32,
+    pub end: f32,
 }
 
 impl Default for TransformSettings {
@@ -155,6 +193,8 @@ impl Default for TransformSettings {
             scales: (0..11).map(|i| (90 + 2 * i) as f32 / 100.0).collect(),
             angles,
             jitter_after: 4,
+            crop: None,
+            noise: 0.0,
         }
     }
 }
@@ -162,7 +202,7 @@ impl Default for TransformSettings {
 impl TransformSettings {
     /// No transform at all: the image is only resized to the model's input.
     pub fn none() -> Self {
-        TransformSettings { pad: 0, jitter: 0, scales: vec![1.0], angles: vec![0.0], jitter_after: 0 }
+        TransformSettings { pad: 0, jitter: 0, scales: vec![1.0], angles: vec![0.0], jitter_after: 0, crop: None, noise: 0.0 }
     }
 }
 
@@ -186,7 +226,11 @@ pub enum DeadUnits {
 pub struct TechniqueOptions {
     /// Images per unit for `diversity` (lucid: 4).
     pub diversity_images: u32,
-    /// Weight of the diversity penalty (lucid: 1e2).
+    /// How the diversity penalty is weighed against the objective. Settings recorded
+    /// before the choice existed meant lucid's.
+    #[serde(default = "DiversityPenalty::lucid")]
+    pub diversity_penalty: DiversityPenalty,
+    /// Weight of the diversity penalty: [`DiversityPenalty::default_weight`] unless set.
     pub diversity_weight: f64,
     /// Start images of `deepdream`; none: one image from noise.
     pub deepdream_inputs: Vec<NamedImage>,
@@ -204,12 +248,42 @@ impl Default for TechniqueOptions {
     fn default() -> Self {
         TechniqueOptions {
             diversity_images: 4,
-            diversity_weight: 100.0,
+            diversity_penalty: DiversityPenalty::Relative,
+            diversity_weight: DiversityPenalty::Relative.default_weight(),
             deepdream_inputs: Vec::new(),
             caricature_inputs: Vec::new(),
             caricature_cossim_pow: 1.0,
             directions: Vec::new(),
             direction_cossim_pow: 0.0,
+        }
+    }
+}
+
+/// How `diversity` weighs its penalty, lucid's similarity of the unit's images (see
+/// docs/techniques.md "Diversity"), against their objectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiversityPenalty {
+    /// lucid's `objective - weight * similarity`, with weight 1e2 tuned to InceptionV1's
+    /// activations: on a layer of smaller activations the penalty overwhelms the objective.
+    Lucid,
+    /// `objective - weight * |objective| * similarity`, the group's mean |objective| taken
+    /// at each step and held constant for the gradient: the penalty keeps its proportion to
+    /// the objective whatever the layer's scale.
+    Relative,
+}
+
+impl DiversityPenalty {
+    fn lucid() -> DiversityPenalty {
+        DiversityPenalty::Lucid
+    }
+
+    /// lucid's 1e2; for `relative`, a weight at which every image of the demo model's
+    /// class units still shows its class with margin (docs/techniques.md "Diversity").
+    pub fn default_weight(self) -> f64 {
+        match self {
+            DiversityPenalty::Lucid => 100.0,
+            DiversityPenalty::Relative => 1.0,
         }
     }
 }
@@ -360,6 +434,21 @@ impl ParamSettings {
         if p.color_matrix.is_some_and(|m| m.iter().flatten().any(|v| !v.is_finite())) {
             return Err(Error::invalid("param.color_matrix", "holds a value that is not finite"));
         }
+        if p.maco && p.kind != ParamKind::Fft {
+            return Err(Error::invalid("param.maco", "MACO optimises the phase of a spectrum: it needs kind = \"fft\""));
+        }
+        if let Some(m) = &p.magnitude {
+            if !p.maco {
+                return Err(Error::invalid("param.magnitude", "is MACO's fixed magnitude: set maco = true"));
+            }
+            if m.len() != p.channels as usize {
+                return Err(Error::invalid("param.magnitude", format!("has {} profiles; give one per channel ({})", m.len(), p.channels)));
+            }
+            let fits = |row: &Vec<f32>| (2..=MAX_MAGNITUDE_BINS).contains(&row.len()) && row.iter().all(|v| v.is_finite() && *v >= 0.0) && row.iter().any(|&v| v > 0.0);
+            if !m.iter().all(fits) {
+                return Err(Error::invalid("param.magnitude", format!("each profile must hold 2..={MAX_MAGNITUDE_BINS} finite amplitudes >= 0, not all 0")));
+            }
+        }
         Ok(())
     }
 }
@@ -376,6 +465,14 @@ impl TransformSettings {
         }
         if t.pad > MAX || t.jitter > MAX || t.jitter_after > MAX {
             return Err(Error::invalid("transforms", format!("pad and jitter must not exceed {MAX} pixels")));
+        }
+        if let Some(c) = t.crop {
+            if ![c.start, c.end].iter().all(|f| f.is_finite() && *f > 0.0 && *f <= 1.0) {
+                return Err(Error::invalid("transforms.crop", format!("start {} and end {} must be fractions of the image side in (0, 1]", c.start, c.end)));
+            }
+        }
+        if !(t.noise.is_finite() && (0.0..=1.0).contains(&t.noise)) {
+            return Err(Error::invalid("transforms.noise", format!("{} is outside 0..=1", t.noise)));
         }
         Ok(())
     }

@@ -148,7 +148,89 @@ def test_custom_bad_token_count(tmp_path):
     """))
     r = run_export("--model", "bad_net:Bad", "--out", str(tmp_path / "bad.pt"), "--input-size", "8", cwd=tmp_path)
     assert r.returncode != 0
-    assert "mix" in r.stderr and "square" in r.stderr
+    assert "layer 'mix'" in r.stderr and "not tokens" in r.stderr
+
+
+def test_layer_names_are_module_names(tmp_path):
+    """Sibling modules dense6_1, dense6_2 and dense6_3 (widths 2, 4, 10) each export their
+    own output. torchvision's feature-extraction node names drop a `_N` suffix they take
+    for a repeated call, so `onet.dense6_1` once named the node of `dense6_2`."""
+    (tmp_path / "onet_net.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class ONet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 3, stride=2)
+                self.dense5 = nn.Linear(8, 16)
+                self.dense6_1 = nn.Linear(16, 2)
+                self.dense6_2 = nn.Linear(16, 4)
+                self.dense6_3 = nn.Linear(16, 10)
+            def forward(self, x):
+                h = self.dense5(self.conv(x).mean((2, 3)))
+                return self.dense6_1(h), self.dense6_2(h), self.dense6_3(h)
+
+        class Outer(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.onet = ONet()
+            def forward(self, x):
+                return self.onet(x)
+
+        def build():
+            torch.manual_seed(0)
+            return Outer()
+    """))
+    heads = ["onet.dense6_1", "onet.dense6_2", "onet.dense6_3"]
+    r = run_export("--model", "onet_net:build", "--list-layers", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert set(heads) <= {line.split()[0] for line in r.stdout.splitlines()}
+    model, sidecar = export_ok(tmp_path, "onet_net:build", ",".join(heads), extra=("--input-size", "16"), cwd=tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import onet_net
+    finally:
+        sys.path.remove(str(tmp_path))
+    eager = onet_net.build().eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        out, want = model(x), eager(x)
+    assert shapes(out) == {"onet.dense6_1": [2, 2], "onet.dense6_2": [2, 4], "onet.dense6_3": [2, 10]}
+    for name, expected in zip(heads, want):
+        assert torch.allclose(out[name], expected, atol=1e-6), name
+    assert sidecar["layouts"] == {name: "vector" for name in heads}
+
+
+def test_layer_that_is_not_its_module_is_refused(tmp_path):
+    """torch.fx freezes Python values at trace time. A module whose output depends on Python
+    state (here a call counter) gives a graph that no longer computes the module's output;
+    export checks every layer against the eager module's output (a forward hook) and
+    refuses that layer by name rather than export something else under it."""
+    (tmp_path / "stateful_net.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Counting(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.calls = 0
+            def forward(self, x):
+                self.calls += 1
+                return x * self.calls
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3, padding=1)
+                self.counting = Counting()
+            def forward(self, x):
+                return self.counting(self.conv(x))
+    """))
+    r = run_export("--model", "stateful_net:Net", "--layers", "conv,counting", "--input-size", "8",
+                   "--out", str(tmp_path / "stateful.pt"), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "layer 'counting'" in r.stderr, r.stderr
+    assert not (tmp_path / "stateful.pt").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lucent") is None, reason="lucent is not installed")

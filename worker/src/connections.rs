@@ -69,7 +69,8 @@ mod tests {
     /// activation: every pass of a map must still give the gradient.
     #[test]
     fn every_forward_pass_of_a_scripted_model_gives_gradients_between_layers() {
-        let model = crate::model::Model::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo/demo.pt"), Device::Cpu).unwrap();
+        use crate::model::{Model, TorchScript};
+        let model = TorchScript::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo/demo.pt"), Device::Cpu).unwrap();
         for pass in 0..4 {
             let x = Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)).set_requires_grad(true);
             let acts = model.activations_between_layers(&x).unwrap();

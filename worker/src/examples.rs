@@ -35,7 +35,7 @@ pub const MAP_BATCH: usize = 16;
 /// `connections`, when not empty, has one partial per pair of consecutive layers,
 /// `connections[i]` from `layers[i]` to `layers[i + 1]`, and the passes then keep
 /// gradients for them.
-pub fn map_images(model: &Model, layers: &[LayerPlan], images: &[(String, Preprocessed)], partials: &mut [LayerPartial], connections: &mut [ConnectionPartial], signals: &TaskSignals) -> Result<()> {
+pub fn map_images(model: &dyn Model, layers: &[LayerPlan], images: &[(String, Preprocessed)], partials: &mut [LayerPartial], connections: &mut [ConnectionPartial], signals: &TaskSignals) -> Result<()> {
     let _no_grad = connections.is_empty().then(tch::no_grad_guard);
     let device = model.device();
     let unit_index: Vec<Tensor> = layers
@@ -145,7 +145,7 @@ fn summarise(act: &Tensor, units: &Tensor, n: usize) -> Result<Vec<Vec<UnitSumma
 /// of the feature map sees: where the gradient of the centre activations reaches. It is
 /// measured, so it holds for any architecture; the input is seeded noise, so that no
 /// ReLU is dead everywhere.
-pub fn receptive_field(model: &Model, layer: &str, input_size: u32) -> Result<u32> {
+pub fn receptive_field(model: &dyn Model, layer: &str, input_size: u32) -> Result<u32> {
     let s = input_size as i64;
     let device = model.device();
     let noise = Tensor::from_slice(&seeded_noise(3 * (s * s) as usize)).reshape([1, 3, s, s]).to_device(device);

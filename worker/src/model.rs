@@ -1,6 +1,8 @@
-//! Loading a model that follows the contract in docs/models.md: a TorchScript file whose
-//! `forward(x)` takes RGB in [0, 1], `[N, 3, H, W]`, and returns `Dict[str, Tensor]` of
-//! named activations, each `[N, C, H, W]` or `[N, C]`; plus an optional sidecar JSON.
+//! Models: what rendering and the dataset pass ask of one ([`Model`]), and the one format
+//! loupe loads, a TorchScript file following the contract in docs/models.md
+//! ([`TorchScript`]): `forward(x)` takes RGB in [0, 1], `[N, 3, H, W]`, and returns
+//! `Dict[str, Tensor]` of named activations, each `[N, C, H, W]` or `[N, C]`; plus an
+//! optional sidecar JSON.
 
 use std::path::{Path, PathBuf};
 
@@ -35,9 +37,27 @@ impl Sidecar {
     }
 }
 
-/// A loaded model, in eval mode with its weights frozen: nothing ever needs their
-/// gradients, so backward computes only the input's.
-pub struct Model {
+/// What rendering, the dataset pass and the connections ask of a model: named activations
+/// of `[0, 1]` RGB inputs that autograd differentiates back to the input. TorchScript is
+/// the one format loupe loads; docs/models.md "TorchScript's future" says what a
+/// torch.export one would need to implement this.
+pub trait Model {
+    fn device(&self) -> Device;
+
+    /// Every layer's activation for a batch of inputs, in the model's layer order.
+    fn activations(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>>;
+
+    /// [`Model::activations`], each differentiable with respect to the earlier layers'
+    /// (for the connections between layers), not only to the input.
+    fn activations_between_layers(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>>;
+
+    /// The activation of one layer for a batch of inputs, `[N, C, H, W]` or `[N, C]`.
+    fn activation(&self, x: &Tensor, layer: &str) -> Result<Tensor>;
+}
+
+/// A loaded TorchScript model, in eval mode with its weights frozen: nothing ever needs
+/// their gradients, so backward computes only the input's.
+pub struct TorchScript {
     module: CModule,
     path: PathBuf,
     device: Device,
@@ -48,9 +68,9 @@ pub struct Model {
     kind: Kind,
 }
 
-impl std::fmt::Debug for Model {
+impl std::fmt::Debug for TorchScript {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("path", &self.path).field("device", &self.device).finish()
+        f.debug_struct("TorchScript").field("path", &self.path).field("device", &self.device).finish()
     }
 }
 
@@ -69,8 +89,8 @@ fn forward_error(path: &Path, what: &str, e: &tch::TchError) -> Error {
     }
 }
 
-impl Model {
-    pub fn load(path: &Path, device: Device) -> Result<Model> {
+impl TorchScript {
+    pub fn load(path: &Path, device: Device) -> Result<TorchScript> {
         if !path.is_file() {
             return Err(Error::Model(format!("model file {} does not exist", path.display())));
         }
@@ -82,11 +102,7 @@ impl Model {
         for (_, p) in params {
             let _ = p.set_requires_grad(false);
         }
-        Ok(Model { module, path: path.to_path_buf(), device, has_tap: false, kind: Kind::Float })
-    }
-
-    pub fn device(&self) -> Device {
-        self.device
+        Ok(TorchScript { module, path: path.to_path_buf(), device, has_tap: false, kind: Kind::Float })
     }
 
     pub fn path(&self) -> &Path {
@@ -96,7 +112,7 @@ impl Model {
     /// The model with its weights in `precision`'s format. It takes the model as loaded
     /// (fp32), never one already converted: bf16 weights converted back are rounded, not
     /// the file's, so a precision change loads the file again (see the torch thread).
-    pub fn in_precision(mut self, precision: Precision) -> Model {
+    pub fn in_precision(mut self, precision: Precision) -> TorchScript {
         let kind = match precision {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
@@ -112,67 +128,6 @@ impl Model {
     /// flowing back to the fp32 image.
     fn input(&self, x: &Tensor) -> Tensor {
         if x.kind() == self.kind { x.shallow_clone() } else { x.to_kind(self.kind) }
-    }
-
-    /// Every layer's activation for a batch of inputs, in the order `forward` gives them:
-    /// `forward`'s dict, or an error that says what came back instead.
-    pub fn activations(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
-        let out = self
-            .module
-            .forward_is(&[IValue::Tensor(self.input(x))])
-            .map_err(|e| forward_error(&self.path, "forward", &e))?;
-        let IValue::GenericDict(entries) = out else {
-            return Err(Error::Model(format!(
-                "{}: forward must return Dict[str, Tensor] of named activations, but it returned {}",
-                self.path.display(),
-                ivalue_kind(&out)
-            )));
-        };
-        entries
-            .into_iter()
-            .map(|(k, v)| match (k, v) {
-                (IValue::String(name), IValue::Tensor(t)) => Ok((name, t)),
-                (k, v) => Err(Error::Model(format!(
-                    "{}: forward's dict must map str to Tensor, found {} -> {}",
-                    self.path.display(),
-                    ivalue_kind(&k),
-                    ivalue_kind(&v)
-                ))),
-            })
-            .collect()
-    }
-
-    /// [`Model::activations`], each differentiable with respect to the earlier layers' (for
-    /// the connections between layers). From its second pass on, TorchScript's optimising
-    /// executor runs a scripted graph as one differentiable subgraph: a single autograd
-    /// node whose outputs are all the layers, through which no gradient reaches an earlier
-    /// layer's activation (only the input's). Its unoptimised plan keeps each operation's
-    /// own node. The switch is per thread and put back at once, so renders keep the
-    /// optimised plan.
-    pub fn activations_between_layers(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
-        tch::jit::set_graph_executor_optimize(false);
-        let out = self.activations(x);
-        tch::jit::set_graph_executor_optimize(true);
-        out
-    }
-
-    /// The activation of one layer for a batch of inputs, `[N, C, H, W]` or `[N, C]`.
-    pub fn activation(&self, x: &Tensor, layer: &str) -> Result<Tensor> {
-        if self.has_tap {
-            return self
-                .module
-                .method_is("tap", &[IValue::Tensor(self.input(x)), IValue::String(layer.to_string())])
-                .map_err(|e| forward_error(&self.path, &format!("tap({layer:?})"), &e))
-                .and_then(|v| match v {
-                    IValue::Tensor(t) => Ok(t),
-                    other => Err(Error::Model(format!("tap returned {}", ivalue_kind(&other)))),
-                });
-        }
-        self.activations(x)?
-            .into_iter()
-            .find(|(name, _)| name == layer)
-            .map(|(_, t)| t)
-            .ok_or_else(|| Error::UnknownLayer(layer.to_string()))
     }
 
     /// Each layer's name and per-example shape, from one forward pass on a blank image.
@@ -204,6 +159,73 @@ impl Model {
             .method_is("tap", &[IValue::Tensor(x), IValue::String(first.name.clone())])
             .is_ok_and(|v| matches!(v, IValue::Tensor(t) if t.size()[1..] == first.shape[..]));
         Ok(layers)
+    }
+}
+
+impl Model for TorchScript {
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Every layer's activation for a batch of inputs, in the order `forward` gives them:
+    /// `forward`'s dict, or an error that says what came back instead.
+    fn activations(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let out = self
+            .module
+            .forward_is(&[IValue::Tensor(self.input(x))])
+            .map_err(|e| forward_error(&self.path, "forward", &e))?;
+        let IValue::GenericDict(entries) = out else {
+            return Err(Error::Model(format!(
+                "{}: forward must return Dict[str, Tensor] of named activations, but it returned {}",
+                self.path.display(),
+                ivalue_kind(&out)
+            )));
+        };
+        entries
+            .into_iter()
+            .map(|(k, v)| match (k, v) {
+                (IValue::String(name), IValue::Tensor(t)) => Ok((name, t)),
+                (k, v) => Err(Error::Model(format!(
+                    "{}: forward's dict must map str to Tensor, found {} -> {}",
+                    self.path.display(),
+                    ivalue_kind(&k),
+                    ivalue_kind(&v)
+                ))),
+            })
+            .collect()
+    }
+
+    /// [`Model::activations`] of a scripted graph, each differentiable with respect to the earlier layers' (for
+    /// the connections between layers). From its second pass on, TorchScript's optimising
+    /// executor runs a scripted graph as one differentiable subgraph: a single autograd
+    /// node whose outputs are all the layers, through which no gradient reaches an earlier
+    /// layer's activation (only the input's). Its unoptimised plan keeps each operation's
+    /// own node. The switch is per thread and put back at once, so renders keep the
+    /// optimised plan.
+    fn activations_between_layers(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        tch::jit::set_graph_executor_optimize(false);
+        let out = self.activations(x);
+        tch::jit::set_graph_executor_optimize(true);
+        out
+    }
+
+    /// The activation of one layer for a batch of inputs, `[N, C, H, W]` or `[N, C]`.
+    fn activation(&self, x: &Tensor, layer: &str) -> Result<Tensor> {
+        if self.has_tap {
+            return self
+                .module
+                .method_is("tap", &[IValue::Tensor(self.input(x)), IValue::String(layer.to_string())])
+                .map_err(|e| forward_error(&self.path, &format!("tap({layer:?})"), &e))
+                .and_then(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(Error::Model(format!("tap returned {}", ivalue_kind(&other)))),
+                });
+        }
+        self.activations(x)?
+            .into_iter()
+            .find(|(name, _)| name == layer)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::UnknownLayer(layer.to_string()))
     }
 }
 

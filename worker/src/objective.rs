@@ -3,7 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use loupe_core::spec::Technique;
+use loupe_core::spec::{DiversityPenalty, Technique};
 
 use crate::{Error, Result};
 
@@ -62,6 +62,21 @@ pub fn diversity_similarity(activation: &Tensor, n: i64) -> Tensor {
     let all = cos.sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float);
     let diagonal = cos.diagonal(0, 1, 2).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
     (all - diagonal) / n as f64
+}
+
+/// Each group's diversity penalty before its weight, `[groups]`: lucid's
+/// [`diversity_similarity`], times under [`DiversityPenalty::Relative`] the group's mean
+/// |objective| (`values`, `[B]`), held constant for the gradient so that it only scales
+/// the similarity's.
+pub fn diversity_penalty(activation: &Tensor, values: &Tensor, n: i64, penalty: DiversityPenalty) -> Tensor {
+    let similarity = diversity_similarity(activation, n);
+    match penalty {
+        DiversityPenalty::Lucid => similarity,
+        DiversityPenalty::Relative => {
+            let scale = values.detach().to_kind(Kind::Float).abs().reshape([-1, n]).mean_dim([1i64].as_slice(), false, Kind::Float);
+            similarity * scale
+        }
+    }
 }
 
 /// lucid's deepdream: the mean of the squared activation of the whole layer, `[B]`.
@@ -176,6 +191,41 @@ mod tests {
         assert!((s - 2f64.sqrt() / 2.0).abs() < 1e-6, "{s}");
         // A dead layer (all zeros) gives 0, not NaN.
         assert_eq!(diversity_similarity(&Tensor::zeros([2, 2, 2, 2], (Kind::Float, Device::Cpu)), 2).double_value(&[0]), 0.0);
+    }
+
+    /// The relative penalty is lucid's similarity times the group's mean |objective|, and
+    /// that scale passes no gradient: scaling the layer's activations by k scales the
+    /// relative penalty by k (as it does the objective) and leaves lucid's unchanged.
+    #[test]
+    fn the_relative_penalty_scales_with_the_objective_and_only_the_similarity_has_a_gradient() {
+        tch::manual_seed(3);
+        let a = Tensor::rand([4, 3, 2, 2], (Kind::Float, Device::Cpu));
+        let units = unit_tensor(&[1, 1, 2, 2], Device::Cpu);
+        let penalties = |a: &Tensor, p| {
+            let values = objective(a, Technique::Channel, &units, "l").unwrap();
+            Vec::<f32>::try_from(diversity_penalty(a, &values, 2, p)).unwrap()
+        };
+        let (lucid, relative) = (penalties(&a, DiversityPenalty::Lucid), penalties(&a, DiversityPenalty::Relative));
+        let similarity = Vec::<f32>::try_from(diversity_similarity(&a, 2)).unwrap();
+        assert_eq!(lucid, similarity);
+        let values = Vec::<f32>::try_from(objective(&a, Technique::Channel, &units, "l").unwrap()).unwrap();
+        for g in 0..2 {
+            let scale = (values[2 * g].abs() + values[2 * g + 1].abs()) / 2.0;
+            assert!((relative[g] - similarity[g] * scale).abs() < 1e-5, "group {g}: {relative:?}");
+        }
+        let scaled = &a * 10.0;
+        let (lucid10, relative10) = (penalties(&scaled, DiversityPenalty::Lucid), penalties(&scaled, DiversityPenalty::Relative));
+        for g in 0..2 {
+            assert!((lucid10[g] - lucid[g]).abs() < 1e-5 && (relative10[g] - 10.0 * relative[g]).abs() < 1e-4 * relative10[g].abs().max(1.0));
+        }
+        // The gradient is the similarity's times the scale, the scale held constant.
+        let x = a.copy().set_requires_grad(true);
+        let values = objective(&x, Technique::Channel, &units, "l").unwrap();
+        diversity_penalty(&x, &values, 2, DiversityPenalty::Relative).sum(Kind::Float).backward();
+        let y = a.copy().set_requires_grad(true);
+        let scales = Tensor::from_slice(&[(values.double_value(&[0]).abs() + values.double_value(&[1]).abs()) / 2.0, (values.double_value(&[2]).abs() + values.double_value(&[3]).abs()) / 2.0]).to_kind(Kind::Float);
+        (diversity_similarity(&y, 2) * scales).sum(Kind::Float).backward();
+        assert!((x.grad() - y.grad()).abs().max().double_value(&[]) < 1e-6);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use loupe_core::spec::{LayerInfo, ModelRef, Precision};
 use loupe_core::task::{Lease, Work};
 
-use crate::model::Model;
+use crate::model::TorchScript;
 use crate::{Error, Result};
 
 /// A piece of libtorch work for the torch thread, with the model it needs.
@@ -28,7 +28,7 @@ pub(crate) struct TorchThread {
 pub(crate) struct Loaded {
     sha256: String,
     precision: Precision,
-    pub(crate) model: Model,
+    pub(crate) model: TorchScript,
     pub(crate) layers: Vec<LayerInfo>,
     /// The largest batch known to fit in memory, per layer (see [`render`](crate::render::render)).
     pub(crate) max_batch: HashMap<String, Option<usize>>,
@@ -109,7 +109,7 @@ fn load<'a>(loaded: &'a mut Option<Loaded>, device: Device, path: &Path, want: &
                 want.sha256
             )));
         }
-        let mut model = Model::load(path, device)?;
+        let mut model = TorchScript::load(path, device)?;
         let layers = model.layers(input_size, channels)?;
         // The batch limits are learnt anew with the precision: bf16 fits more in memory.
         *loaded = Some(Loaded { sha256: digest, precision, model: model.in_precision(precision), layers, max_batch: HashMap::new() });
@@ -148,6 +148,7 @@ mod tests {
     use loupe_core::task::{JobContext, LeaseId, LeaseSecret, TaskSpec};
 
     use super::*;
+    use crate::model::Model;
     use crate::render::{render, RenderRequest, Subject};
     use crate::tasks::TaskSignals;
 

@@ -8,9 +8,16 @@
 //! are made up front from each unit's seeded stream, so the loop never waits on the host.
 //! Pixels from outside the padded image are 0.5 as well (lucent's rotation fills them
 //! with 0). docs/techniques.md lists these differences.
+//!
+//! Optionally (docs/techniques.md "Crops and noise"), each step first crops a random
+//! square box whose side follows a schedule, and adds noise to the model's input. Both
+//! draw from the same streams, after the six numbers above, so that with neither the
+//! draws are the ones loupe always made.
+
+use tch::{Kind, Tensor};
 
 use loupe_core::seed::SplitMix64;
-use loupe_core::spec::TransformSettings;
+use loupe_core::spec::{CropSchedule, TransformSettings};
 
 /// One image's draw for one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,15 +75,83 @@ impl Draw {
 /// The map that only resizes: used to score the final image without transforms.
 pub const IDENTITY: [f32; 6] = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
 
-/// All draws for a task, `[steps][batch][6]` flattened, each image from its own stream.
-pub fn thetas(steps: u32, size: u32, t: &TransformSettings, rngs: &mut [SplitMix64]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(steps as usize * rngs.len() * 6);
-    for _ in 0..steps {
+/// The crop box's side at `step` of `steps` (from 0), as a fraction of the image side:
+/// `start` at the first step, `end` at the last, linear between.
+pub fn crop_side(c: &CropSchedule, step: u32, steps: u32) -> f32 {
+    if steps <= 1 {
+        return c.start;
+    }
+    c.start + (c.end - c.start) * step as f32 / (steps - 1) as f32
+}
+
+/// `theta` with a crop box of side `side` (a fraction of the image side) whose centre is
+/// placed by `u` (two uniform numbers in [0, 1)) anywhere the box fits in the image: the
+/// transforms then act on the box as if it were the whole image.
+pub fn cropped(theta: [f32; 6], side: f32, u: (f64, f64)) -> [f32; 6] {
+    // In affine_grid's [-1, 1] coordinates the box is x -> side * x + centre.
+    let room = 1.0 - side;
+    let centre = [(2.0 * u.0 as f32 - 1.0) * room, (2.0 * u.1 as f32 - 1.0) * room];
+    let [a, b, tx, c, d, ty] = theta;
+    [side * a, side * b, side * tx + centre[0], side * c, side * d, side * ty + centre[1]]
+}
+
+/// Every step's draws for a batch, each image's from its own stream.
+pub struct StepDraws {
+    /// `[steps][batch][6]` flattened: the affine maps.
+    pub thetas: Vec<f32>,
+    /// `[steps][batch]` flattened, with noise: the seeds of [`noise`].
+    pub noise_seeds: Vec<i64>,
+}
+
+/// All draws for a task. Per step and image, in this order: the six numbers of [`Draw`];
+/// with a crop, its centre's two; with noise, its seed.
+pub fn draws(steps: u32, size: u32, t: &TransformSettings, rngs: &mut [SplitMix64]) -> StepDraws {
+    let mut thetas = Vec::with_capacity(steps as usize * rngs.len() * 6);
+    let mut noise_seeds = Vec::new();
+    for step in 0..steps {
         for rng in rngs.iter_mut() {
-            out.extend(Draw::sample(rng, t).theta(size, t));
+            let theta = Draw::sample(rng, t).theta(size, t);
+            thetas.extend(match &t.crop {
+                Some(c) => cropped(theta, crop_side(c, step, steps), (rng.next_f64(), rng.next_f64())),
+                None => theta,
+            });
+            if t.noise > 0.0 {
+                noise_seeds.push((rng.next_u64() & 0xffff_ffff) as i64);
+            }
         }
     }
-    out
+    StepDraws { thetas, noise_seeds }
+}
+
+/// A 32-bit integer hash (Thomas Mueller's), on values below 2^32 held in int64: each
+/// product stays below 2^59, so int64 arithmetic is exact on every device.
+fn hash32(x: &Tensor) -> Tensor {
+    const M: i64 = 0x045d_9f3b;
+    const MASK: i64 = 0xffff_ffff;
+    let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * M).bitwise_and(MASK);
+    let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * M).bitwise_and(MASK);
+    x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16))
+}
+
+/// Horama's noise for a batch of shape `shape` (`[B, ...]`): `sd` times a standard
+/// normal plus `sd` times a uniform in [-1/2, 1/2), per value. Each value's numbers are
+/// hashes of its image's seed (`seeds`, `[B]`, below 2^32) and its index within the
+/// image, computed on the seeds' device, so an image's noise depends on neither its
+/// batch nor the device's random generator.
+pub fn noise(seeds: &Tensor, shape: &[i64], sd: f64) -> Tensor {
+    let per_image: i64 = shape[1..].iter().product();
+    let index = Tensor::arange(per_image, (Kind::Int64, seeds.device())).reshape([1, per_image]);
+    let seeds = seeds.reshape([-1, 1]);
+    // Three numbers per value: two for Box-Muller, one uniform.
+    let uniform = |k: i64| -> Tensor {
+        let h = hash32(&hash32(&((&index * 3 + k).bitwise_and(0xffff_ffff))).bitwise_xor_tensor(&seeds));
+        // The top 24 bits, which a float holds exactly: in [0, 1 - 2^-24].
+        h.bitwise_right_shift_tensor_scalar(8).to_kind(Kind::Float) / 16_777_216.0
+    };
+    // u1 in [2^-24, 1]: its logarithm is finite.
+    let (u1, u2, u3) = (-uniform(0) + 1.0, uniform(1), uniform(2));
+    let normal = (u1.log() * -2.0).sqrt() * (u2 * std::f64::consts::TAU).cos();
+    ((normal + u3 - 0.5) * sd).reshape(shape)
 }
 
 #[cfg(test)]
@@ -161,10 +236,84 @@ mod tests {
 
     #[test]
     fn padding_and_jitter_follow_the_settings() {
-        let t = TransformSettings { pad: 4, jitter: 2, scales: vec![1.0], angles: vec![0.0], jitter_after: 0 };
+        let t = TransformSettings { pad: 4, jitter: 2, scales: vec![1.0], angles: vec![0.0], jitter_after: 0, ..TransformSettings::none() };
         let d = Draw { jitter1: (1, 1), scale: 1.0, degrees: 0.0, jitter2: (0, 0) };
         let th = d.theta(32, &t);
         // 32 + 8 - 2 = 38 px of the padded image span the output.
         assert!((th[0] - 38.0 / 32.0).abs() < 1e-6 && th[2].abs() < 1e-6, "{th:?}");
+    }
+
+    /// Without a crop or noise the draws are the ones loupe always made: six numbers a
+    /// step from each stream, no noise seed.
+    #[test]
+    fn draws_without_crop_or_noise_are_the_standard_ones() {
+        let t = std();
+        let mut rngs = [SplitMix64::new(1), SplitMix64::new(2)];
+        let d = draws(3, 32, &t, &mut rngs);
+        let (mut a, mut b) = (SplitMix64::new(1), SplitMix64::new(2));
+        let mut want = Vec::new();
+        for _ in 0..3 {
+            want.extend(Draw::sample(&mut a, &t).theta(32, &t));
+            want.extend(Draw::sample(&mut b, &t).theta(32, &t));
+        }
+        assert_eq!(d.thetas, want);
+        assert!(d.noise_seeds.is_empty());
+        assert_eq!(rngs[0].next_u64(), a.next_u64(), "the stream moved by six a step");
+    }
+
+    #[test]
+    fn the_crop_side_follows_its_schedule_and_the_box_stays_inside() {
+        let c = CropSchedule { start: 0.8, end: 0.2 };
+        assert_eq!(crop_side(&c, 0, 7), 0.8);
+        assert!((crop_side(&c, 3, 7) - 0.5).abs() < 1e-6);
+        assert!((crop_side(&c, 6, 7) - 0.2).abs() < 1e-6);
+        assert_eq!(crop_side(&c, 0, 1), 0.8);
+        // The identity cropped to a centred half: x -> x / 2.
+        assert_eq!(cropped(IDENTITY, 0.5, (0.5, 0.5)), [0.5, 0.0, 0.0, 0.0, 0.5, 0.0]);
+        // At the extremes of its centre the box touches the image's edges.
+        let left = cropped(IDENTITY, 0.25, (0.0, 0.0));
+        assert!((left[2] + 0.75).abs() < 1e-6 && (left[5] + 0.75).abs() < 1e-6);
+        let right = cropped(IDENTITY, 0.25, (1.0, 1.0));
+        assert!((right[5] - 0.75).abs() < 1e-6);
+        // A crop of a transformed image scales the transform's map too.
+        let th = Draw { jitter1: (4, 4), scale: 1.0, degrees: 10.0, jitter2: (2, 2) }.theta(64, &std());
+        let c = cropped(th, 0.5, (0.5, 0.5));
+        for i in 0..6 {
+            assert!((c[i] - 0.5 * th[i]).abs() < 1e-6);
+        }
+    }
+
+    /// A crop takes two more numbers a step from each stream, noise one more; and the
+    /// crop's maps shrink over the steps.
+    #[test]
+    fn crops_and_noise_draw_after_the_transforms() {
+        let t = TransformSettings { crop: Some(CropSchedule { start: 1.0, end: 0.25 }), noise: 0.1, ..TransformSettings::none() };
+        let mut rngs = [SplitMix64::new(4)];
+        let d = draws(5, 32, &t, &mut rngs);
+        assert_eq!((d.thetas.len(), d.noise_seeds.len()), (5 * 6, 5));
+        assert!((d.thetas[0] - 1.0).abs() < 1e-6 && (d.thetas[24] - 0.25).abs() < 1e-6, "{:?}", d.thetas);
+        let mut other = SplitMix64::new(4);
+        for _ in 0..5 * 9 {
+            other.next_u64();
+        }
+        assert_eq!(rngs[0].next_u64(), other.next_u64(), "nine numbers a step");
+        assert!(d.noise_seeds.iter().all(|&s| (0..1 << 32).contains(&s)));
+    }
+
+    /// Noise is a function of the image's seed and the value's place: the same seed gives
+    /// the same noise in any batch; and it has Horama's spread, a normal plus a uniform.
+    #[test]
+    fn noise_depends_only_on_the_seed() {
+        let shape = [2i64, 3, 32, 32];
+        let n = noise(&Tensor::from_slice(&[7i64, 123_456_789]), &shape, 0.5);
+        assert_eq!(n.size(), shape.to_vec());
+        let alone = noise(&Tensor::from_slice(&[123_456_789i64]), &[1, 3, 32, 32], 0.5);
+        assert_eq!(n.get(1), alone.get(0));
+        assert!((n.get(0) - n.get(1)).abs().max().double_value(&[]) > 0.5, "other seeds, other noise");
+        let big = noise(&Tensor::from_slice(&[1i64, 2, 3, 4]), &[4, 3, 64, 64], 1.0);
+        let (mean, sd) = (big.mean(Kind::Float).double_value(&[]), big.std(true).double_value(&[]));
+        assert!(mean.abs() < 0.02, "{mean}");
+        assert!((sd - (1.0f64 + 1.0 / 12.0).sqrt()).abs() < 0.02, "{sd}");
+        assert!(big.isfinite().all().int64_value(&[]) == 1);
     }
 }

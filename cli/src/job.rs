@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use loupe_core::job::JobStatus;
 use loupe_core::location::Location;
 use loupe_core::spec::{
-    DatasetSpec, DeadUnits, JobSpec, LayerInfo, LayerPlan, ModelRef, NamedImage, ParamKind, ParamSettings, Precision, RenderSettings, Technique, TechniqueOptions,
+    DatasetSpec, DeadUnits, JobSpec, LayerInfo, LayerPlan, ModelRef, NamedImage, ParamKind, ParamSettings, Precision, RenderSettings, Technique, TechniqueOptions, TransformSettings,
     UnitSelection,
 };
 use loupe_core::store;
@@ -131,7 +131,7 @@ pub async fn job_spec(args: &JobArgs, out: Option<&str>, device: tch::Device, de
     };
     let units: UnitSelection = args.units.clone().or(file.units.clone()).unwrap_or_else(|| "all".into()).parse()?;
     let layers = TorchScript::load(&path, device)?.layers(settings.input_size, settings.param.channels)?;
-    let layers = layer_plans(args, &file, &layers, &units)?;
+    let layers = layer_plans(args, &file, &layers, &units, &settings, dataset.as_ref()).await?;
     let name = sidecar.name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
     // The coordinator reads the model from its URI at submit and records its digest.
     let model = ModelRef { uri, name, sha256: String::new() };
@@ -343,8 +343,8 @@ async fn dataset_magnitude(dataset: Option<&DatasetSpec>, param: &ParamSettings)
 }
 
 /// The job's layers of the model, each with its units and its `[[layer]]` table's
-/// techniques and steps.
-fn layer_plans(args: &JobArgs, file: &JobFile, layers: &[LayerInfo], units: &UnitSelection) -> Result<Vec<LayerPlan>> {
+/// techniques and settings.
+async fn layer_plans(args: &JobArgs, file: &JobFile, layers: &[LayerInfo], units: &UnitSelection, settings: &RenderSettings, dataset: Option<&DatasetSpec>) -> Result<Vec<LayerPlan>> {
     let mut chosen: Vec<LayerInfo> = match layer_names(args, file)? {
         None => layers.to_vec(),
         Some(names) => {
@@ -361,13 +361,12 @@ fn layer_plans(args: &JobArgs, file: &JobFile, layers: &[LayerInfo], units: &Uni
     // The model's order, whatever order they were named in: connections join each job
     // layer to the one before it in the model.
     chosen.sort_by_key(|l| layers.iter().position(|m| m.name == l.name));
-    chosen
-        .into_iter()
-        .map(|layer| {
-            let table = file.layer.iter().find(|t| t.name == layer.name);
-            layer_plan(layer, table, units)
-        })
-        .collect()
+    let mut plans = Vec::with_capacity(chosen.len());
+    for layer in chosen {
+        let table = file.layer.iter().find(|t| t.name == layer.name);
+        plans.push(layer_plan(layer, table, units, settings, dataset).await?);
+    }
+    Ok(plans)
 }
 
 /// The names of the layers asked for, in order; `None` for all the model's layers.
@@ -392,12 +391,48 @@ fn find_layer(layers: &[LayerInfo], name: &str) -> Result<LayerInfo> {
     })
 }
 
-/// One layer's plan: its table's units, techniques and steps where it gives them, else
-/// the job's.
-fn layer_plan(layer: LayerInfo, table: Option<&LayerFile>, units: &UnitSelection) -> Result<LayerPlan> {
+/// One layer's plan: its table's units, techniques and settings where it gives them,
+/// else the job's. A table's `param` and `transforms` are merged over the job's, whose
+/// values include the flags'.
+async fn layer_plan(layer: LayerInfo, table: Option<&LayerFile>, units: &UnitSelection, job: &RenderSettings, dataset: Option<&DatasetSpec>) -> Result<LayerPlan> {
     let own_units = table.and_then(|t| t.units.as_deref()).map(str::parse::<UnitSelection>).transpose()?;
     let units = own_units.as_ref().unwrap_or(units).resolve(&layer.name, layer.units())?;
-    Ok(LayerPlan { units, techniques: table.and_then(|t| t.techniques.clone()), steps: table.and_then(|t| t.steps), layer })
+    let param = match table.and_then(|t| t.param.as_ref()) {
+        Some(p) => Some(layer_param(&job.param, p, dataset).await?),
+        None => None,
+    };
+    let transforms = table.and_then(|t| t.transforms.as_ref()).map(|t| layer_transforms(&layer.name, &job.transforms, t)).transpose()?;
+    Ok(LayerPlan { units, techniques: table.and_then(|t| t.techniques.clone()), steps: table.and_then(|t| t.steps), param, transforms, layer })
+}
+
+/// A layer's parameterisation: its `[layer.param]` table over the job's. Turning to
+/// `kind = "pixel"` turns off the job's MACO, and turning MACO off drops its magnitude.
+async fn layer_param(job: &ParamSettings, table: &ParamFile, dataset: Option<&DatasetSpec>) -> Result<ParamSettings> {
+    let kind = table.kind.unwrap_or(job.kind);
+    let maco = table.maco.unwrap_or(job.maco && kind == ParamKind::Fft);
+    let mut param = ParamSettings {
+        kind,
+        decay: table.decay.unwrap_or(job.decay),
+        decorrelate: table.decorrelate.unwrap_or(job.decorrelate),
+        color_matrix: table.color_matrix.or(job.color_matrix),
+        channels: table.channels.unwrap_or(job.channels),
+        maco,
+        magnitude: table.magnitude.clone().or_else(|| job.magnitude.clone().filter(|_| maco)),
+    };
+    if table.color_from_dataset == Some(true) {
+        param.color_matrix = Some(dataset_color_matrix(dataset, param.channels).await?);
+    }
+    if table.magnitude_from_dataset == Some(true) {
+        param.magnitude = Some(dataset_magnitude(dataset, &param).await?);
+    }
+    Ok(param)
+}
+
+/// A layer's transforms: its `[layer.transforms]` keys over the job's transforms.
+fn layer_transforms(layer: &str, job: &TransformSettings, table: &toml::Table) -> Result<TransformSettings> {
+    let mut merged = toml::Table::try_from(job)?;
+    merged.extend(table.clone());
+    merged.try_into().map_err(|e| anyhow::anyhow!("job file: [[layer]] {layer:?}: transforms: {}", e.to_string().trim_end()))
 }
 
 /// A progress bar of a job's images, with units/s and the ETA.

@@ -129,6 +129,11 @@ pub struct LayerFile {
     #[serde(default, deserialize_with = "techniques")]
     pub techniques: Option<Vec<Technique>>,
     pub steps: Option<u32>,
+    /// Merged over the job's `[param]`, key by key.
+    pub param: Option<ParamFile>,
+    /// Merged over the job's `[transforms]`, key by key: kept as written until the job's
+    /// transforms are known (`TransformSettings` checks its keys then).
+    pub transforms: Option<toml::Table>,
 }
 
 impl JobFile {

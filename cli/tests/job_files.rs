@@ -46,6 +46,14 @@ fn a_bad_spec_file_names_the_key_or_value() {
         ("[transforms]\ncrop = { start = 0.5 }\n", "end"),
         ("[transforms]\nnoise = -0.1\n", "transforms.noise"),
         ("[diversity]\npenalty = \"strong\"\n", "strong"),
+        ("[[layer]]\nname = \"conv1\"\n[layer.param]\ndecai = 2.0\n", "decai"),
+        ("[[layer]]\nname = \"conv1\"\n[layer.param]\ndecay = 9.0\n", "param.decay: layer \"conv1\""),
+        ("[[layer]]\nname = \"conv1\"\n[layer.param]\nkind = \"pixel\"\nmaco = true\n", "param.maco: layer \"conv1\""),
+        ("[[layer]]\nname = \"conv1\"\n[layer.param]\nchannels = 1\n", "param.channels"),
+        ("[[layer]]\nname = \"conv1\"\n[layer.param]\nmaco = true\nmagnitude_from_dataset = true\n", "needs a dataset"),
+        ("[[layer]]\nname = \"conv1\"\n[layer.transforms]\nnois = 0.1\n", "[[layer]] \"conv1\": transforms: unknown field `nois`"),
+        ("[[layer]]\nname = \"conv1\"\n[layer.transforms]\nnoise = \"loud\"\n", "[[layer]] \"conv1\": transforms: invalid type"),
+        ("[[layer]]\nname = \"conv1\"\n[layer.transforms]\nnoise = 2.0\n", "transforms.noise: layer \"conv1\""),
     ];
     for (i, (body, expect)) in cases.iter().enumerate() {
         let spec = write(dir.path(), &format!("bad{i}.toml"), &format!("{}{body}", header(&demo_model())));
@@ -101,6 +109,42 @@ fn a_spec_file_sets_per_layer_techniques_and_steps_and_flags_override_it() {
     let layer = json(&atlas.join("layers/conv3/layer.json"));
     assert_eq!(layer["items"]["deepdream"][0]["image"], "deepdream/noise.png");
     assert_eq!(layer["units"][0]["techniques"]["channel"]["snapshots"][1]["images"][0], "units/1/channel.step8.png");
+}
+
+/// A `[[layer]]` table's own `param` and `transforms`, merged key by key over the job's:
+/// that layer's records carry them and its images change; the other layer renders as
+/// the job alone would.
+#[test]
+fn a_layer_table_sets_its_own_param_and_transforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = format!("{}layers = [\"conv1\", \"conv3\"]\nunits = \"0\"\ntechniques = [\"channel\"]\nsteps = 4\n[transforms]\npad = 4\n", header(&demo_model()));
+    let plain = write(dir.path(), "plain.toml", &job.replace("\"atlas\"", "\"plain\""));
+    let own = write(
+        dir.path(),
+        "own.toml",
+        &format!("{job}[[layer]]\nname = \"conv3\"\n[layer.transforms]\ncrop = {{ start = 0.9, end = 0.5 }}\nnoise = 0.01\n[layer.param]\nmaco = true\ndecay = 1.5\n"),
+    );
+    assert_ok(&render_spec(&plain, &[]));
+    assert_ok(&render_spec(&own, &[]));
+    let (atlas, plain) = (dir.path().join("atlas"), dir.path().join("plain"));
+    let job_settings = &json(&atlas.join("atlas.json"))["settings"];
+    assert_eq!((&job_settings["param"]["maco"], &job_settings["transforms"]["crop"]), (&serde_json::Value::Null, &serde_json::Value::Null), "the job's settings are the job's");
+
+    let conv3 = &json(&atlas.join("layers/conv3/units/0/channel.json"))["settings"];
+    assert_eq!(conv3["param"]["maco"], true);
+    assert_eq!(conv3["param"]["decay"], 1.5);
+    assert_eq!(conv3["param"]["kind"], "fft", "unset param keys are the job's");
+    assert_eq!(conv3["transforms"]["crop"], serde_json::json!({ "start": 0.9, "end": 0.5 }));
+    assert!((conv3["transforms"]["noise"].as_f64().unwrap() - 0.01).abs() < 1e-6);
+    assert_eq!(conv3["transforms"]["pad"], 4, "unset transform keys are the job's");
+    assert_eq!(conv3["steps"], 4);
+    let conv1 = &json(&atlas.join("layers/conv1/units/0/channel.json"))["settings"];
+    assert_eq!(conv1, &json(&plain.join("layers/conv1/units/0/channel.json"))["settings"]);
+    assert_eq!(conv1["param"].get("maco"), None);
+
+    let image = |atlas: &Path, layer: &str| std::fs::read(atlas.join(format!("layers/{layer}/units/0/channel.png"))).unwrap();
+    assert_eq!(image(&atlas, "conv1"), image(&plain, "conv1"), "conv1 renders with the job's settings");
+    assert_ne!(image(&atlas, "conv3"), image(&plain, "conv3"), "conv3 renders with its own");
 }
 
 /// Diversity writes N images per unit, listed in the record and layer.json.

@@ -451,8 +451,8 @@ mod tests {
             JobSpec {
                 model: ModelRef { uri: self.path("model.pt"), name: "m".into(), sha256: String::new() },
                 layers: vec![
-                    LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3].into(), techniques: None, steps: None },
-                    LayerPlan { layer: LayerInfo { name: "fc".into(), shape: vec![3] }, units: vec![0, 1, 2].into(), techniques: None, steps: None },
+                    LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3].into(), techniques: None, steps: None, param: None, transforms: None },
+                    LayerPlan { layer: LayerInfo { name: "fc".into(), shape: vec![3] }, units: vec![0, 1, 2].into(), techniques: None, steps: None, param: None, transforms: None },
                 ],
                 techniques: vec![Technique::Channel],
                 settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },

@@ -191,8 +191,8 @@ mod tests {
         JobSpec {
             model: ModelRef { uri: "m".into(), name: "m".into(), sha256: "0".into() },
             layers: vec![
-                LayerPlan { layer: LayerInfo { name: "a".into(), shape: vec![10, 4, 4] }, units: UnitRanges::range(0, 10), techniques: None, steps: None },
-                LayerPlan { layer: LayerInfo { name: "b".into(), shape: vec![3] }, units: vec![0, 2].into(), techniques: None, steps: None },
+                LayerPlan { layer: LayerInfo { name: "a".into(), shape: vec![10, 4, 4] }, units: UnitRanges::range(0, 10), techniques: None, steps: None, param: None, transforms: None },
+                LayerPlan { layer: LayerInfo { name: "b".into(), shape: vec![3] }, units: vec![0, 2].into(), techniques: None, steps: None, param: None, transforms: None },
             ],
             techniques: vec![Technique::Channel, Technique::Negative],
             settings: RenderSettings { steps: 1, size: 8, input_size: 8, seed: 0, learning_rate: 0.05, ..Default::default() },

@@ -606,12 +606,40 @@ pub struct LayerPlan {
     /// This layer's optimisation steps, when not the job's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u32>,
+    /// This layer's image parameterisation, whole, when not the job's (the job file
+    /// merges a layer's `[layer.param]` over the job's `[param]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<ParamSettings>,
+    /// This layer's transforms, whole, when not the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transforms: Option<TransformSettings>,
 }
 
 impl LayerPlan {
-    /// A plan of `units` with the job's techniques and steps.
+    /// A plan of `units` with the job's techniques and settings.
     pub fn new(layer: LayerInfo, units: UnitRanges) -> LayerPlan {
-        LayerPlan { layer, units, techniques: None, steps: None }
+        LayerPlan { layer, units, techniques: None, steps: None, param: None, transforms: None }
+    }
+
+    /// Whether the layer renders with settings of its own.
+    pub fn has_own_settings(&self) -> bool {
+        self.steps.is_some() || self.param.is_some() || self.transforms.is_some()
+    }
+
+    /// The settings the layer renders with: the job's `settings`, with the layer's own
+    /// steps, parameterisation and transforms.
+    pub fn settings(&self, job: &RenderSettings) -> RenderSettings {
+        let mut s = job.clone();
+        if let Some(steps) = self.steps {
+            s.steps = steps;
+        }
+        if let Some(param) = &self.param {
+            s.param = param.clone();
+        }
+        if let Some(transforms) = &self.transforms {
+            s.transforms = transforms.clone();
+        }
+        s
     }
 }
 
@@ -707,8 +735,18 @@ impl JobSpec {
                     format!("layer {:?} has shape {:?}: its first dimension, the unit count, must be in 1..={}", plan.layer.name, plan.layer.shape, u32::MAX),
                 ));
             }
-            if let Some(steps) = plan.steps {
-                RenderSettings { steps, ..self.settings.clone() }.validate()?;
+            // The model's input is the job's: one model loads per job.
+            if let Some(p) = plan.param.as_ref().filter(|p| p.channels != self.settings.param.channels) {
+                return Err(Error::invalid(
+                    "param.channels",
+                    format!("layer {:?} has {} input channels, the job {}: the model's input is the job's", plan.layer.name, p.channels, self.settings.param.channels),
+                ));
+            }
+            if plan.has_own_settings() {
+                plan.settings(&self.settings).validate().map_err(|e| match e {
+                    Error::Invalid { what, message } => Error::invalid(what, format!("layer {:?}: {message}", plan.layer.name)),
+                    other => other,
+                })?;
             }
             let techniques = self.techniques_for(plan);
             if techniques.is_empty() {
@@ -774,13 +812,9 @@ impl JobSpec {
         plan.techniques.as_deref().unwrap_or(&self.techniques)
     }
 
-    /// The settings the layer renders with: the job's, with the layer's steps.
+    /// The settings the layer renders with: the job's, with the layer's own.
     pub fn settings_for(&self, plan: &LayerPlan) -> RenderSettings {
-        let mut s = self.settings.clone();
-        if let Some(steps) = plan.steps {
-            s.steps = steps;
-        }
-        s
+        plan.settings(&self.settings)
     }
 
     /// What a technique renders in a layer: the layer's units for a per-unit technique,
@@ -879,7 +913,7 @@ mod tests {
     #[test]
     fn units_travel_as_ranges() {
         assert_eq!(to_ranges(&[0, 1, 2, 5, 7, 8]), vec![(0, 3), (5, 6), (7, 9)]);
-        let plan = LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![1_000_000] }, units: UnitRanges::range(0, 1_000_000), techniques: None, steps: None };
+        let plan = LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![1_000_000] }, units: UnitRanges::range(0, 1_000_000), techniques: None, steps: None, param: None, transforms: None };
         let json = serde_json::to_string(&plan).unwrap();
         assert!(json.len() < 100, "{json}");
         assert_eq!(serde_json::from_str::<LayerPlan>(&json).unwrap(), plan);
@@ -917,7 +951,7 @@ mod tests {
     fn a_dataset_is_optional_and_validated() {
         let mut spec = JobSpec {
             model: ModelRef { uri: "m".into(), name: "m".into(), sha256: String::new() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1].into(), techniques: None, steps: None }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1].into(), techniques: None, steps: None, param: None, transforms: None }],
             techniques: vec![Technique::Channel],
             settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
             batch: 2,
@@ -953,7 +987,7 @@ mod tests {
         let direction = |name: &str| Direction { name: name.into(), layer: "l".into(), vector: vec![1.0; 4] };
         let mut spec = JobSpec {
             model: ModelRef { uri: "m".into(), name: "m".into(), sha256: String::new() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1].into(), techniques: None, steps: None }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "l".into(), shape: vec![4] }, units: vec![0, 1].into(), techniques: None, steps: None, param: None, transforms: None }],
             techniques: vec![Technique::Caricature, Technique::DeepDream, Technique::Direction],
             settings: RenderSettings { steps: 128, size: 16, input_size: 16, thresholds: vec![64], ..Default::default() },
             batch: 2,

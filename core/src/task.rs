@@ -150,13 +150,12 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    /// The settings a layer renders with: the job's, with the layer's own steps.
+    /// The settings a layer renders with: the job's, with the layer's own.
     pub fn settings_for(&self, layer: &str) -> RenderSettings {
-        let mut s = self.settings.clone();
-        if let Some(steps) = self.layers.iter().find(|p| p.layer.name == layer).and_then(|p| p.steps) {
-            s.steps = steps;
+        match self.layers.iter().find(|p| p.layer.name == layer) {
+            Some(plan) => plan.settings(&self.settings),
+            None => self.settings.clone(),
         }
-        s
     }
 
     pub fn of(spec: &JobSpec) -> JobContext {

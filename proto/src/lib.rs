@@ -17,8 +17,10 @@ use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Wor
 /// (`<job>/<index>#<attempt>.<secret>`), which a version 2 worker cannot read. 4: a lease
 /// carries durations (`ttl_ms`, `max_ms`) instead of a deadline by the coordinator's clock.
 /// 5: maps also leave connection partials, and partials live under a directory per kind,
-/// which a version 4 worker's reduce would not find.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// which a version 4 worker's reduce would not find. 6: a layer plan may carry its own
+/// parameterisation and transforms (`options_json`), which a version 5 worker would
+/// ignore, rendering the layer with the job's.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest message either end of the loupe.v1 services sends or accepts (tonic's own
 /// default, 4 MiB, is less than a map task of a long shard's image keys). The largest
@@ -241,13 +243,28 @@ fn render_work(layer: String, technique: i32, targets: Vec<Target>) -> Result<Wo
     Ok(Work::Render { layer, technique, targets })
 }
 
+/// The settings a layer plan's `options_json` carries.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    param: Option<spec::ParamSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transforms: Option<spec::TransformSettings>,
+}
+
 impl From<&LayerPlan> for v1::LayerPlan {
     fn from(p: &LayerPlan) -> Self {
+        let options_json = match (&p.param, &p.transforms) {
+            (None, None) => String::new(),
+            (param, transforms) => serde_json::to_string(&LayerOptions { param: param.clone(), transforms: transforms.clone() }).expect("layer options serialise"),
+        };
         v1::LayerPlan {
             layer: Some(v1::Layer { name: p.layer.name.clone(), shape: p.layer.shape.clone() }),
             units: p.units.ranges().iter().map(|&(start, end)| v1::UnitRange { start, end }).collect(),
             techniques: p.techniques.iter().flatten().map(|&t| v1::Technique::from(t) as i32).collect(),
             steps: p.steps.unwrap_or(0),
+            options_json,
         }
     }
 }
@@ -260,11 +277,17 @@ impl TryFrom<v1::LayerPlan> for LayerPlan {
         let ranges: Vec<(u32, u32)> = p.units.iter().map(|r| (r.start, r.end)).collect();
         let units = UnitRanges::new(&ranges).map_err(|e| Invalid(format!("layer {:?}: {e}", l.name)))?;
         let techniques = p.techniques.into_iter().map(technique_from_i32).collect::<Result<Vec<_>, _>>()?;
+        let options = match p.options_json.as_str() {
+            "" => LayerOptions { param: None, transforms: None },
+            json => serde_json::from_str(json).map_err(|e| Invalid(format!("layer {:?}: options_json: {e}", l.name)))?,
+        };
         Ok(LayerPlan {
             layer: LayerInfo { name: l.name, shape: l.shape },
             units,
             techniques: (!techniques.is_empty()).then_some(techniques),
             steps: (p.steps > 0).then_some(p.steps),
+            param: options.param,
+            transforms: options.transforms,
         })
     }
 }
@@ -437,7 +460,7 @@ mod tests {
     fn job() -> JobSpec {
         JobSpec {
             model: ModelRef { uri: "s3://b/m.pt".into(), name: "m".into(), sha256: "ab".into() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3].into(), techniques: None, steps: None }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 3].into(), techniques: None, steps: None, param: None, transforms: None }],
             techniques: vec![Technique::Channel, Technique::Negative],
             settings: RenderSettings { steps: 5, size: 16, input_size: 32, seed: 9, learning_rate: 0.05, ..Default::default() },
             batch: 2,
@@ -578,8 +601,20 @@ mod tests {
             units: vec![0, 1].into(),
             techniques: Some(vec![Technique::Diversity, Technique::Direction]),
             steps: Some(20),
+            param: None,
+            transforms: None,
         };
         assert_eq!(LayerPlan::try_from(v1::LayerPlan::from(&plan)).unwrap(), plan);
+        // A layer's own parameterisation and transforms, each on its own and together.
+        let param = spec::ParamSettings { maco: true, magnitude: Some(vec![vec![1.0, 0.5]; 3]), ..Default::default() };
+        let transforms = spec::TransformSettings { crop: Some(spec::CropSchedule { start: 0.9, end: 0.5 }), noise: 0.01, ..spec::TransformSettings::none() };
+        for (param, transforms) in [(Some(param.clone()), None), (None, Some(transforms.clone())), (Some(param), Some(transforms))] {
+            let plan = LayerPlan { param, transforms, ..plan.clone() };
+            assert_eq!(LayerPlan::try_from(v1::LayerPlan::from(&plan)).unwrap(), plan);
+        }
+        let bad = v1::LayerPlan { options_json: "{\"param\": {\"decai\": 1}}".into(), ..v1::LayerPlan::from(&plan) };
+        let err = LayerPlan::try_from(bad).unwrap_err().0;
+        assert!(err.contains("layer \"conv\": options_json") && err.contains("decai"), "{err}");
         let task = TaskSpec {
             job_id: "j".parse().unwrap(),
             index: 3,

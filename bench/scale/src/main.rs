@@ -103,7 +103,7 @@ async fn run(units: u32, workers: usize, model: &Path) -> Result<()> {
 
     let spec = JobSpec {
         model: ModelRef { uri: model.to_string_lossy().into_owned(), name: "bench".into(), sha256: String::new() },
-        layers: vec![LayerPlan { layer: LayerInfo { name: "synthetic".into(), shape: vec![units as i64] }, units: UnitRanges::range(0, units), techniques: None, steps: None }],
+        layers: vec![LayerPlan { layer: LayerInfo { name: "synthetic".into(), shape: vec![units as i64] }, units: UnitRanges::range(0, units), techniques: None, steps: None, param: None, transforms: None }],
         techniques: vec![Technique::Channel],
         settings: RenderSettings { steps: 1, size: 16, input_size: 16, seed: 0, learning_rate: 0.05, ..Default::default() },
         batch: 64,

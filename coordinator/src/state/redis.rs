@@ -885,7 +885,7 @@ mod tests {
         use loupe_core::spec::{LayerInfo, LayerPlan, ModelRef, RenderSettings};
         JobSpec {
             model: ModelRef { uri: "m.pt".into(), name: "m".into(), sha256: "00".into() },
-            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3].into(), techniques: None, steps: None }],
+            layers: vec![LayerPlan { layer: LayerInfo { name: "conv".into(), shape: vec![4, 8, 8] }, units: vec![0, 1, 2, 3].into(), techniques: None, steps: None, param: None, transforms: None }],
             techniques: vec![Technique::Channel],
             settings: RenderSettings { steps: 4, size: 16, input_size: 16, seed: 7, learning_rate: 0.05, ..Default::default() },
             batch: 2,

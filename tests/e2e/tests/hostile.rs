@@ -84,6 +84,7 @@ fn good_spec(model: &str, out: &str) -> v1::JobSpec {
         units: vec![v1::UnitRange { start: 0, end: units }],
         techniques: vec![],
         steps: 0,
+        options_json: String::new(),
     };
     v1::JobSpec {
         model: Some(v1::ModelRef { uri: model.into(), name: "tiny".into(), sha256: String::new() }),

@@ -1114,6 +1114,17 @@ mod tests {
         assert_ne!(together[0].images[0], together[1].images[0], "items have their own streams");
     }
 
+    /// Unit 0's diversity images at `layer` without the penalty and under `diverse`'s, and
+    /// lucid's similarity of each set.
+    fn with_and_without_penalty(demo: &dyn Model, layer: &str, diverse: &RenderSettings) -> (Rendered, Rendered, f64, f64) {
+        let mut plain = diverse.clone();
+        plain.options.diversity_weight = 0.0;
+        let without = run(demo, layer, Technique::Diversity, &[0], &plain).remove(0);
+        let with = run(demo, layer, Technique::Diversity, &[0], diverse).remove(0);
+        let (sim_without, sim_with) = (similarity(demo, layer, &without.images, &plain), similarity(demo, layer, &with.images, diverse));
+        (without, with, sim_without, sim_with)
+    }
+
     /// lucid's diversity pushes a unit's images apart: lucid's similarity (the summed
     /// pairwise cosine of their Gram matrices at the layer, over N; at most N - 1 = 3)
     /// falls from about 3 (measured 2.99 for these images without the penalty: the images
@@ -1124,15 +1135,11 @@ mod tests {
     fn diversity_images_differ_and_each_excites_the_unit() {
         let demo = model("models/demo/demo.pt");
         let layer = "conv3";
-        let mut plain = settings(64, 32);
-        plain.options.diversity_weight = 0.0;
         let mut diverse = settings(64, 32);
         diverse.options.diversity_penalty = DiversityPenalty::Lucid;
         diverse.options.diversity_weight = DiversityPenalty::Lucid.default_weight();
         assert_eq!((diverse.options.diversity_images, diverse.options.diversity_weight), (4, 100.0));
-        let without = run(&demo, layer, Technique::Diversity, &[0], &plain).remove(0);
-        let with = run(&demo, layer, Technique::Diversity, &[0], &diverse).remove(0);
-        let (sim_without, sim_with) = (similarity(&demo, layer, &without.images, &plain), similarity(&demo, layer, &with.images, &diverse));
+        let (_, with, sim_without, sim_with) = with_and_without_penalty(&demo, layer, &diverse);
         assert!(sim_without > 2.9 && sim_with < 0.5 * sim_without, "similarity {sim_with} with the penalty, {sim_without} without");
         let init = initial_images(&RenderRequest { layer, technique: Technique::Diversity, subjects: &[Subject::Unit(0)], settings: &diverse }, Device::Cpu).remove(0);
         assert_eq!((with.images.len(), with.objectives.len()), (4, 4));
@@ -1158,13 +1165,9 @@ mod tests {
     fn the_relative_penalty_separates_the_images_and_keeps_their_objective() {
         let demo = model("models/demo/demo.pt");
         let layer = "conv3";
-        let mut plain = settings(64, 32);
-        plain.options.diversity_weight = 0.0;
         let diverse = settings(64, 32);
         assert_eq!((diverse.options.diversity_penalty, diverse.options.diversity_weight), (DiversityPenalty::Relative, 1.0));
-        let without = run(&demo, layer, Technique::Diversity, &[0], &plain).remove(0);
-        let with = run(&demo, layer, Technique::Diversity, &[0], &diverse).remove(0);
-        let (sim_without, sim_with) = (similarity(&demo, layer, &without.images, &plain), similarity(&demo, layer, &with.images, &diverse));
+        let (without, with, sim_without, sim_with) = with_and_without_penalty(&demo, layer, &diverse);
         assert!(sim_with < 0.8 * sim_without, "similarity {sim_with} with the penalty, {sim_without} without");
         let best = without.objectives.iter().copied().fold(f64::MIN, f64::max);
         assert!(with.objectives.iter().all(|&o| o > 0.4 * best), "objectives {:?} with the penalty, {:?} without", with.objectives, without.objectives);

@@ -2,7 +2,7 @@
 # The diversity penalty against the demo model's class logits (docs/techniques.md
 # "Diversity"): renders logits 0..8 with 4 diversity images each (256 steps, 64 px, seed 0)
 # under each [diversity] setting below, and prints how many images no longer show their
-# class and lucid's similarity of each unit's images (bench/diversity-check.py). A
+# class and lucid's similarity of each unit's images (bench/class-check.py). A
 # benchmark that prints figures, not a test; about 25 s a setting on 2 cores.
 # Run from the repository root after `make build` (and `make setup-test` for PIL).
 #   bench/diversity.sh                          # the settings below
@@ -22,5 +22,5 @@ for setting in "${SETTINGS[@]}"; do
     "$PWD" "$work" "$setting" > "$work/job.toml"
   rm -rf "$work/atlas"
   "$LOUPE" render --spec "$work/job.toml" --device cpu > "$work/render.log" 2>&1 || { cat "$work/render.log"; exit 1; }
-  echo "[diversity] $(printf '%b' "$setting" | tr '\n' ' '): $(.venv/bin/python bench/diversity-check.py "$work/atlas")"
+  echo "[diversity] $(printf '%b' "$setting" | tr '\n' ' '): $(.venv/bin/python bench/class-check.py "$work/atlas" diversity)"
 done

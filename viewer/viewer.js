@@ -779,6 +779,15 @@
     return { atlas, info, seg: info.path, data };
   }
 
+  // What a layer rendered with settings of its own (atlas.json's layers[].settings) does
+  // differently from the atlas: "steps 100, param".
+  function ownSettings(own, atlasSettings) {
+    return Object.keys(own)
+      .filter((k) => JSON.stringify(own[k]) !== JSON.stringify(atlasSettings[k]))
+      .map((k) => (own[k] !== null && typeof own[k] === 'object' ? k : `${k} ${own[k]}`))
+      .join(', ');
+  }
+
   async function renderLayer(route_, token) {
     const [opened, labels] = await Promise.all([openLayer(route_, token), loadLabels()]);
     if (!opened || token !== renderToken) return;
@@ -875,7 +884,8 @@
         h('span', { text: plural(n, 'unit') }),
         shape ? h('span', { text: `activation ${shape}` }) : null,
         ds && ds.receptive_field ? h('span', { text: `receptive field ${ds.receptive_field} px` }) : null,
-        ds && ds.images != null ? h('span', { text: `${Number(ds.images).toLocaleString()} dataset images` }) : null
+        ds && ds.images != null ? h('span', { text: `${Number(ds.images).toLocaleString()} dataset images` }) : null,
+        info.settings ? h('span', { class: 'own-settings', text: `own settings: ${ownSettings(info.settings, atlas.settings)}` }) : null
       ),
       notes.map((t) => h('p', { class: 'notice', text: t }))
     );

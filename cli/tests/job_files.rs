@@ -109,6 +109,14 @@ fn a_spec_file_sets_per_layer_techniques_and_steps_and_flags_override_it() {
     let layer = json(&atlas.join("layers/conv3/layer.json"));
     assert_eq!(layer["items"]["deepdream"][0]["image"], "deepdream/noise.png");
     assert_eq!(layer["units"][0]["techniques"]["channel"]["snapshots"][1]["images"][0], "units/1/channel.step8.png");
+    // atlas.json lists conv3's own settings; a job that would render conv3 with the
+    // job's steps into this atlas is refused, naming the layer and the difference.
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.iter().map(|l| l["settings"]["steps"].as_u64()).collect::<Vec<_>>(), [None, Some(10)], "{manifest}");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("steps = 10\n", "");
+    let o = render_spec(&write(dir.path(), "without.toml", &text), &["--units", "1"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("layer conv3") && stderr.contains("steps 10, not 12"), "{stderr}");
 }
 
 /// A `[[layer]]` table's own `param` and `transforms`, merged key by key over the job's:

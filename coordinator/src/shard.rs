@@ -123,6 +123,8 @@ fn images_per_target(settings: &RenderSettings, technique: Technique) -> u64 {
 pub fn image_bytes(s: &RenderSettings) -> u64 {
     let (size, input, channels) = (u64::from(s.size), u64::from(s.input_size), u64::from(s.param.channels));
     let param = match s.param.kind {
+        // MACO optimises one phase a frequency; its fixed magnitude is one per task.
+        ParamKind::Fft if s.param.maco => channels * size * (size / 2 + 1),
         ParamKind::Fft => channels * size * (size / 2 + 1) * 2,
         ParamKind::Pixel => channels * size * size,
     };
@@ -354,6 +356,11 @@ mod tests {
         // Four fp32 images of 3 x 8 x 8 kept until the task ends.
         assert_eq!(image_bytes(&spec.settings) - steps_only, 4 * 4 * 3 * 8 * 8);
         assert!(steps_only > without);
+
+        // MACO's parameters are phases, half the FFT's values: Adam's four copies of them.
+        let fft = image_bytes(&spec.settings);
+        spec.settings.param.maco = true;
+        assert_eq!(fft - image_bytes(&spec.settings), 4 * 4 * 3 * 8 * 5);
     }
 
     #[test]

@@ -19,8 +19,10 @@ use loupe_core::task::{JobContext, Lease, LeaseState, ShardSource, TaskSpec, Wor
 /// 5: maps also leave connection partials, and partials live under a directory per kind,
 /// which a version 4 worker's reduce would not find. 6: a layer plan may carry its own
 /// parameterisation and transforms (`options_json`), which a version 5 worker would
-/// ignore, rendering the layer with the job's.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// ignore, rendering the layer with the job's. 7: MACO's frequency 0 holds each channel's
+/// mean (docs/techniques.md "MACO"), so a version 6 worker would render other MACO images
+/// for the same job.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest message either end of the loupe.v1 services sends or accepts (tonic's own
 /// default, 4 MiB, is less than a map task of a long shard's image keys). The largest

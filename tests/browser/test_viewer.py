@@ -620,6 +620,33 @@ def test_trust_explains_a_dead_unit(browser, edited_trust_site):
         check_page(page, edited_trust_site, allow_missing=False)
 
 
+@pytest.fixture(scope="session")
+def own_settings_site(atlas_dir, tmp_path_factory):
+    """The atlas with conv3 listed as rendered with steps and a parameterisation of its own
+    (a job file's [[layer]]), as atlas.json lists it."""
+    out = tmp_path_factory.mktemp("viewer") / "own-settings"
+    shutil.copytree(atlas_dir, out)
+    atlas = json.loads((out / "atlas.json").read_text())
+    own = json.loads(json.dumps(atlas["settings"]))
+    own["steps"] = atlas["settings"]["steps"] + 1
+    own.setdefault("param", {})["maco"] = True
+    next(l for l in atlas["layers"] if l["name"] == "conv3")["settings"] = own
+    (out / "atlas.json").write_text(json.dumps(atlas))
+    with cdp.serve(out, cwd=ROOT) as base:
+        yield base, own["steps"]
+
+
+def test_layer_page_says_what_its_own_settings_change(browser, own_settings_site):
+    site, steps = own_settings_site
+    with new_page(browser) as page:
+        open_view(page, site + "#/layer/conv3", "layer")
+        assert page.eval("document.querySelector('.page-head .own-settings').textContent") == f"own settings: steps {steps}, param"
+        # A layer with the atlas's settings says nothing.
+        open_view(page, site + "#/layer/conv1", "layer")
+        assert page.eval("document.querySelector('.page-head .own-settings')") is None
+        check_page(page, site, allow_missing=False)
+
+
 def test_layer_page_sorts_by_trust(browser, edited_trust_site, edited_trust_dir):
     units = layer_json(edited_trust_dir, "conv3")["units"]
     with new_page(browser) as page:

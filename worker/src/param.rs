@@ -109,10 +109,10 @@ pub fn radial_profile(amplitudes: &[f32], h: usize, w: usize, bins: usize) -> Ve
 /// radial profile of `bins` values of their mean amplitude spectrum, taken where MACO's
 /// spectrum lies: the sigmoid and the colour matrix inverted (as [`ParamImage::invert`]
 /// does). Horama's magnitude template is the same mean over ImageNet in its decorrelated
-/// colour space, kept whole rather than radially. Frequency 0 takes the next value, as
-/// the 1/f magnitude floors it at the lowest frequency: the images' mean colour (their
-/// DC, 100 times the rest on the test dataset) would otherwise take nearly all of the
-/// standardised image's variance and leave a flat colour.
+/// colour space, kept whole rather than radially. Frequency 0, the images' mean colour,
+/// is not used (a MACO image's mean is a parameter of its own) and takes the next value,
+/// so that resampling the profile at the lowest frequencies of a large render does not
+/// interpolate towards it (it is 100 times the rest on the test dataset).
 pub fn dataset_magnitude(images: &Tensor, p: &ParamSettings, bins: usize) -> Vec<Vec<f32>> {
     let _guard = tch::no_grad_guard();
     let size = images.size()[2] as usize;
@@ -197,22 +197,34 @@ impl ParamImage {
     }
 
     /// MACO's fixed magnitude, `[C, h, w/2+1]` flattened: each channel's profile
-    /// resampled, or 1/frequency^decay for every channel.
+    /// resampled, or 1/frequency^decay for every channel; 0 at frequency 0, as each
+    /// channel's mean is a parameter of its own ([`ParamImage::spatial`]).
     pub fn maco_magnitude(p: &ParamSettings, size: usize) -> Vec<f32> {
-        match &p.magnitude {
+        let mut magnitude = match &p.magnitude {
             Some(profiles) => profiles.iter().flat_map(|row| profile_magnitude(row, size, size)).collect(),
             None => spectrum_scale_decay(size, size, p.decay).repeat(p.channels as usize),
+        };
+        for mean in magnitude.iter_mut().step_by(size * (size / 2 + 1)) {
+            *mean = 0.0;
         }
+        magnitude
     }
 
     /// One image's initial values, N(0, sd), drawn from its stream (lucid: sd 0.01); for
     /// MACO, phases uniform in [-pi, pi) whatever `sd`. (Horama draws them N(0, 1), which
     /// puts every frequency's cosine nearly in phase at the origin: a spot at pixel (0, 0)
-    /// measured 16 standard deviations out at 32 px, which the sigmoid saturates.)
+    /// measured 16 standard deviations out at 32 px, which the sigmoid saturates.) Each
+    /// channel's frequency 0 holds its mean instead, which starts at 0: a grey mean.
     pub fn draw(p: &ParamSettings, size: usize, sd: f64, rng: &mut SplitMix64) -> Vec<f32> {
         let n = Self::values_per_image(p, size);
         match Form::of(p) {
-            Form::Phase => (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * std::f64::consts::PI) as f32).collect(),
+            Form::Phase => {
+                let mut phases: Vec<f32> = (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * std::f64::consts::PI) as f32).collect();
+                for mean in phases.iter_mut().step_by(n / p.channels as usize) {
+                    *mean = 0.0;
+                }
+                phases
+            }
             _ => (0..n).map(|_| (rng.next_normal() * sd) as f32).collect(),
         }
     }
@@ -243,14 +255,20 @@ impl ParamImage {
         match (&self.scale, self.form) {
             (Some(magnitude), Form::Phase) => {
                 // Horama builds the spectrum from cos and sin of the phase, not polar().
-                let x = irfft(Tensor::complex(&(self.param.cos() * magnitude), &(self.param.sin() * magnitude)));
-                let dims = [1i64, 2, 3];
-                let x = &x - x.mean_dim(dims.as_slice(), true, Kind::Float);
-                &x / (x.std_dim(dims.as_slice(), true, true) + STANDARDIZE_EPSILON)
+                // Every channel's mean is 0 here: the magnitude is 0 at frequency 0.
+                let texture = irfft(Tensor::complex(&(self.param.cos() * magnitude), &(self.param.sin() * magnitude)));
+                let texture = &texture / (texture.std_dim([1i64, 2, 3].as_slice(), true, true) + STANDARDIZE_EPSILON);
+                texture + self.means()
             }
             (Some(scale), _) => irfft(self.param.view_as_complex() * scale) / 4.0,
             (None, _) => self.param.shallow_clone(),
         }
+    }
+
+    /// MACO's mean of each channel, `[B, C, 1, 1]`, in the standardised image's units:
+    /// the parameter at frequency 0, which has no phase (a real image's mean is real).
+    fn means(&self) -> Tensor {
+        self.param.narrow(2, 0, 1).narrow(3, 0, 1)
     }
 
     /// The images, `[B, C, size, size]` in [0, 1].
@@ -283,7 +301,14 @@ impl ParamImage {
                 let spectrum = (x * 4.0).fft_rfftn(Some([self.size, self.size].as_slice()), Some([-2i64, -1].as_slice()), "ortho") / scale;
                 spectrum.view_as_real().contiguous()
             }
-            (_, Form::Phase) => x.fft_rfftn(Some([self.size, self.size].as_slice()), Some([-2i64, -1].as_slice()), "ortho").angle().contiguous(),
+            (_, Form::Phase) => {
+                let means = x.mean_dim([2i64, 3].as_slice(), true, Kind::Float);
+                let texture = &x - &means;
+                let param = texture.fft_rfftn(Some([self.size, self.size].as_slice()), Some([-2i64, -1].as_slice()), "ortho").angle().contiguous();
+                let scale = texture.std_dim([1i64, 2, 3].as_slice(), true, true) + STANDARDIZE_EPSILON;
+                param.narrow(2, 0, 1).narrow(3, 0, 1).copy_(&(means / scale));
+                param
+            }
             _ => x.contiguous(),
         }
     }
@@ -514,6 +539,28 @@ mod tests {
         assert_eq!(param.size(), ParamImage::shape(&p, 2, 16));
         let back = ParamImage::new(param, &p, 16, Device::Cpu).image();
         assert!(back.isfinite().all().int64_value(&[]) == 1);
+    }
+
+    /// Frequency 0 has no phase: its parameter is the channel's mean, in the standardised
+    /// image's units, with the texture's contrast whatever the mean; inverting the image
+    /// gives the means back.
+    #[test]
+    fn a_maco_channels_mean_is_its_parameter_at_frequency_0() {
+        let img = maco_image(&maco(), 1, 16, 4);
+        let means = [0.5, -1.0, 2.0];
+        for (c, mean) in means.iter().enumerate() {
+            let _ = img.param.get(0).get(c as i64).get(0).get(0).fill_(*mean);
+        }
+        let x = img.spatial().get(0);
+        let channel_means = x.mean_dim([1i64, 2].as_slice(), true, Kind::Float);
+        for (c, mean) in means.iter().enumerate() {
+            assert!((channel_means.double_value(&[c as i64, 0, 0]) - mean).abs() < 1e-5);
+        }
+        assert!(((x - channel_means).std(true).double_value(&[]) - 1.0).abs() < 1e-3);
+        let back = img.invert(&img.image());
+        for (c, mean) in means.iter().enumerate() {
+            assert!((back.double_value(&[0, c as i64, 0, 0]) - mean).abs() < 1e-3, "channel {c}: {back:?}");
+        }
     }
 
     /// The dataset's magnitude is the radial profile of its images' mean amplitude:

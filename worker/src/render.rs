@@ -1336,9 +1336,9 @@ mod tests {
     /// Every parameterisation, and the crops and the noise, raise the objective well above
     /// the initial image's; the decay, the colour decorrelation, the crops and the noise
     /// change the image. MACO's initial image is already at full contrast (each image is
-    /// standardised), so its objective starts higher and rises by less: at Horama's
-    /// learning rate, 1, measured 4.78 to 7.33 (1/f magnitude) and 5.40 to 7.72 (the
-    /// profile), where the FFT goes from 0.44 to 14.2.
+    /// standardised), so its objective starts higher: at learning rate 0.3, measured 4.79
+    /// to 18.3 (1/f magnitude) and 5.41 to 18.8 (the profile); at Horama's 1, to 22.7 for
+    /// both; the FFT goes from 0.44 to 14.2 at 0.05.
     #[test]
     fn parameterisations_raise_the_objective_and_their_settings_matter() {
         let demo = model("models/demo/demo.pt");
@@ -1347,24 +1347,24 @@ mod tests {
         let param = |param: ParamSettings| RenderSettings { param, ..base.clone() };
         let transforms = |transforms: TransformSettings| RenderSettings { transforms, ..base.clone() };
         let maco = ParamSettings { maco: true, ..Default::default() };
-        const MACO_LR: f64 = 1.0;
+        const MACO_LR: f64 = 0.3;
         let variants = [
-            ("fft", base.clone(), 3.0),
-            ("pixel", param(ParamSettings { kind: ParamKind::Pixel, ..Default::default() }), 3.0),
-            ("decay 2", param(ParamSettings { decay: 2.0, ..Default::default() }), 3.0),
-            ("no decorrelation", param(ParamSettings { decorrelate: false, ..Default::default() }), 3.0),
-            ("colour matrix", param(ParamSettings { color_matrix: Some([[0.3, 0.1, 0.0], [0.3, 0.0, 0.1], [0.3, -0.1, 0.0]]), ..Default::default() }), 3.0),
-            ("maco", RenderSettings { learning_rate: MACO_LR, ..param(maco.clone()) }, 1.3),
-            ("maco with a profile", RenderSettings { learning_rate: MACO_LR, ..param(ParamSettings { magnitude: Some(vec![vec![8.0, 4.0, 1.0, 0.25]; 3]), ..maco }) }, 1.3),
-            ("crops", transforms(TransformSettings { crop: Some(CropSchedule { start: 0.9, end: 0.5 }), ..Default::default() }), 3.0),
-            ("noise", transforms(TransformSettings { noise: 0.05, ..Default::default() }), 3.0),
+            ("fft", base.clone()),
+            ("pixel", param(ParamSettings { kind: ParamKind::Pixel, ..Default::default() })),
+            ("decay 2", param(ParamSettings { decay: 2.0, ..Default::default() })),
+            ("no decorrelation", param(ParamSettings { decorrelate: false, ..Default::default() })),
+            ("colour matrix", param(ParamSettings { color_matrix: Some([[0.3, 0.1, 0.0], [0.3, 0.0, 0.1], [0.3, -0.1, 0.0]]), ..Default::default() })),
+            ("maco", RenderSettings { learning_rate: MACO_LR, ..param(maco.clone()) }),
+            ("maco with a profile", RenderSettings { learning_rate: MACO_LR, ..param(ParamSettings { magnitude: Some(vec![vec![8.0, 4.0, 1.0, 0.25]; 3]), ..maco }) }),
+            ("crops", transforms(TransformSettings { crop: Some(CropSchedule { start: 0.9, end: 0.5 }), ..Default::default() })),
+            ("noise", transforms(TransformSettings { noise: 0.05, ..Default::default() })),
         ];
         let mut images = Vec::new();
-        for (name, s, factor) in variants {
+        for (name, s) in variants {
             let out = run(&demo, layer, Technique::Channel, &[unit], &s).remove(0);
             let start = initial_images(&RenderRequest { layer, technique: Technique::Channel, subjects: &[Subject::Unit(unit)], settings: &s }, Device::Cpu).remove(0);
             let before = score(&demo, layer, Technique::Channel, unit, &start.images[0], &s);
-            assert!(out.objectives[0] > factor * before.max(0.1), "{name}: objective {} from {before}", out.objectives[0]);
+            assert!(out.objectives[0] > 3.0 * before.max(0.1), "{name}: objective {} from {before}", out.objectives[0]);
             images.push((name, out.images[0].clone()));
         }
         for (name, img) in &images[1..] {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::*;
 use crate::job::JobId;
-use crate::spec::{JobSpec, RenderSettings};
+use crate::spec::{JobSpec, LayerPlan, RenderSettings};
 use crate::store::ArtifactStore;
 
 /// An atlas in a store.
@@ -177,10 +177,20 @@ impl Atlas {
         }
         if look(&existing.settings) != look(&spec.settings) {
             return Err(Error::Conflict(format!(
-                "{place} already holds an atlas rendered with other settings ({}), not ({}); choose another output",
-                describe(&existing.settings),
-                describe(&spec.settings)
+                "{place} already holds an atlas rendered with other settings ({}); choose another output",
+                differences(&existing.settings, &spec.settings)
             )));
+        }
+        for plan in &spec.layers {
+            let Some(entry) = existing.layers.iter().find(|l| l.name == plan.layer.name) else { continue };
+            let (held, asked) = (entry.settings(&existing.settings), spec.settings_for(plan));
+            if look(held) != look(&asked) {
+                return Err(Error::Conflict(format!(
+                    "{place} already holds layer {} rendered with other settings ({}); give it the same [[layer]] settings or choose another output",
+                    plan.layer.name,
+                    differences(held, &asked)
+                )));
+            }
         }
         Ok(())
     }
@@ -549,11 +559,18 @@ fn job_manifest(spec: &JobSpec, now: String) -> Result<AtlasManifest> {
         loupe_version: crate::LOUPE_VERSION.to_string(),
         model: ModelSummary { name: spec.model.name.clone(), sha256: spec.model.sha256.clone() },
         settings: spec.settings.clone(),
-        layers: spec.layers.iter().map(|p| LayerEntry::new(&p.layer)).collect::<Result<Vec<_>>>()?,
+        layers: spec.layers.iter().map(|plan| layer_entry(spec, plan)).collect::<Result<Vec<_>>>()?,
         techniques: job_techniques(spec),
         created: now,
         dataset: None,
     })
+}
+
+/// A job layer's entry in its job manifest, with its own settings when they are not the
+/// job's.
+fn layer_entry(spec: &JobSpec, plan: &LayerPlan) -> Result<LayerEntry> {
+    let settings = spec.settings_for(plan);
+    Ok(LayerEntry { settings: (settings != spec.settings).then_some(settings), ..LayerEntry::new(&plan.layer)? })
 }
 
 /// Adds layers (replacing an entry of the same name) and techniques to a manifest.
@@ -578,8 +595,23 @@ fn look(s: &RenderSettings) -> RenderSettings {
     RenderSettings { options: Default::default(), ..s.clone() }
 }
 
-fn describe(s: &RenderSettings) -> String {
-    format!("steps {}, size {}, input size {}, seed {}, learning rate {}, precision {}", s.steps, s.size, s.input_size, s.seed, s.learning_rate, s.precision)
+/// The settings in which `held` and `asked` differ, as "steps 512, not 100; param".
+fn differences(held: &RenderSettings, asked: &RenderSettings) -> String {
+    let object = |s: &RenderSettings| match serde_json::to_value(look(s)) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => unreachable!("settings serialise to an object"),
+    };
+    let (held, asked) = (object(held), object(asked));
+    let mut out = Vec::new();
+    for (key, value) in &held {
+        match (value, asked.get(key)) {
+            (a, Some(b)) if a == b => {}
+            (a @ (serde_json::Value::Number(_) | serde_json::Value::String(_)), Some(b)) => out.push(format!("{key} {a}, not {}", b)),
+            _ => out.push(key.clone()),
+        }
+    }
+    out.extend(asked.keys().filter(|k| !held.contains_key(*k)).cloned());
+    out.join("; ")
 }
 
 #[cfg(test)]
@@ -817,6 +849,36 @@ mod tests {
         let other = JobSpec { model: crate::spec::ModelRef { sha256: "def".into(), ..job.model.clone() }, ..job };
         let err = atlas.add_job(&other, "2026-03-01T00:00:00Z".into()).await.unwrap_err().to_string();
         assert!(err.contains("another model"), "{err}");
+    }
+
+    /// A layer rendered with settings of its own says so in atlas.json, and a later job
+    /// that would render it with others is refused, naming the layer and what differs;
+    /// one that adds another layer, or the same layer with the same settings, is not.
+    #[tokio::test]
+    async fn a_layers_own_settings_are_listed_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let atlas = Atlas::new(Arc::new(LocalStore::new(dir.path())));
+        let mut job = spec("unused");
+        job.layers[0].steps = Some(100);
+        atlas.add_job(&job, "2026-01-01T00:00:00Z".into()).await.unwrap();
+        let manifest = atlas.manifest().await.unwrap().unwrap();
+        let conv = &manifest.layers[0];
+        assert_eq!((conv.settings(&manifest.settings).steps, manifest.settings.steps), (100, 4));
+
+        let mut again = job.clone();
+        again.layers.push(LayerPlan::new(LayerInfo { name: "fc".into(), shape: vec![10] }, UnitRanges::range(0, 2)));
+        atlas.add_job(&again, "2026-01-02T00:00:00Z".into()).await.unwrap();
+        let manifest = atlas.manifest().await.unwrap().unwrap();
+        assert_eq!(manifest.layers.iter().map(|l| l.settings.is_some()).collect::<Vec<_>>(), [true, false], "{manifest:?}");
+
+        let mut plain = job.clone();
+        plain.layers[0].steps = None;
+        let err = atlas.add_job(&plain, "2026-01-03T00:00:00Z".into()).await.unwrap_err().to_string();
+        assert!(err.contains("layer conv") && err.contains("steps 100, not 4"), "{err}");
+        let mut maco = job;
+        maco.layers[0].param = Some(crate::spec::ParamSettings { maco: true, ..Default::default() });
+        let err = atlas.add_job(&maco, "2026-01-04T00:00:00Z".into()).await.unwrap_err().to_string();
+        assert!(err.contains("layer conv") && err.contains("param"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

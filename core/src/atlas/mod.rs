@@ -238,18 +238,28 @@ pub struct ModelSummary {
 }
 
 /// One layer in `atlas.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerEntry {
     pub name: String,
     /// The path segment under `layers/` (see [`layer_segment`]).
     pub path: String,
     pub units: u32,
     pub shape: Vec<i64>,
+    /// The settings the layer's images were rendered with, when not the atlas's: its job
+    /// gave it steps, a parameterisation or transforms of its own (a job file's
+    /// `[[layer]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<RenderSettings>,
 }
 
 impl LayerEntry {
     pub fn new(info: &LayerInfo) -> Result<Self> {
-        Ok(LayerEntry { name: info.name.clone(), path: layer_segment(&info.name)?, units: info.units(), shape: info.shape.clone() })
+        Ok(LayerEntry { name: info.name.clone(), path: layer_segment(&info.name)?, units: info.units(), shape: info.shape.clone(), settings: None })
+    }
+
+    /// The settings the layer's images were rendered with: its own, or the atlas's.
+    pub fn settings<'a>(&'a self, atlas: &'a RenderSettings) -> &'a RenderSettings {
+        self.settings.as_ref().unwrap_or(atlas)
     }
 }
 

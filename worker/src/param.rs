@@ -130,6 +130,19 @@ pub fn dataset_magnitude(images: &Tensor, p: &ParamSettings, bins: usize) -> Vec
         .collect()
 }
 
+/// The values at frequency 0 of real spectra `[B, C, h, w/2+1]`: `[B, C, 1, 1]`, a view.
+fn frequency_0(spectra: &Tensor) -> Tensor {
+    spectra.narrow(2, 0, 1).narrow(3, 0, 1)
+}
+
+/// Sets frequency 0 of each of `channels` real spectra, flattened one after another, to 0.
+fn zero_frequency_0(spectra: &mut [f32], channels: u32) {
+    let per_channel = spectra.len() / channels as usize;
+    for value in spectra.iter_mut().step_by(per_channel) {
+        *value = 0.0;
+    }
+}
+
 /// The colour matrix a parameterisation uses, or `None` for none (`decorrelate = false`).
 pub fn settings_color_matrix(p: &ParamSettings) -> Option<[[f32; 3]; 3]> {
     p.decorrelate.then(|| p.color_matrix.map(normalise_columns).unwrap_or_else(color_matrix))
@@ -204,9 +217,7 @@ impl ParamImage {
             Some(profiles) => profiles.iter().flat_map(|row| profile_magnitude(row, size, size)).collect(),
             None => spectrum_scale_decay(size, size, p.decay).repeat(p.channels as usize),
         };
-        for mean in magnitude.iter_mut().step_by(size * (size / 2 + 1)) {
-            *mean = 0.0;
-        }
+        zero_frequency_0(&mut magnitude, p.channels);
         magnitude
     }
 
@@ -220,9 +231,7 @@ impl ParamImage {
         match Form::of(p) {
             Form::Phase => {
                 let mut phases: Vec<f32> = (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * std::f64::consts::PI) as f32).collect();
-                for mean in phases.iter_mut().step_by(n / p.channels as usize) {
-                    *mean = 0.0;
-                }
+                zero_frequency_0(&mut phases, p.channels);
                 phases
             }
             _ => (0..n).map(|_| (rng.next_normal() * sd) as f32).collect(),
@@ -268,7 +277,7 @@ impl ParamImage {
     /// MACO's mean of each channel, `[B, C, 1, 1]`, in the standardised image's units:
     /// the parameter at frequency 0, which has no phase (a real image's mean is real).
     fn means(&self) -> Tensor {
-        self.param.narrow(2, 0, 1).narrow(3, 0, 1)
+        frequency_0(&self.param)
     }
 
     /// The images, `[B, C, size, size]` in [0, 1].
@@ -306,7 +315,7 @@ impl ParamImage {
                 let texture = &x - &means;
                 let param = texture.fft_rfftn(Some([self.size, self.size].as_slice()), Some([-2i64, -1].as_slice()), "ortho").angle().contiguous();
                 let scale = texture.std_dim([1i64, 2, 3].as_slice(), true, true) + STANDARDIZE_EPSILON;
-                param.narrow(2, 0, 1).narrow(3, 0, 1).copy_(&(means / scale));
+                frequency_0(&param).copy_(&(means / scale));
                 param
             }
             _ => x.contiguous(),

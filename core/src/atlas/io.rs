@@ -569,8 +569,7 @@ fn job_manifest(spec: &JobSpec, now: String) -> Result<AtlasManifest> {
 /// A job layer's entry in its job manifest, with its own settings when they are not the
 /// job's.
 fn layer_entry(spec: &JobSpec, plan: &LayerPlan) -> Result<LayerEntry> {
-    let settings = spec.settings_for(plan);
-    Ok(LayerEntry { settings: (settings != spec.settings).then_some(settings), ..LayerEntry::new(&plan.layer)? })
+    Ok(LayerEntry { settings: plan.has_own_settings().then(|| spec.settings_for(plan)), ..LayerEntry::new(&plan.layer)? })
 }
 
 /// Adds layers (replacing an entry of the same name) and techniques to a manifest.

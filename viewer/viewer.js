@@ -451,6 +451,35 @@
     };
   }
 
+  // atlas.json's settings.param in words. An atlas written before it existed was
+  // rendered with lucid's FFT parameterisation (atlas-format.md).
+  function paramText(p) {
+    if (!p) return 'fft';
+    const parts = [p.kind === 'pixel' ? 'pixel' : p.maco ? 'MACO' : 'fft'];
+    if (p.maco) parts.push(p.magnitude ? 'own magnitude' : p.decay === 1 ? 'magnitude 1/f' : `magnitude 1/f^${p.decay}`);
+    else if (p.kind !== 'pixel' && p.decay !== 1) parts.push(`decay ${p.decay}`);
+    if (p.channels !== 3) parts.push(p.channels === 1 ? '1 channel' : `${p.channels} channels`);
+    else if (!p.decorrelate) parts.push('colour not decorrelated');
+    else if (p.color_matrix) parts.push('own colour matrix');
+    return parts.join(', ');
+  }
+
+  // atlas.json's settings.transforms in words, in the order they are applied; an atlas
+  // written before they were listed used lucid's standard set (atlas-format.md).
+  function transformsText(t) {
+    if (!t) return "lucid's standard set";
+    const span = (v, unit) => (v.length === 1 ? `${v[0]}${unit}` : `${Math.min(...v)} to ${Math.max(...v)}${unit}`);
+    const parts = [];
+    if (t.crop) parts.push(`crop ${t.crop.start} to ${t.crop.end}`);
+    if (t.pad) parts.push(`pad ${t.pad} px`);
+    if (t.jitter) parts.push(`jitter ${t.jitter} px`);
+    if (t.scales.length !== 1 || t.scales[0] !== 1) parts.push(`scale ${span(t.scales, '')}`);
+    if (t.angles.length !== 1 || t.angles[0] !== 0) parts.push(`rotate ${span(t.angles, '°')}`);
+    if (t.jitter_after) parts.push(`jitter ${t.jitter_after} px`);
+    if (t.noise) parts.push(`noise ${t.noise}`);
+    return parts.join(', ') || 'none';
+  }
+
   async function renderAtlas(token) {
     const atlas = await loadAtlas();
     if (token !== renderToken) return;
@@ -489,6 +518,8 @@
         fact('seed', s.seed),
         fact('learning rate', s.learning_rate),
         fact('precision', s.precision || 'fp32'),
+        fact('parameterisation', paramText(s.param), { class: 'wide2', id: 'param' }),
+        fact('transforms', transformsText(s.transforms), { class: 'wide', id: 'transforms' }),
         fact('techniques', atlas.techniques.join(', ') || null, { class: 'wide2' })
       )
     );

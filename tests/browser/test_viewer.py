@@ -272,6 +272,9 @@ def test_atlas_page_lists_the_layers(page, site, atlas_dir):
     assert statuses == ["16 / 16", "32 / 32", "32 / 32", "10 / 10"]
     # The dataset summary.
     assert "24" in text and "4 top, 4 bottom" in text
+    # The render settings, lucid's recipe.
+    assert page.eval("document.querySelector('#param dd').textContent") == "fft"
+    assert page.eval("document.querySelector('#transforms dd').textContent") == "pad 12 px, jitter 8 px, scale 0.9 to 1.1, rotate -10 to 10°, jitter 4 px"
     # A layer link opens the layer.
     page.eval("document.querySelector('.layer-name[href=\"#/layer/conv2\"]').click()")
     wait_view(page, "layer")
@@ -618,6 +621,39 @@ def test_trust_explains_a_dead_unit(browser, edited_trust_site):
         open_view(page, edited_trust_site + "#/layer/conv3/unit/3", "unit")
         assert page.eval("document.getElementById('trust')") is None
         check_page(page, edited_trust_site, allow_missing=False)
+
+
+@pytest.fixture(scope="session")
+def settings_site(atlas_dir, tmp_path_factory):
+    """Two copies of the atlas, each served: `maco`, whose settings are MACO with a crop
+    schedule, noise and no lucid transforms, and `old`, whose atlas.json predates `param`
+    and `transforms`."""
+    root = tmp_path_factory.mktemp("viewer") / "settings"
+    sites = {}
+    with contextlib.ExitStack() as stack:
+        for name in ("maco", "old"):
+            shutil.copytree(atlas_dir, root / name)
+            path = root / name / "atlas.json"
+            atlas = json.loads(path.read_text())
+            if name == "maco":
+                atlas["settings"]["param"]["maco"] = True
+                atlas["settings"]["transforms"] = {"pad": 0, "jitter": 0, "scales": [1.0], "angles": [0.0], "jitter_after": 0, "crop": {"start": 0.9, "end": 0.5}, "noise": 0.01}
+            else:
+                del atlas["settings"]["param"], atlas["settings"]["transforms"]
+            path.write_text(json.dumps(atlas))
+            sites[name] = stack.enter_context(cdp.serve(root / name, cwd=ROOT))
+        yield sites
+
+
+def test_atlas_page_says_how_the_images_were_rendered(browser, settings_site):
+    with new_page(browser) as page:
+        open_view(page, settings_site["maco"], "atlas")
+        assert page.eval("document.querySelector('#param dd').textContent") == "MACO, magnitude 1/f"
+        assert page.eval("document.querySelector('#transforms dd').textContent") == "crop 0.9 to 0.5, noise 0.01"
+        # An atlas written before the settings listed them was rendered with lucid's.
+        open_view(page, settings_site["old"], "atlas")
+        assert page.eval("document.querySelector('#param dd').textContent") == "fft"
+        assert page.eval("document.querySelector('#transforms dd').textContent") == "lucid's standard set"
 
 
 @pytest.fixture(scope="session")

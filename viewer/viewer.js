@@ -810,13 +810,20 @@
     return { atlas, info, seg: info.path, data };
   }
 
-  // What a layer rendered with settings of its own (atlas.json's layers[].settings) does
-  // differently from the atlas: "steps 100, param".
+  // What a layer rendered with settings of its own (atlas.json's layers[].settings: steps,
+  // param, transforms) does differently from the atlas, in the atlas page's words:
+  // "steps 100; parameterisation MACO, magnitude 1/f". Semicolons part the settings,
+  // since their words hold commas.
   function ownSettings(own, atlasSettings) {
+    const words = (k, v) => {
+      if (k === 'param') return `parameterisation ${paramText(v)}`;
+      if (k === 'transforms') return `transforms ${transformsText(v)}`;
+      return `${k} ${v}`;
+    };
     return Object.keys(own)
       .filter((k) => JSON.stringify(own[k]) !== JSON.stringify(atlasSettings[k]))
-      .map((k) => (own[k] !== null && typeof own[k] === 'object' ? k : `${k} ${own[k]}`))
-      .join(', ');
+      .map((k) => words(k, own[k]))
+      .join('; ');
   }
 
   async function renderLayer(route_, token) {

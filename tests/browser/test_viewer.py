@@ -658,14 +658,15 @@ def test_atlas_page_says_how_the_images_were_rendered(browser, settings_site):
 
 @pytest.fixture(scope="session")
 def own_settings_site(atlas_dir, tmp_path_factory):
-    """The atlas with conv3 listed as rendered with steps and a parameterisation of its own
-    (a job file's [[layer]]), as atlas.json lists it."""
+    """The atlas with conv3 listed as rendered with steps, a parameterisation and transforms
+    of its own (a job file's [[layer]]), as atlas.json lists it."""
     out = tmp_path_factory.mktemp("viewer") / "own-settings"
     shutil.copytree(atlas_dir, out)
     atlas = json.loads((out / "atlas.json").read_text())
     own = json.loads(json.dumps(atlas["settings"]))
     own["steps"] = atlas["settings"]["steps"] + 1
     own.setdefault("param", {})["maco"] = True
+    own["transforms"] = {"pad": 0, "jitter": 0, "scales": [1.0], "angles": [0.0], "jitter_after": 0, "crop": None, "noise": 0.02}
     next(l for l in atlas["layers"] if l["name"] == "conv3")["settings"] = own
     (out / "atlas.json").write_text(json.dumps(atlas))
     with cdp.serve(out, cwd=ROOT) as base:
@@ -676,7 +677,7 @@ def test_layer_page_says_what_its_own_settings_change(browser, own_settings_site
     site, steps = own_settings_site
     with new_page(browser) as page:
         open_view(page, site + "#/layer/conv3", "layer")
-        assert page.eval("document.querySelector('.page-head .own-settings').textContent") == f"own settings: steps {steps}, param"
+        assert page.eval("document.querySelector('.page-head .own-settings').textContent") == f"own settings: steps {steps}; parameterisation MACO, magnitude 1/f; transforms noise 0.02"
         # A layer with the atlas's settings says nothing.
         open_view(page, site + "#/layer/conv1", "layer")
         assert page.eval("document.querySelector('.page-head .own-settings')") is None
